@@ -1,0 +1,163 @@
+"""The one preprocessing: cell tiles and whole-image tiles, with their spec saved as JSON.
+
+Images are `HxWx4 uint8` (R, G, B, Y) at full resolution; label maps are `HxW` integers with
+0 = background. Bounding boxes are `(y0, x0, y1, x1)`, half-open, in full-resolution pixels.
+The same functions cut tiles for the TFRecord builder and for inference; the trainer writes the
+spec it trained on into `preprocess.json` and inference reads it back, never retyping it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+from common import config as cfglib
+
+PREPROCESS_FILE = "preprocess.json"
+
+
+@dataclass(frozen=True)
+class TileSpec:
+    """How a tile is cut. Saved beside every dataset and model as `preprocess.json`."""
+
+    size: int = 224  # output side, pixels
+    mode: str = "cell"  # "cell": one tile per cell; "image": the whole image
+    mask_outside: bool = True  # cell mode: zero the pixels that are not the cell's
+    margin: float = 0.0  # cell mode: widen the box by this fraction of its longer side
+    interpolation: str = "area"  # "area" (best for shrinking), "linear" or "nearest"
+
+    def __post_init__(self):
+        if self.mode not in ("cell", "image"):
+            raise ValueError(f"TileSpec.mode must be 'cell' or 'image', got {self.mode!r}")
+        if self.size < 8:
+            raise ValueError(f"TileSpec.size must be >= 8, got {self.size}")
+        if self.interpolation not in _INTERP:
+            raise ValueError(f"TileSpec.interpolation must be one of {sorted(_INTERP)}")
+        if self.margin < 0:
+            raise ValueError("TileSpec.margin must be >= 0")
+
+    def to_json(self) -> str:
+        return cfglib.to_json(self)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TileSpec":
+        return cfglib.from_json(cls, text)
+
+    def save(self, path: str) -> None:
+        cfglib.save(self, path)
+
+    @classmethod
+    def load(cls, path: str) -> "TileSpec":
+        return cfglib.load(cls, path)
+
+    def replace(self, **changes) -> "TileSpec":
+        return dataclasses.replace(self, **changes)
+
+
+_INTERP = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
+
+
+def _resize(tile: np.ndarray, size: int, interpolation: str) -> np.ndarray:
+    if tile.shape[0] == size and tile.shape[1] == size:
+        return np.ascontiguousarray(tile)
+    flag = _INTERP[interpolation]
+    if flag == cv2.INTER_AREA and tile.shape[0] < size:
+        flag = cv2.INTER_LINEAR  # INTER_AREA is for shrinking; enlarging uses bilinear
+    out = cv2.resize(tile, (size, size), interpolation=flag)
+    if out.ndim == 2:
+        out = out[..., None]
+    return out
+
+
+def pad_to_square(tile: np.ndarray) -> np.ndarray:
+    """Zero-pad `hxwxC` to `sxsxC`, s = max(h, w), content centred."""
+    h, w = tile.shape[:2]
+    s = max(h, w)
+    if h == w:
+        return tile
+    top, left = (s - h) // 2, (s - w) // 2
+    out = np.zeros((s, s) + tile.shape[2:], dtype=tile.dtype)
+    out[top:top + h, left:left + w] = tile
+    return out
+
+
+def image_tile(image: np.ndarray, spec: TileSpec) -> np.ndarray:
+    """The whole-image resize: `HxWx4` -> padded to square -> `NxNx4 uint8`, N = spec.size."""
+    return _resize(pad_to_square(image), spec.size, spec.interpolation)
+
+
+def expand_box(bbox, shape, margin: float) -> tuple[int, int, int, int]:
+    """Widen `(y0, x0, y1, x1)` by `margin` x its longer side, clipped to the frame."""
+    y0, x0, y1, x1 = (int(v) for v in bbox)
+    if margin <= 0:
+        return y0, x0, y1, x1
+    m = int(round(margin * max(y1 - y0, x1 - x0)))
+    return max(0, y0 - m), max(0, x0 - m), min(shape[0], y1 + m), min(shape[1], x1 + m)
+
+
+def cell_tile(image: np.ndarray, cell_mask: np.ndarray | None, bbox, spec: TileSpec) -> np.ndarray:
+    """THE cell-tile function: crop `bbox` from the full image, optionally zero what is not
+    the cell, pad to square, resize to `spec.size`.
+
+    image: `HxWx4 uint8`, full resolution. cell_mask: boolean mask of the cell, either the
+    full `HxW` frame or just the `bbox` crop (after `expand_box`), or None to keep everything.
+    Returns `NxNx4 uint8`.
+    """
+    y0, x0, y1, x1 = expand_box(bbox, image.shape, spec.margin)
+    crop = image[y0:y1, x0:x1]
+    if crop.size == 0:
+        raise ValueError(f"empty cell box {tuple(bbox)} in a {image.shape[:2]} image")
+    if spec.mask_outside and cell_mask is not None:
+        if cell_mask.shape[:2] == image.shape[:2]:
+            m = cell_mask[y0:y1, x0:x1]
+        elif cell_mask.shape[:2] == crop.shape[:2]:
+            m = cell_mask
+        else:
+            raise ValueError(f"cell mask {cell_mask.shape} fits neither the frame nor the box")
+        crop = crop * m.astype(bool)[..., None].astype(crop.dtype)
+    return _resize(pad_to_square(crop), spec.size, spec.interpolation)
+
+
+def cell_boxes(label_map: np.ndarray) -> dict[int, tuple[int, int, int, int]]:
+    """`{cell_id: (y0, x0, y1, x1)}` for every id > 0 present in a label map (one pass)."""
+    boxes = {}
+    for i, sl in enumerate(ndimage.find_objects(label_map), start=1):
+        if sl is not None:
+            boxes[i] = (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)
+    return boxes
+
+
+def cell_tiles(image: np.ndarray, label_map: np.ndarray, spec: TileSpec, cell_ids=None):
+    """Every cell's tile from one image.
+
+    Returns `(tiles Kx N x N x 4 uint8, ids (K,) int64, boxes (K, 4) int64)`, cells in id order
+    (or in `cell_ids` order). Only the box crop of the label map is ever touched per cell.
+    """
+    if label_map.shape[:2] != image.shape[:2]:
+        raise ValueError(f"label map {label_map.shape} does not match image {image.shape[:2]}")
+    boxes = cell_boxes(label_map)
+    ids = sorted(boxes) if cell_ids is None else [int(i) for i in cell_ids]
+    tiles = np.zeros((len(ids), spec.size, spec.size, image.shape[2]), dtype=np.uint8)
+    out_boxes = np.zeros((len(ids), 4), dtype=np.int64)
+    for k, cid in enumerate(ids):
+        box = boxes[cid]
+        y0, x0, y1, x1 = expand_box(box, image.shape, spec.margin)
+        mask = label_map[y0:y1, x0:x1] == cid
+        tiles[k] = cell_tile(image, mask, box, spec)
+        out_boxes[k] = box
+    return tiles, np.asarray(ids, dtype=np.int64), out_boxes
+
+
+def to_model_input(tiles):
+    """uint8 tiles -> float32 in [0, 255]: Keras' EfficientNets rescale inside the model.
+
+    Works on NumPy arrays and tensors alike, so training and inference share it.
+    """
+    if isinstance(tiles, np.ndarray):
+        return tiles.astype(np.float32)
+    import tensorflow as tf
+
+    return tf.cast(tiles, tf.float32)

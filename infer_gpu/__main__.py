@@ -1,0 +1,5 @@
+import sys
+
+from infer_gpu.cli import main
+
+sys.exit(main())

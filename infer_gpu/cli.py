@@ -1,0 +1,42 @@
+"""`python -m infer_gpu COMMAND ...`: one entry point, one module per command.
+
+Each command module exposes `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`,
+and imports nothing heavy (TensorFlow) at import time.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "segment": "infer_gpu.segment",
+    "predict": "infer_gpu.predict",
+    "validate": "infer_gpu.validate",
+    "evaluate": "infer_gpu.evaluate",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m infer_gpu",
+        description="HPA single-cell inference: segment cells, predict a submission, "
+        "validate it, evaluate it against a truth file.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
