@@ -28,6 +28,13 @@ class TileSpec:
     mask_outside: bool = True  # cell mode: zero the pixels that are not the cell's
     margin: float = 0.0  # cell mode: widen the box by this fraction of its longer side
     interpolation: str = "area"  # "area" (best for shrinking), "linear" or "nearest"
+    model_size: int = 0  # side the model sees; 0 = `size`. Else tiles are cut at `size` and
+    # then resized with `resize_tiles` (one TF op, same in training's tf.data and in inference)
+
+    @property
+    def input_size(self) -> int:
+        """Side of the model's input, pixels."""
+        return self.model_size or self.size
 
     def __post_init__(self):
         if self.mode not in ("cell", "image"):
@@ -38,6 +45,8 @@ class TileSpec:
             raise ValueError(f"TileSpec.interpolation must be one of {sorted(_INTERP)}")
         if self.margin < 0:
             raise ValueError("TileSpec.margin must be >= 0")
+        if self.model_size and self.model_size < 8:
+            raise ValueError(f"TileSpec.model_size must be 0 or >= 8, got {self.model_size}")
 
     def to_json(self) -> str:
         return cfglib.to_json(self)
@@ -149,6 +158,21 @@ def cell_tiles(image: np.ndarray, label_map: np.ndarray, spec: TileSpec, cell_id
         tiles[k] = cell_tile(image, mask, box, spec)
         out_boxes[k] = box
     return tiles, np.asarray(ids, dtype=np.int64), out_boxes
+
+
+def resize_tiles(tiles, size: int):
+    """`[B, n, n, 4]` or `[n, n, 4]` uint8 tiles -> same rank at `size` px, uint8.
+
+    Bilinear with antialiasing, in TensorFlow, so the trainer's tf.data graph and inference's
+    eager call run the identical op. A no-op when the size already matches.
+    """
+    import tensorflow as tf
+
+    tiles = tf.convert_to_tensor(tiles)
+    if tiles.shape[-2] == size and tiles.shape[-3] == size:
+        return tiles
+    out = tf.image.resize(tiles, (size, size), method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
 
 
 def to_model_input(tiles):
