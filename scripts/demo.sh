@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The project's main job on its embedded default (synthetic data it generates itself):
+# synthetic data -> TFRecord shards -> short CPU training -> predict -> validate -> evaluate -> overlays.
+set -euo pipefail
+PY=${PY:-.venv/bin/python}
+OUT=${1:-demo_out}
+export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
+mkdir -p "$OUT"
+step() { printf '\n== %s\n' "$*"; }
+
+step "1/6 synthetic data: training images and a held-out test set"
+$PY -m common.synthetic --out "$OUT/train_data" --n 48 --size 256 --seed 0
+$PY -m common.synthetic --out "$OUT/test_data" --n 8 --size 256 --seed 1
+
+step "2/6 TFRecord shards (cell tiles, 3 folds)"
+$PY -m tfrecords_builder --images "$OUT/train_data/images" --labels "$OUT/train_data/train.csv" \
+    --out "$OUT/shards" --mode cell --masks "$OUT/train_data/masks" --size 64 --folds 3 --workers 2
+
+step "3/6 short CPU training (preset demo)"
+$PY -m train_tpu --data "$OUT/shards" --mode cell --out "$OUT/run" --preset demo --strategy cpu
+
+step "4/6 predict the test set"
+$PY -m infer_gpu predict --images "$OUT/test_data/images" \
+    --sample-submission "$OUT/test_data/sample_submission.csv" --model "$OUT/run" \
+    --out "$OUT/submission.csv" --overlays "$OUT/overlays"
+
+step "5/6 validate the submission"
+$PY -m infer_gpu validate --submission "$OUT/submission.csv" \
+    --sample-submission "$OUT/test_data/sample_submission.csv"
+
+step "6/6 evaluate against the cell-level truth"
+$PY -m infer_gpu evaluate --truth "$OUT/test_data/truth.csv" --submission "$OUT/submission.csv"
+echo "overlays: $OUT/overlays   training history: $OUT/run/history.png"
