@@ -1,0 +1,487 @@
+"""`predict`'s engine: test images -> cells -> batched scores -> submission.csv, streamed.
+
+Shape of a run (memory stays bounded by the prefetch depth and the batcher's image cap):
+
+    sample IDs --prefetch_map(prepare_image)--> Prepared (tiles, encoded masks, cell facts)
+      [threads or processes: decode, segment, cut tiles, encode masks -- CPU work that
+       overlaps scoring, since TensorFlow releases the GIL while it runs]
+    --CrossImageBatcher--> fixed-size batches that span the cells of several images
+      [one ModelGroup per distinct TileSpec: several runs averaged, optional TTA]
+    --finish--> combine rule (infer_gpu.scoring) -> PredictionString -> one part per image
+      [writer thread: overlay PNG, then the part, atomically]
+    --assemble--> the final CSV in sample order, written atomically, plus a JSON report.
+
+Masks are encoded once per cell from its bounding-box crop (`common.masks.encode_cell`), in
+the reader, and the string is repeated for each of the cell's labels.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import dataclasses
+import functools
+import json
+import multiprocessing
+import os
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from common import storage
+from common.labels import CLASS_NAMES, NUM_CLASSES
+from common.preprocess import TileSpec
+from infer_gpu.parts import PartStore
+from infer_gpu.scoring import CombineRule, combine, detections
+
+STAGES = ("decode", "segment", "tiles", "encode")
+REPORT_SUFFIX = ".report.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reader: one image -> everything scoring and writing need, no model involved.
+@dataclass
+class Prepared:
+    """One image after the CPU stages. Arrays are per cell, in cell-id order."""
+
+    image_id: str
+    width: int
+    height: int
+    error: str | None = None  # "stage: message" when the image could not be used
+    cell_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    touches_border: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    has_nucleus: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    masks: list = field(default_factory=list)  # encoded mask string per cell
+    tiles: dict = field(default_factory=dict)  # spec index -> KxNxNx4 uint8 (1xNxNx4 for image specs)
+    overlay: tuple | None = None  # (image HxWx4 uint8, cell label map) when overlays are asked for
+    seconds: dict = field(default_factory=dict)  # stage -> seconds
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.cell_ids)
+
+
+def prepare_image(task: tuple, source: str, specs: Sequence[TileSpec], backend: str = "default",
+                  seg_options: dict | None = None, keep_image: bool = False) -> Prepared:
+    """Load, segment, cut tiles for every spec and encode every cell mask of one image.
+
+    task: `(image_id, width, height)` from the sample submission. Never raises for a bad
+    image: the failure is returned in `Prepared.error` as `"stage: message"`, so a run goes on.
+    """
+    from common import masks as masklib
+    from common.images import load_image
+    from common.preprocess import cell_tiles, image_tile
+    from common.segmentation import segment
+
+    image_id, width, height = task[0], int(task[1]), int(task[2])
+    out = Prepared(image_id=image_id, width=width, height=height)
+    stage = "decode"
+    t = time.perf_counter()
+
+    def lap(name):
+        nonlocal t
+        now = time.perf_counter()
+        out.seconds[name] = out.seconds.get(name, 0.0) + now - t
+        t = now
+
+    try:
+        image = load_image(source, image_id)
+        if image.shape[:2] != (height, width):
+            raise ValueError(f"image is {image.shape[1]}x{image.shape[0]} (WxH) but the sample "
+                             f"submission says {width}x{height}")
+        lap("decode")
+        stage = "segment"
+        seg = segment(image, backend=backend, **(seg_options or {}))
+        info = seg.cell_info()
+        lap("segment")
+        stage = "tiles"
+        ids = [int(c.id) for c in info]
+        out.cell_ids = np.asarray(ids, dtype=np.int64)
+        out.touches_border = np.asarray([bool(c.touches_border) for c in info], dtype=bool)
+        out.has_nucleus = np.asarray([bool(c.has_nucleus) for c in info], dtype=bool)
+        if ids:
+            for k, spec in enumerate(specs):
+                if spec.mode == "image":
+                    out.tiles[k] = image_tile(image, spec)[None]
+                else:
+                    out.tiles[k] = cell_tiles(image, seg.cells, spec, cell_ids=ids)[0]
+        lap("tiles")
+        stage = "encode"
+        for c in info:
+            y0, x0, y1, x1 = (int(v) for v in c.bbox)
+            crop = seg.cells[y0:y1, x0:x1] == c.id  # the box only, never the full frame
+            out.masks.append(masklib.encode_cell(crop, (y0, x0, y1, x1), (height, width)))
+        lap("encode")
+        if keep_image:
+            out.overlay = (image, seg.cells)
+    except Exception as err:  # noqa: BLE001 - one bad image must not stop a 9-hour run
+        out.error = f"{stage}: {type(err).__name__}: {err}"
+        out.cell_ids = out.cell_ids[:0]
+        out.touches_border, out.has_nucleus = out.touches_border[:0], out.has_nucleus[:0]
+        out.masks, out.tiles, out.overlay = [], {}, None
+    return out
+
+
+def prefetch_map(fn: Callable, items: Iterable, workers: int = 2, depth: int | None = None,
+                 processes: bool = False) -> Iterator:
+    """`map(fn, items)` in order, computed ahead by `workers` threads (or spawned processes).
+
+    At most `depth` (default `workers + 2`) results exist at once, so memory stays bounded
+    however many items there are. `workers=0` runs inline (no concurrency).
+    """
+    if workers <= 0:
+        for item in items:
+            yield fn(item)
+        return
+    depth = max(1, depth or workers + 2)
+    if processes:
+        # spawn, not fork: the parent may already hold TensorFlow's threads and a GPU context.
+        executor = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    else:
+        executor = cf.ThreadPoolExecutor(workers, thread_name_prefix="prefetch")
+    pending: collections.deque = collections.deque()
+    it = iter(items)
+    try:
+        for item in it:
+            pending.append(executor.submit(fn, item))
+            if len(pending) >= depth:
+                break
+        while pending:
+            result = pending.popleft().result()
+            for item in it:
+                pending.append(executor.submit(fn, item))
+                break
+            yield result
+    finally:
+        for fut in pending:
+            fut.cancel()
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching across images.
+@dataclass
+class Job:
+    """An image in the batcher: its Prepared and the scores filled in so far."""
+
+    prepared: Prepared
+    scores: dict = field(default_factory=dict)  # spec index -> Kx19 float32
+    remaining: int = 0  # tiles still to score, over all specs
+
+
+class CrossImageBatcher:
+    """Collects tiles from consecutive images and scores them in full batches.
+
+    predictors: `{spec index: fn(tiles BxNxNx4 uint8) -> Bx19}`. A batch takes tiles from as
+    many images as it needs, so small images do not waste the accelerator. `step()` runs the
+    full batches and returns the images whose tiles are all scored, in the order they came.
+    """
+
+    def __init__(self, predictors: dict, batch_size: int):
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        self.predictors = dict(predictors)
+        self.batch_size = int(batch_size)
+        self.jobs: collections.deque = collections.deque()
+        self.queues = {k: collections.deque() for k in self.predictors}  # (job, tiles, offset)
+        self.queued = {k: 0 for k in self.predictors}
+        self.batches = 0
+        self.score_seconds = 0.0
+
+    @property
+    def pending(self) -> int:
+        """Images held (not yet returned)."""
+        return len(self.jobs)
+
+    def add(self, prepared: Prepared) -> None:
+        job = Job(prepared)
+        for k, tiles in prepared.tiles.items():
+            if k not in self.predictors:
+                raise KeyError(f"{prepared.image_id}: tiles for spec {k}, which has no model")
+            if len(tiles):
+                job.scores[k] = np.zeros((len(tiles), NUM_CLASSES), np.float32)
+                self.queues[k].append([job, tiles, 0])
+                self.queued[k] += len(tiles)
+                job.remaining += len(tiles)
+        self.jobs.append(job)
+
+    def _run_one(self, k) -> None:
+        queue, b = self.queues[k], self.batch_size
+        parts, where = [], []
+        while queue and sum(len(p) for p in parts) < b:
+            entry = queue[0]
+            job, tiles, offset = entry
+            take = min(b - sum(len(p) for p in parts), len(tiles) - offset)
+            parts.append(tiles[offset:offset + take])
+            where.append((job, offset, take))
+            entry[2] += take
+            if entry[2] == len(tiles):
+                queue.popleft()
+        batch = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        t = time.perf_counter()
+        probs = np.asarray(self.predictors[k](batch), dtype=np.float32)
+        self.score_seconds += time.perf_counter() - t
+        self.batches += 1
+        if probs.shape != (len(batch), NUM_CLASSES):
+            raise ValueError(f"model group {k} returned {probs.shape} for {len(batch)} tiles")
+        pos = 0
+        for job, offset, take in where:
+            job.scores[k][offset:offset + take] = probs[pos:pos + take]
+            job.remaining -= take
+            pos += take
+        self.queued[k] -= len(batch)
+
+    def step(self, force: bool = False) -> list[Job]:
+        """Score every full batch (and the partial rest too when `force`); return finished jobs."""
+        for k in self.queues:
+            while self.queued[k] >= self.batch_size or (force and self.queued[k] > 0):
+                self._run_one(k)
+        done = []
+        while self.jobs and self.jobs[0].remaining == 0:
+            done.append(self.jobs.popleft())
+        return done
+
+
+# ---------------------------------------------------------------------------------------------
+# Turning scores into a row.
+def cell_scores(job: Job, roles: dict, weights: dict) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Average the spec groups of each role ('cell' or 'image'), each model counting once.
+
+    roles: `{spec index: 'cell'|'image'}`; weights: `{spec index: number of models}`.
+    Returns `(cell Kx19 or None, image (19,) or None)`.
+    """
+    out = {}
+    for role in ("cell", "image"):
+        keys = [k for k in job.scores if roles[k] == role]
+        if keys:
+            total = sum(weights[k] for k in keys)
+            out[role] = sum(job.scores[k] * (weights[k] / total) for k in keys)
+    image = out.get("image")
+    return out.get("cell"), (None if image is None else image[0])
+
+
+def prediction_triples(prepared: Prepared, scores: np.ndarray, min_score: float) -> list[tuple]:
+    """`[(label, confidence, mask), ...]`: per cell (id order), its classes best first."""
+    triples = []
+    for mask, dets in zip(prepared.masks, detections(scores, min_score)):
+        triples.extend((label, conf, mask) for label, conf in dets)
+    return triples
+
+
+def overlay_texts(cell_ids, scores: np.ndarray, top: int = 2) -> dict[int, str]:
+    """`{cell id: 'Cytosol 0.81, Nucleoplasm 0.40'}`: each cell's `top` classes."""
+    texts = {}
+    for cid, row in zip(cell_ids, scores):
+        best = np.argsort(-row, kind="stable")[:top]
+        texts[int(cid)] = ", ".join(f"{CLASS_NAMES[c]} {row[c]:.2f}" for c in best)
+    return texts
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PredictOptions:
+    """Everything `predict` takes besides paths; see `python -m infer_gpu predict --help`."""
+
+    rule: CombineRule = CombineRule()
+    tta: int = 1
+    batch_size: int = 64
+    backend: str = "default"
+    seg_options: tuple = ()  # ((key, value), ...) passed to common.segmentation.segment
+    workers: int = 2
+    processes: bool = False
+    prefetch: int = 0  # images decoded ahead; 0 = workers + 2
+    max_pending: int = 32  # images the batcher may hold before it scores a partial batch
+    device: str = "auto"
+    overlays: str | None = None
+    resume: bool = False
+    limit: int = 0  # stop after this many images this run (0 = all)
+    keep_parts: bool = False
+    progress: bool = True
+
+
+@dataclass
+class Summary:
+    """What a run did; also written as `OUT.report.json`."""
+
+    out: str
+    complete: bool = False
+    total: int = 0  # IDs in the sample submission
+    resumed: int = 0  # done by an earlier run
+    processed: int = 0  # done by this run
+    cells: int = 0
+    detections: int = 0
+    errors: list = field(default_factory=list)  # [{"id", "error"}]
+    device: str = ""
+    batches: int = 0
+    seconds: dict = field(default_factory=dict)  # stage -> seconds, summed over images
+    wall_seconds: float = 0.0
+    images_per_second: float = 0.0
+
+
+def read_sample(path: str) -> list[tuple[str, int, int]]:
+    """`[(ID, width, height), ...]` of a sample submission, in file order; duplicates are an error."""
+    from common import submission
+
+    rows = submission.read_sample_submission(path)
+    out, seen = [], set()
+    for row in rows:
+        image_id, width, height = str(row.id), int(row.width), int(row.height)
+        if image_id in seen:
+            raise ValueError(f"{path}: ID {image_id} appears more than once")
+        seen.add(image_id)
+        out.append((image_id, width, height))
+    return out
+
+
+def _file_crc(path: str) -> str:
+    return f"{zlib.crc32(storage.read_bytes(path)) & 0xFFFFFFFF:08x}"
+
+
+def _settings(sample, runs, image_runs, opts: PredictOptions) -> dict:
+    """What decides the results; a resumed run must match it (batching and threads do not)."""
+    from infer_gpu.scoring import MODEL_FILE
+
+    def describe(r):
+        return {"path": r.path, "model_crc32": _file_crc(storage.join(r.path, MODEL_FILE)), "spec": r.spec.to_json()}
+
+    ids = "\n".join(f"{i},{w},{h}" for i, w, h in sample)
+    return {
+        "models": [describe(r) for r in runs],
+        "image_models": [describe(r) for r in image_runs],
+        "rule": dataclasses.asdict(opts.rule),
+        "tta": opts.tta,
+        "backend": opts.backend,
+        "seg_options": {k: str(v) for k, v in opts.seg_options},
+        "sample_sha1": __import__("hashlib").sha1(ids.encode()).hexdigest(),
+    }
+
+
+def _log(msg: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(msg, file=sys.stderr)
+
+
+def predict(images: str, sample_submission: str, models: Sequence[str], out: str,
+            image_models: Sequence[str] = (), options: PredictOptions = PredictOptions(),
+            runs=None, image_runs=None) -> Summary:
+    """Write `out` (the submission CSV) for every ID of `sample_submission`.
+
+    images: folder or `gs://` prefix of `{ID}_{channel}.png`; models / image_models: run
+    directories (cell-mode / image-mode `preprocess.json`). `runs` / `image_runs` may pass
+    already-loaded `scoring.RunDir`s instead (benchmarks, tests). Returns the Summary; the
+    CSV is only written when every image is done (see `options.limit`).
+    """
+    from tqdm import tqdm
+
+    from common import submission
+    from infer_gpu import scoring
+
+    opts = options
+    wall = time.perf_counter()
+    if not (models or image_models or runs or image_runs):
+        raise ValueError("predict needs at least one --model or --image-model run directory")
+    sample = read_sample(sample_submission)
+    summary = Summary(out=out, total=len(sample))
+    summary.device = scoring.setup_device(opts.device)
+    if runs is None:
+        runs = [scoring.load_run(p, expect_mode="cell") for p in models]
+    if image_runs is None:
+        image_runs = [scoring.load_run(p, expect_mode="image") for p in image_models]
+
+    # One group per distinct TileSpec, so tiles are cut once however many runs share them.
+    specs: list[TileSpec] = []
+    members: dict[int, list] = {}
+    for r in list(runs) + list(image_runs):
+        if r.spec not in specs:
+            specs.append(r.spec)
+        members.setdefault(specs.index(r.spec), []).append(r.model)
+    roles = {k: specs[k].mode for k in range(len(specs))}
+    groups = {k: scoring.ModelGroup(specs[k], members[k], tta=opts.tta, batch_size=opts.batch_size)
+              for k in range(len(specs))}
+    weights = {k: len(members[k]) for k in members}
+
+    store = PartStore(out)
+    done = store.start(_settings(sample, runs, image_runs, opts), resume=opts.resume)
+    summary.resumed = sum(1 for i, _, _ in sample if i in done)
+    todo = [t for t in sample if t[0] not in done]
+    if opts.limit:
+        todo = todo[:opts.limit]
+    if opts.overlays:
+        storage.makedirs(opts.overlays)
+
+    prepare = functools.partial(prepare_image, source=images, specs=tuple(specs), backend=opts.backend,
+                                seg_options=dict(opts.seg_options), keep_image=bool(opts.overlays))
+    batcher = CrossImageBatcher({k: g.predict for k, g in groups.items()}, opts.batch_size)
+    stage_seconds = {s: 0.0 for s in STAGES}
+    writer = cf.ThreadPoolExecutor(1, thread_name_prefix="writer")
+    written: collections.deque = collections.deque()
+    bar = tqdm(total=len(todo), unit="img", desc="predict", disable=not opts.progress, dynamic_ncols=True)
+
+    def write(prepared: Prepared, record: dict, scores) -> None:
+        # Overlay first: a part on disk then means the image is completely done.
+        if opts.overlays and prepared.overlay is not None and scores is not None:
+            from common.overlay import draw_overlay, save_png
+
+            image, cells = prepared.overlay
+            rgb = draw_overlay(image, cells, overlay_texts(prepared.cell_ids, scores))
+            save_png(storage.join(opts.overlays, f"{prepared.image_id}.png"), rgb)
+        store.put(record)
+
+    def finish(job: Job) -> None:
+        p = job.prepared
+        scores, prediction = None, ""
+        if p.error:
+            summary.errors.append({"id": p.image_id, "error": p.error})
+            _log(f"predict: {p.image_id}: {p.error} (empty row written, run goes on)")
+        elif p.n_cells:
+            cell, image = cell_scores(job, roles, weights)
+            scores = combine(cell, image, p.touches_border, p.has_nucleus, opts.rule)
+            triples = prediction_triples(p, scores, opts.rule.min_score)
+            prediction = submission.format_prediction_string(triples)
+            summary.detections += len(triples)
+        summary.cells += p.n_cells
+        for s in STAGES:
+            stage_seconds[s] += p.seconds.get(s, 0.0)
+        record = {"id": p.image_id, "width": p.width, "height": p.height,
+                  "prediction": prediction, "error": p.error}
+        written.append(writer.submit(write, p, record, scores))
+        while len(written) > 4:  # bounded: the writer holds at most a few overlays
+            written.popleft().result()
+        summary.processed += 1
+        bar.update(1)
+
+    reader = prefetch_map(prepare, todo, workers=opts.workers, depth=opts.prefetch or None,
+                          processes=opts.processes)
+    try:
+        for prepared in reader:
+            batcher.add(prepared)
+            for job in batcher.step(force=batcher.pending >= opts.max_pending):
+                finish(job)
+        for job in batcher.step(force=True):
+            finish(job)
+        while written:
+            written.popleft().result()
+    finally:
+        reader.close()
+        writer.shutdown(wait=True)
+        bar.close()
+
+    summary.batches = batcher.batches
+    summary.seconds = {**stage_seconds, "score": batcher.score_seconds}
+    summary.wall_seconds = time.perf_counter() - wall
+    summary.images_per_second = summary.processed / max(summary.wall_seconds, 1e-9)
+    parts = store.read_all()
+    summary.complete = all(i in parts for i, _, _ in sample)
+    if summary.complete:
+        rows = [submission.SubmissionRow(id=i, width=w, height=h, prediction=parts[i]["prediction"])
+                for i, w, h in sample]
+        submission.write_submission(out, rows)
+        summary.errors = [{"id": i, "error": parts[i]["error"]} for i, _, _ in sample if parts[i].get("error")]
+        if not opts.keep_parts:
+            store.remove()
+    storage.write_text(out + REPORT_SUFFIX, json.dumps(dataclasses.asdict(summary), indent=2) + "\n")
+    return summary

@@ -1,0 +1,161 @@
+"""`python -m infer_gpu predict`: test images + trained run directories -> submission.csv."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+HELP = "Predict every cell of every test image: segment, score, combine, write submission.csv."
+
+EPILOG = """\
+combine rule, per cell and class (module infer_gpu.scoring):
+  1. c = mean probability over the --model runs and TTA transforms; i = the same over the
+     --image-model runs (one whole-image tile).
+  2. s = c**a * i**(1-a), a = --cell-weight (0.5 = geometric mean); only cell runs: s = c;
+     only image runs: every cell gets s = i.
+  3. Negative: s_neg = max(s_neg, prod over the other 18 classes of (1 - s_k)).
+  4. s *= --border-weight for cells touching the border, *= --no-nucleus-weight for cells
+     without a nucleus.
+  5. every (cell, class) with s >= --min-score becomes a detection (mAP rewards recall).
+
+Every ID of the sample submission is written once with its width and height; an image with
+no cells gets an empty PredictionString; an unreadable image is reported on stderr and in
+OUT.report.json, gets an empty row, and the run goes on. Results are kept per image in
+OUT.parts/ until the final CSV is written (atomically), so --resume after a kill continues
+and gives the same file as an uninterrupted run.
+"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _unit(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def _tta(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"must be 1-8 (dihedral transforms of the tile), got {value}")
+    return value
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = _Formatter  # keep the rule's layout, and show defaults
+    parser.epilog = EPILOG
+    parser.add_argument("--images", required=True,
+                        help="folder or gs:// prefix holding {ID}_{red,green,blue,yellow}.png (or .tif/.tif.gz/.jpg)")
+    parser.add_argument("--sample-submission", required=True,
+                        help="the competition's sample_submission.csv: which IDs to predict, with their sizes")
+    parser.add_argument("--model", action="append", default=[], metavar="RUN_DIR",
+                        help="a trained cell-mode run directory (model.keras + preprocess.json); "
+                             "repeat to average several models")
+    parser.add_argument("--image-model", action="append", default=[], metavar="RUN_DIR",
+                        help="an image-mode run directory whose whole-image score is combined with "
+                             "the cell scores (see the rule below); repeatable")
+    parser.add_argument("--out", required=True, help="the submission CSV to write (local or gs://)")
+    parser.add_argument("--backend", default="default", choices=("default", "hpa"),
+                        help="cell segmentation: the weight-free default, or the HPA U-Nets (needs "
+                             "hpacellseg and its model files, given with --seg-option)")
+    parser.add_argument("--seg-option", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
+                        help="an option for common.segmentation.segment, e.g. nuclei_model=/path "
+                             "(repeatable; values stay strings unless they parse as numbers)")
+    parser.add_argument("--tta", type=_tta, default=1,
+                        help="test-time augmentation: average over the first N of the 8 flips and "
+                             "rotations of each tile (1 = none)")
+    parser.add_argument("--batch-size", type=_positive, default=64,
+                        help="tiles per model call; batches span the cells of several images")
+    parser.add_argument("--cell-weight", type=_unit, default=0.5,
+                        help="a in c**a * i**(1-a) when both cell and image models are given")
+    parser.add_argument("--border-weight", type=_unit, default=0.8,
+                        help="confidence factor for cells touching the image border")
+    parser.add_argument("--no-nucleus-weight", type=_unit, default=0.5,
+                        help="confidence factor for cells without a nucleus")
+    parser.add_argument("--min-score", type=_unit, default=0.01,
+                        help="lowest confidence written as a detection")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="parallel readers (decode, segment, tiles, mask encoding) running "
+                             "ahead of the model; 0 = inline")
+    parser.add_argument("--processes", action="store_true",
+                        help="run the readers as processes instead of threads (more CPU parallelism, "
+                             "more memory; not with a GPU segmentation backend)")
+    parser.add_argument("--device", default="auto", choices=("auto", "gpu", "cpu"),
+                        help="where TensorFlow scores: auto = a GPU when one is listed, else the CPU; "
+                             "gpu fails without one")
+    parser.add_argument("--overlays", metavar="DIR",
+                        help="also write DIR/{ID}.png: the composite with cell outlines and each cell's top labels")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a killed run: skip the images already in OUT.parts/ "
+                             "(refused if they were made with other models or options)")
+    parser.add_argument("--limit", type=_positive, default=None, metavar="N",
+                        help="process at most N more images, then stop without the final CSV "
+                             "(continue with --resume): for trials and for work in slices")
+    parser.add_argument("--keep-parts", action="store_true",
+                        help="keep OUT.parts/ after the final CSV is written (default: delete it)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def run(args) -> int:
+    from infer_gpu.parts import ResumeError
+    from infer_gpu.pipeline import PredictOptions, predict
+    from infer_gpu.scoring import CombineRule
+
+    if not args.model and not args.image_model:
+        print("predict: give at least one --model or --image-model RUN_DIR", file=sys.stderr)
+        return 2
+    options = PredictOptions(
+        rule=CombineRule(cell_weight=args.cell_weight, border_weight=args.border_weight,
+                         no_nucleus_weight=args.no_nucleus_weight, min_score=args.min_score),
+        tta=args.tta, batch_size=args.batch_size, backend=args.backend,
+        seg_options=tuple((k, _value(v)) for k, v in args.seg_option),
+        workers=max(0, args.workers), processes=args.processes, device=args.device,
+        overlays=args.overlays, resume=args.resume, limit=args.limit or 0,
+        keep_parts=args.keep_parts, progress=not args.no_progress,
+    )
+    try:
+        summary = predict(args.images, args.sample_submission, args.model, args.out,
+                          image_models=args.image_model, options=options)
+    except (FileNotFoundError, ValueError, ResumeError, RuntimeError) as err:
+        print(f"predict: {err}", file=sys.stderr)
+        return 2
+    s = summary
+    print(f"device {s.device}; {s.processed} images this run ({s.resumed} from an earlier run) in "
+          f"{s.wall_seconds:.1f} s, {s.images_per_second:.2f} images/s; {s.cells} cells, "
+          f"{s.detections} detections, {len(s.errors)} image(s) with errors")
+    if s.errors:
+        print(f"errors listed in {s.out}.report.json", file=sys.stderr)
+    if not s.complete:
+        print(f"stopped before the end (--limit); {s.out} not written yet: rerun with --resume")
+        return 0
+    print(f"wrote {s.out}")
+    if s.total and len(s.errors) == s.total:
+        print("predict: every image failed; see the report", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,270 @@
+"""predict's pieces on small real arrays: the combine rule, TTA transforms, the cross-image
+batcher, the ordered bounded prefetch, the resume sidecar and the command line."""
+from __future__ import annotations
+
+import argparse
+import operator
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from common.labels import NEGATIVE, NUM_CLASSES
+from infer_gpu import parts as partlib
+from infer_gpu import pipeline as P
+from infer_gpu import scoring as S
+
+
+# --- combine rule ------------------------------------------------------------------------------
+def _flags(k, border=False, nucleus=True):
+    return np.full(k, border), np.full(k, nucleus)
+
+
+def test_combine_is_the_weighted_geometric_mean_of_cell_and_image():
+    cell = np.full((2, NUM_CLASSES), 0.64)
+    image = np.full(NUM_CLASSES, 0.25)
+    s = S.combine(cell, image, *_flags(2), S.CombineRule(cell_weight=0.5))
+    assert np.allclose(s[:, 0], 0.4)  # sqrt(0.64 * 0.25)
+    s = S.combine(cell, image, *_flags(2), S.CombineRule(cell_weight=1.0))
+    assert np.allclose(s[:, 0], 0.64)  # a = 1: the image does not count
+    s = S.combine(cell, image, *_flags(2), S.CombineRule(cell_weight=0.25))
+    assert np.allclose(s[:, 3], 0.64 ** 0.25 * 0.25 ** 0.75)
+
+
+def test_combine_with_one_side_only():
+    cell = np.random.default_rng(0).uniform(0.3, 0.9, (3, NUM_CLASSES))
+    s = S.combine(cell, None, *_flags(3))
+    assert np.allclose(s[:, :NEGATIVE], cell[:, :NEGATIVE], atol=1e-6)
+    image = np.linspace(0.05, 0.95, NUM_CLASSES)
+    s = S.combine(None, image, *_flags(4))
+    assert s.shape == (4, NUM_CLASSES)
+    assert np.allclose(s[:, :NEGATIVE], image[None, :NEGATIVE], atol=1e-6)  # every cell inherits
+    with pytest.raises(ValueError, match="cell scores, image scores or both"):
+        S.combine(None, None, *_flags(1))
+    with pytest.raises(ValueError, match="2 cell score rows for 3 cells"):
+        S.combine(cell[:2], None, *_flags(3))
+
+
+def test_negative_is_at_least_the_chance_of_no_other_class():
+    cell = np.zeros((3, NUM_CLASSES))
+    cell[0, NEGATIVE] = 0.1  # nothing else at all: Negative must become 1
+    cell[1, :NEGATIVE] = 0.5  # everything half-likely: 0.5**18 is tiny, the model's 0.3 stays
+    cell[1, NEGATIVE] = 0.3
+    cell[2, 4] = 0.9  # one clear class: at most 0.1 left for Negative
+    s = S.combine(cell, None, *_flags(3))
+    assert s[0, NEGATIVE] == pytest.approx(1.0)
+    assert s[1, NEGATIVE] == pytest.approx(0.3)
+    assert s[2, NEGATIVE] == pytest.approx(0.1)
+
+
+def test_border_and_nucleusless_cells_are_down_weighted():
+    cell = np.full((4, NUM_CLASSES), 0.5)
+    border = np.array([False, True, False, True])
+    nucleus = np.array([True, True, False, False])
+    rule = S.CombineRule(border_weight=0.8, no_nucleus_weight=0.5)
+    s = S.combine(cell, None, border, nucleus, rule)
+    assert np.allclose(s[:, 0], [0.5, 0.4, 0.25, 0.2])
+    assert np.allclose(s[:, 7] / s[:, 0], 1.0)  # the same factor for every class of a cell
+
+
+def test_rule_rejects_values_outside_unit_interval():
+    with pytest.raises(ValueError, match="border_weight"):
+        S.CombineRule(border_weight=1.5)
+
+
+def test_detections_floor_and_order():
+    scores = np.zeros((2, NUM_CLASSES), np.float32)
+    scores[0, [3, 16, 0]] = [0.2, 0.9, 0.005]
+    dets = S.detections(scores, min_score=0.01)
+    assert [c for c, _ in dets[0]] == [16, 3]
+    assert dets[1] == []
+    assert len(S.detections(scores, min_score=0.0)[1]) == NUM_CLASSES  # floor 0: every class
+
+
+# --- TTA ---------------------------------------------------------------------------------------
+def test_dihedral_gives_the_eight_distinct_symmetries_in_numpy_and_tf():
+    import tensorflow as tf
+
+    x = np.arange(2 * 5 * 5 * 4, dtype=np.uint8).reshape(2, 5, 5, 4)
+    outs = [S.dihedral(x, k) for k in range(8)]
+    assert len({o.tobytes() for o in outs}) == 8
+    for o in outs:  # each is a permutation of the pixels of each tile
+        assert sorted(o[0].reshape(-1, 4).tolist()) == sorted(x[0].reshape(-1, 4).tolist())
+    assert np.array_equal(outs[5], np.rot90(x, 1, axes=(1, 2)))
+    assert np.array_equal(outs[6], np.rot90(x, -1, axes=(1, 2)))
+    for k in range(8):
+        assert np.array_equal(S.dihedral(tf.constant(x), k).numpy(), outs[k]), S.TTA_NAMES[k]
+    with pytest.raises(ValueError):
+        S.dihedral(x, 8)
+
+
+# --- batching across images --------------------------------------------------------------------
+def _prepared(image_id, k, value, spec=0):
+    tiles = np.zeros((k, 4, 4, 4), np.uint8)
+    for i in range(k):
+        tiles[i] = value + i  # each tile is identifiable by its pixel value
+    p = P.Prepared(image_id=image_id, width=8, height=8, cell_ids=np.arange(1, k + 1))
+    if k:
+        p.tiles = {spec: tiles}
+    return p
+
+
+class _Recorder:
+    """A predictor whose output is each tile's pixel value (every class), recording batches."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, tiles):
+        self.batches.append(tiles[:, 0, 0, 0].tolist())
+        return np.repeat(tiles[:, 0, 0, 0].astype(np.float32)[:, None], NUM_CLASSES, axis=1)
+
+
+def test_batches_span_images_and_scores_return_to_their_cells():
+    rec = _Recorder()
+    b = P.CrossImageBatcher({0: rec}, batch_size=4)
+    b.add(_prepared("a", 3, 10))
+    assert b.step() == []  # 3 tiles: not a full batch yet
+    b.add(_prepared("b", 0, 0))  # no cells
+    b.add(_prepared("c", 5, 50))
+    done = b.step()
+    assert rec.batches == [[10, 11, 12, 50], [51, 52, 53, 54]]  # the first batch spans a and c
+    assert [j.prepared.image_id for j in done] == ["a", "b", "c"]
+    assert done[0].scores[0][:, 0].tolist() == [10, 11, 12]
+    assert done[2].scores[0][:, 5].tolist() == [50, 51, 52, 53, 54]
+    assert 0 not in done[1].scores
+
+
+def test_partial_batch_waits_until_forced_and_order_is_kept():
+    rec = _Recorder()
+    b = P.CrossImageBatcher({0: rec}, batch_size=8)
+    b.add(_prepared("a", 2, 10))
+    b.add(_prepared("b", 0, 0))  # finished at once, but must not overtake "a"
+    assert b.step() == [] and b.pending == 2
+    done = b.step(force=True)
+    assert [j.prepared.image_id for j in done] == ["a", "b"]
+    assert rec.batches == [[10, 11]]
+
+
+def test_two_tile_specs_are_batched_separately():
+    cell_rec, image_rec = _Recorder(), _Recorder()
+    b = P.CrossImageBatcher({0: cell_rec, 1: image_rec}, batch_size=2)
+    for name, value in (("a", 10), ("b", 20)):
+        p = _prepared(name, 2, value)
+        p.tiles[1] = np.full((1, 4, 4, 4), value + 5, np.uint8)
+        b.add(p)
+    done = b.step()
+    assert cell_rec.batches == [[10, 11], [20, 21]] and image_rec.batches == [[15, 25]]
+    assert [j.scores[1][0, 0] for j in done] == [15, 25]
+
+
+def test_cell_scores_average_groups_by_model_count():
+    job = P.Job(_prepared("a", 2, 0))
+    job.scores = {0: np.full((2, NUM_CLASSES), 0.2, np.float32), 1: np.full((2, NUM_CLASSES), 0.8, np.float32),
+                  2: np.full((1, NUM_CLASSES), 0.6, np.float32)}
+    cell, image = P.cell_scores(job, roles={0: "cell", 1: "cell", 2: "image"}, weights={0: 3, 1: 1, 2: 1})
+    assert np.allclose(cell, 0.35)  # (3 * 0.2 + 0.8) / 4: every model counts once
+    assert image.shape == (NUM_CLASSES,) and np.allclose(image, 0.6)
+
+
+def test_prediction_triples_repeat_each_cell_mask_per_label():
+    p = _prepared("a", 2, 0)
+    p.masks = ["MASK1", "MASK2"]
+    scores = np.zeros((2, NUM_CLASSES), np.float32)
+    scores[0, [2, 5]] = [0.3, 0.7]
+    scores[1, 9] = 0.5
+    assert P.prediction_triples(p, scores, 0.01) == [
+        (5, pytest.approx(0.7), "MASK1"), (2, pytest.approx(0.3), "MASK1"), (9, 0.5, "MASK2")]
+
+
+def test_overlay_texts_name_the_top_classes():
+    scores = np.zeros((1, NUM_CLASSES), np.float32)
+    scores[0, 16], scores[0, 0] = 0.81, 0.4
+    assert P.overlay_texts([7], scores) == {7: "Cytosol 0.81, Nucleoplasm 0.40"}
+
+
+# --- prefetch ----------------------------------------------------------------------------------
+def test_prefetch_keeps_order_and_bounds_work_in_flight():
+    started, lock = [], threading.Lock()
+
+    def work(i):
+        with lock:
+            started.append(i)
+        time.sleep(0.01 * ((7 * i) % 3))  # finish out of order
+        return i * i
+
+    out = []
+    for i, value in enumerate(P.prefetch_map(work, range(20), workers=3, depth=4)):
+        with lock:
+            assert len(started) <= i + 1 + 4  # never more than `depth` ahead of the consumer
+        out.append(value)
+    assert out == [i * i for i in range(20)]
+    assert list(P.prefetch_map(work, range(5), workers=0)) == [0, 1, 4, 9, 16]
+
+
+def test_prefetch_with_processes_and_errors_propagate():
+    assert list(P.prefetch_map(operator.neg, range(6), workers=2, processes=True)) == [0, -1, -2, -3, -4, -5]
+
+    def bad(i):
+        if i == 3:
+            raise RuntimeError("boom at 3")
+        return i
+
+    with pytest.raises(RuntimeError, match="boom at 3"):
+        list(P.prefetch_map(bad, range(6), workers=2))
+
+
+# --- resume sidecar ----------------------------------------------------------------------------
+def test_part_store_round_trip_ignores_torn_writes_and_checks_settings(tmp_path):
+    out = str(tmp_path / "sub.csv")
+    store = partlib.PartStore(out)
+    assert store.start({"tta": 1}, resume=False) == {}
+    store.put({"id": "abc", "width": 8, "height": 8, "prediction": "0 0.5 xyz", "error": None})
+    store.put({"id": "a/b", "width": 8, "height": 8, "prediction": "", "error": "decode: bad"})
+    (tmp_path / "sub.csv.parts" / ".tmp-1234abc.json").write_text('{"id": "half')  # a kill mid-write
+    again = partlib.PartStore(out).start({"tta": 1}, resume=True)
+    assert set(again) == {"abc", "a/b"} and again["abc"]["prediction"] == "0 0.5 xyz"
+    with pytest.raises(partlib.ResumeError, match=r"tta: 1 then, 2 now"):
+        partlib.PartStore(out).start({"tta": 2}, resume=True)
+    assert partlib.PartStore(out).start({"tta": 2}, resume=False) == {}  # a fresh start clears
+    assert partlib.PartStore(out).read_all() == {}
+    (tmp_path / "sub.csv.parts" / "zz.json").write_text("not json")
+    with pytest.raises(partlib.ResumeError, match="zz.json: unreadable part"):
+        partlib.PartStore(out).read_all()
+    partlib.PartStore(out).remove()
+    assert not (tmp_path / "sub.csv.parts").exists()
+
+
+def test_part_names_are_safe():
+    assert partlib.part_name("5c27f04c-bb99-11e8-b2b9-ac1f6b6435d0") == "5c27f04c-bb99-11e8-b2b9-ac1f6b6435d0.json"
+    for bad in ("../x", "a/b", "settings", ".hidden"):
+        name = partlib.part_name(bad)
+        assert name.startswith("h-") and "/" not in name
+
+
+# --- command line ------------------------------------------------------------------------------
+def _parser():
+    from infer_gpu import predict
+
+    p = argparse.ArgumentParser(prog="predict")
+    predict.add_arguments(p)
+    return p
+
+
+def test_cli_help_explains_options_and_the_rule():
+    text = _parser().format_help()
+    for flag in ("--images", "--sample-submission", "--model", "--image-model", "--out", "--backend", "--tta",
+                 "--batch-size", "--overlays", "--resume", "--limit", "--border-weight", "--min-score"):
+        assert flag in text
+    assert "c**a * i**(1-a)" in text and "(default: 0.8)" in text
+
+
+def test_cli_rejects_bad_values():
+    p = _parser()
+    base = ["--images", "i", "--sample-submission", "s", "--out", "o", "--model", "m"]
+    args = p.parse_args(base + ["--model", "m2", "--tta", "8", "--seg-option", "work_size=512"])
+    assert args.model == ["m", "m2"] and args.tta == 8 and args.seg_option == [("work_size", "512")]
+    for bad in (["--tta", "9"], ["--batch-size", "0"], ["--border-weight", "1.2"], ["--seg-option", "x"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(base + bad)
