@@ -193,6 +193,8 @@ def decode_channel(data: bytes, path: str = "<bytes>", channel: str | None = Non
         except Exception as err:  # tifffile raises many types (ValueError, KeyError for codecs, ...)
             raise ImageLoadError(f"{path}: unreadable TIFF ({type(err).__name__}: {err})", path=path) from err
         arr = np.asarray(arr)
+        if arr.size == 0:
+            raise ImageLoadError(f"{path}: unreadable TIFF (no image data)", path=path)
         while arr.ndim > 2 and arr.shape[0] == 1:  # (1, H, W) pages
             arr = arr[0]
         rgb_order = True
