@@ -28,3 +28,5 @@ def synthetic_small(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synthetic_small")
     synthetic.generate(str(out), n=6, size=256, seed=0)
     return out
+
+from tests.gcs_emulator import gcs_bucket, gcs_emulator  # noqa: E402,F401  real GCS emulator fixtures

@@ -1,0 +1,288 @@
+"""The build: plan -> decode in worker processes -> write shards -> manifest; resumable.
+
+Output folder (local or gs://):
+    preprocess.json          the TileSpec of every tile (written first)
+    fold{K}-{i:05d}-of-{n:05d}.tfrec   complete shards only
+    manifest.json            written last: its presence means the build is complete
+    _build/plan.json         state while building: config, folds, each shard's image list
+    _build/done/{shard}.json one per published shard: its counts and skipped images
+A resume (the same command again) reads the plan, skips every shard with a `done` record and
+rebuilds the others; records are deterministic, so the result equals an uninterrupted run's.
+`_build/` is removed once the manifest is written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+from common import storage
+from common.preprocess import PREPROCESS_FILE
+from tfrecords_builder import manifest as manifestlib
+from tfrecords_builder import plan as planlib
+from tfrecords_builder.config import RUNTIME_FIELDS, BuildConfig
+from tfrecords_builder.worker import Job, Result, Task, process
+from tfrecords_builder.writer import ShardWriter
+
+STATE_DIR = "_build"
+PLAN_FILE = "plan.json"
+DONE_DIR = "done"
+PILOT_IMAGES = 8  # images decoded up front to estimate bytes per image (shard planning)
+# Test hook: SIGKILL this process right after the K-th shard of this run is published and before
+# its `done` record is written (the worst moment to die).
+KILL_ENV = "HPA_BUILDER_KILL_AFTER_SHARDS"
+
+
+class BuildError(Exception):
+    """A build that cannot start or go on (bad config, an output folder holding something else)."""
+
+
+@dataclass
+class BuildResult:
+    out: str
+    manifest: dict
+    shards_built: int  # in this run
+    shards_reused: int  # finished by an earlier, interrupted run (or all, if already complete)
+
+    @property
+    def skipped(self) -> list[dict]:
+        return self.manifest["skipped"]
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every image went in, 2 when some were skipped."""
+        return 2 if self.skipped else 0
+
+    def summary(self) -> str:
+        t = self.manifest["totals"]
+        lines = [
+            f"{self.out}: {t['examples']} examples from {t['images']} images in {t['shards']} shards "
+            f"({self.manifest['config']['folds']} folds, {t['bytes'] / 1e6:.1f} MB); "
+            f"{self.shards_built} shards built now, {self.shards_reused} reused"
+        ]
+        if self.skipped:
+            lines.append(f"{len(self.skipped)} skipped (all reasons in {manifestlib.MANIFEST_FILE}):")
+            for s in self.skipped[:5]:
+                lines.append(f"  {s['id'] or '<no ID>'} ({s['origin']}): {s['reason']}")
+            if len(self.skipped) > 5:
+                lines.append(f"  ... and {len(self.skipped) - 5} more")
+        else:
+            lines.append("0 skipped")
+        return "\n".join(lines)
+
+
+class Runner:
+    """Runs `process` over tasks in order, in W spawned processes (W = 0: in this process).
+
+    At most 2W tasks are in flight, so memory is bounded by the workers, not the dataset.
+    'spawn' because TensorFlow (maybe loaded by the caller) and fork do not mix.
+    """
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._pool = None
+
+    def __enter__(self) -> "Runner":
+        if self.workers > 0:
+            import multiprocessing
+
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def imap(self, tasks: Iterable[Task]) -> Iterator[Result]:
+        if self._pool is None:
+            for task in tasks:
+                yield process(task)
+            return
+        pending: deque = deque()
+        for task in tasks:
+            pending.append(self._pool.submit(process, task))
+            if len(pending) >= 2 * self.workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _job(cfg: BuildConfig) -> Job:
+    from common import config as cfglib
+
+    return Job(mode=cfg.mode, spec=cfglib.to_dict(cfg.tile_spec()), masks=cfg.masks, segmenter=cfg.segmenter)
+
+
+def _diff(a: dict, b: dict) -> str:
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return ", ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in keys)
+
+
+def _content(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in RUNTIME_FIELDS}
+
+
+def estimate_bytes_per_image(entries: list[planlib.Entry], job: Job, runner: Runner) -> tuple[float, str]:
+    """Mean record bytes per image over the first PILOT_IMAGES usable images (deterministic)."""
+    pilot = [Task(e.image_id, e.source, tuple(e.labels), e.fold, job) for e in entries[:PILOT_IMAGES]]
+    sizes = [r.nbytes for r in runner.imap(pilot) if not r.error]
+    if sizes:
+        return sum(sizes) / len(sizes), f"mean of {len(sizes)} pilot images"
+    # Nothing decodable in the pilot: assume uncompressed tiles (and ~20 cells per image).
+    side = job.spec["size"]
+    per_tile = side * side * 4
+    return float(per_tile * (1 if job.mode == "image" else 20)), "fallback: uncompressed tiles"
+
+
+def make_plan(cfg: BuildConfig, runner: Runner) -> planlib.Plan:
+    """Read labels, reject bad rows, assign folds, estimate sizes, assign shards."""
+    entries, skipped = planlib.read_entries(cfg)
+    if not entries:
+        first = f"; first: {skipped[0]['origin']}: {skipped[0]['reason']}" if skipped else ""
+        raise BuildError(f"no usable images in {', '.join(cfg.labels)} ({len(skipped)} rows rejected{first})")
+    planlib.assign_folds(entries, cfg.folds, cfg.seed)
+    bpi, how = estimate_bytes_per_image(entries, _job(cfg), runner)
+    plan = planlib.Plan(cfg.content_dict(), entries, skipped, bytes_per_image=bpi, estimate=how)
+    plan.shards = planlib.assign_shards(entries, cfg.folds, bpi, cfg.shard_mb * 1e6, cfg.seed)
+    return plan
+
+
+def _load_finished(cfg: BuildConfig) -> BuildResult | None:
+    path = storage.join(cfg.out, manifestlib.MANIFEST_FILE)
+    if not storage.exists(path):
+        return None
+    manifest = json.loads(storage.read_text(path))
+    if _content(manifest.get("config", {})) != cfg.content_dict():
+        raise BuildError(
+            f"{cfg.out} already holds a finished build with another config "
+            f"({_diff(_content(manifest.get('config', {})), cfg.content_dict())}); "
+            "choose another --out or delete it"
+        )
+    return BuildResult(cfg.out, manifest, 0, len(manifest["shards"]))
+
+
+def _load_or_make_plan(cfg: BuildConfig, runner: Runner, log: Callable[[str], None]) -> planlib.Plan:
+    plan_path = storage.join(cfg.out, STATE_DIR, PLAN_FILE)
+    if storage.exists(plan_path):
+        plan = planlib.Plan.from_json(storage.read_text(plan_path))
+        if plan.config != cfg.content_dict():
+            raise BuildError(
+                f"{cfg.out} holds an unfinished build with another config ({_diff(plan.config, cfg.content_dict())}); "
+                "rerun that command to finish it, or choose another --out"
+            )
+        return plan
+    stray = [n for n in storage.listdir(cfg.out) if n.endswith(".tfrec")]
+    if stray:
+        raise BuildError(
+            f"{cfg.out} already holds {len(stray)} shard(s) (e.g. {stray[0]}) but no build state; "
+            "choose an empty --out"
+        )
+    plan = make_plan(cfg, runner)
+    storage.makedirs(cfg.out)
+    cfg.tile_spec().save(storage.join(cfg.out, PREPROCESS_FILE))
+    storage.write_text(plan_path, plan.to_json())
+    log(f"planned {len(plan.entries)} images into {len(plan.shards)} shards, {cfg.folds} folds "
+        f"(~{plan.bytes_per_image / 1e3:.1f} kB per image, {plan.estimate}); {len(plan.skipped)} rows rejected")
+    return plan
+
+
+def build(cfg: BuildConfig, progress: bool = True, log: Callable[[str], None] = print) -> BuildResult:
+    """Build (or finish building) the shards and manifest described by `cfg`.
+
+    Returns the result; `result.exit_code` is 2 when images were skipped. Raises BuildError when
+    the output folder holds a different build.
+    """
+    from tqdm import tqdm
+
+    finished = _load_finished(cfg)
+    if finished is not None:
+        log(f"{cfg.out}: already complete")
+        return finished
+    state = storage.join(cfg.out, STATE_DIR)
+    done_dir = storage.join(state, DONE_DIR)
+    with Runner(cfg.workers) as runner:
+        plan = _load_or_make_plan(cfg, runner, log)
+        done = {n[: -len(".json")] for n in storage.listdir(done_dir) if n.endswith(".json")}
+        todo = [s for s in plan.shards if s["name"] not in done]
+        if done:
+            log(f"resuming: {len(plan.shards) - len(todo)} of {len(plan.shards)} shards already done")
+        if not storage.is_gcs(cfg.out):  # leftovers of a copy killed halfway (never a final name)
+            for name in storage.listdir(cfg.out):
+                if name.endswith(".partial"):
+                    os.unlink(os.path.join(cfg.out, name))
+        tmp_dir = (tempfile.mkdtemp(prefix="hpa-tfrec-") if storage.is_gcs(cfg.out)
+                   else os.path.join(cfg.out, STATE_DIR, "tmp"))
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        try:
+            _write_shards(cfg, plan, todo, runner, tmp_dir, done_dir, progress, tqdm)
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    shard_records = {
+        s["name"]: json.loads(storage.read_text(storage.join(done_dir, s["name"] + ".json"))) for s in plan.shards
+    }
+    manifest = manifestlib.build_manifest(cfg, plan, shard_records)
+    storage.write_text(storage.join(cfg.out, manifestlib.MANIFEST_FILE), manifestlib.dumps(manifest))
+    for path in list(storage.iter_files(state)):
+        storage.delete(path)
+    if not storage.is_gcs(cfg.out):
+        shutil.rmtree(state, ignore_errors=True)
+    return BuildResult(cfg.out, manifest, len(todo), len(plan.shards) - len(todo))
+
+
+def _write_shards(cfg, plan, todo, runner, tmp_dir, done_dir, progress, tqdm) -> None:
+    by_id = plan.by_id()
+    job = _job(cfg)
+    kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
+    published = [0]
+
+    def tasks():
+        for shard in todo:
+            for image_id in shard["images"]:
+                e = by_id[image_id]
+                yield Task(image_id, e.source, tuple(e.labels), e.fold, job)
+
+    def finish(shard, writer: ShardWriter, examples: dict, skipped: list) -> None:
+        # Runs in one background thread, so an upload overlaps the decoding of the next shard.
+        writer.publish(storage.join(cfg.out, shard["name"]))
+        published[0] += 1
+        if kill_after and published[0] >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        record = manifestlib.shard_record(shard, by_id, examples, skipped, writer.nbytes, writer.crc32c)
+        storage.write_text(storage.join(done_dir, shard["name"] + ".json"), json.dumps(record, sort_keys=True))
+
+    total = sum(len(s["images"]) for s in todo)
+    results = runner.imap(tasks())
+    n_skipped = 0
+    with ThreadPoolExecutor(1) as finisher, tqdm(total=total, unit="img", desc="images",
+                                                 disable=not progress, smoothing=0.1) as bar:
+        pending = None
+        for shard in todo:
+            writer = ShardWriter(os.path.join(tmp_dir, shard["name"]))
+            examples: dict[str, int] = {}
+            skipped: list[dict] = []
+            for image_id in shard["images"]:
+                result = next(results)
+                if result.image_id != image_id:  # a bug, never bad input
+                    raise RuntimeError(f"result for {result.image_id} arrived where {image_id} was due")
+                if result.error:
+                    skipped.append({"id": image_id, "reason": result.error, "origin": by_id[image_id].origin})
+                    n_skipped += 1
+                    bar.set_postfix(skipped=n_skipped)
+                else:
+                    for rec in result.records:
+                        writer.write(rec)
+                    examples[image_id] = len(result.records)
+                bar.update(1)
+            writer.close()
+            if pending is not None:
+                pending.result()  # one shard uploading at a time; re-raises its error here
+            pending = finisher.submit(finish, shard, writer, examples, skipped)
+        if pending is not None:
+            pending.result()

@@ -1,0 +1,161 @@
+"""One image -> its serialized examples. Runs in worker processes: no TensorFlow here.
+
+Everything a worker needs travels in the `Task` (a few hundred bytes), so workers hold no
+global state and the same function runs in the main process when `workers == 0`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tfrecords_builder import records
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every task of one build shares."""
+
+    mode: str  # "image" | "cell"
+    spec: dict  # TileSpec as a dict
+    masks: str = ""  # folder of precomputed `{ID}_cells.png` / `{ID}_nuclei.png`, or ""
+    segmenter: str = "default"
+
+
+@dataclass(frozen=True)
+class Task:
+    image_id: str
+    source: str  # image folder or gs:// prefix
+    labels: tuple[int, ...]
+    fold: int
+    job: Job
+
+
+@dataclass
+class Result:
+    image_id: str
+    records: list[bytes] = field(default_factory=list)  # serialized tf.train.Example, in order
+    error: str | None = None  # why the image was skipped
+    source_size: tuple[int, int] = (0, 0)  # (height, width), px
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(r) + 16 for r in self.records)  # + TFRecord framing
+
+
+def _describe_load_error(task: Task, err: Exception) -> str:
+    """A skip reason that tells 'no files at all for this ID' apart from one bad channel."""
+    from common import images
+
+    message = str(err)
+    if "no file for channel" not in message:
+        return message
+    missing = []
+    for channel in images.CHANNELS:
+        try:
+            images.channel_path(task.source, task.image_id, channel)
+        except images.ImageLoadError:
+            missing.append(channel)
+    if len(missing) == len(images.CHANNELS):
+        return f"no image files for ID {task.image_id} in {task.source}"
+    return f"missing channel file(s) {', '.join(missing)}: {message}"
+
+
+def _read_label_map(path: str, required: bool) -> np.ndarray | None:
+    """A PNG label map (uint8/uint16, 0 = background) -> `HxW int32`, or None when absent and optional."""
+    import cv2
+
+    from common import storage
+
+    try:
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        if required:
+            raise ValueError(f"{path}: cell mask not found") from None
+        return None
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise ValueError(f"{path}: corrupt or unreadable label map")
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{path}: a label map must be a 1-channel integer PNG, got {arr.shape} {arr.dtype}")
+    return arr.astype(np.int32)
+
+
+def label_maps(task: Task, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Cell and nucleus label maps (`HxW int32`, full resolution) of one image.
+
+    From `{masks}/{ID}_cells.png` (+ optional `{ID}_nuclei.png`) when the job has a masks folder,
+    else from `common.segmentation.segment`.
+    """
+    from common import storage
+
+    job = task.job
+    if job.masks:
+        cells = _read_label_map(storage.join(job.masks, f"{task.image_id}_cells.png"), required=True)
+        nuclei = _read_label_map(storage.join(job.masks, f"{task.image_id}_nuclei.png"), required=False)
+    else:
+        from common import segmentation
+
+        seg = segmentation.segment(image, backend=job.segmenter)
+        cells, nuclei = np.asarray(seg.cells), np.asarray(seg.nuclei)
+    for name, arr in (("cell", cells), ("nucleus", nuclei)):
+        if arr is not None and arr.shape != image.shape[:2]:
+            raise ValueError(
+                f"{name} label map is {arr.shape[0]}x{arr.shape[1]} but image {task.image_id} is "
+                f"{image.shape[0]}x{image.shape[1]}"
+            )
+    return cells, nuclei
+
+
+def cell_examples(task: Task, image: np.ndarray, spec) -> list[bytes]:
+    """Every cell of one image as a serialized example, in cell-id order (weak labels)."""
+    from common import preprocess
+    from common.segmentation import Segmentation
+
+    cells, nuclei = label_maps(task, image)
+    # Without a nuclei map the flag cannot be known: every cell counts as having its nucleus
+    # (the schema's default), which is what passing the cells as their own nuclei gives.
+    info = Segmentation(cells=cells, nuclei=cells if nuclei is None else nuclei).cell_info()
+    if not info:
+        raise ValueError("no cells in the label map")
+    tiles, ids, _ = preprocess.cell_tiles(image, cells, spec, cell_ids=[c.id for c in info])
+    h, w = image.shape[:2]
+    return [
+        records.tile_example(
+            tile, image_id=task.image_id, labels=task.labels, source_size=(h, w), fold=task.fold,
+            cell_index=c.id, bbox=c.bbox, touches_border=c.touches_border,
+            has_nucleus=c.has_nucleus, cell_area=c.area,
+        )
+        for tile, c in zip(tiles, info)
+    ]
+
+
+def process(task: Task) -> Result:
+    """Load, tile and serialize one image. Never raises for bad input: the error goes in the Result."""
+    from common import images, preprocess
+
+    result = Result(task.image_id)
+    try:
+        image = images.load_image(task.source, task.image_id)
+    except images.ImageLoadError as err:
+        result.error = _describe_load_error(task, err)
+        return result
+    except Exception as err:  # noqa: BLE001 - a build of days must not die on one image
+        result.error = f"cannot load image: {type(err).__name__}: {err}"
+        return result
+    result.source_size = (int(image.shape[0]), int(image.shape[1]))
+    try:
+        spec = preprocess.TileSpec(**task.job.spec)
+        if task.job.mode == "image":
+            result.records = [records.tile_example(
+                preprocess.image_tile(image, spec),
+                image_id=task.image_id, labels=task.labels,
+                source_size=result.source_size, fold=task.fold,
+            )]
+        else:
+            result.records = cell_examples(task, image, spec)
+    except Exception as err:  # noqa: BLE001 - recorded in the manifest with the image's ID
+        result.error = f"{type(err).__name__}: {err}"
+        result.records = []
+    return result
+
