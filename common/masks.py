@@ -22,6 +22,8 @@ ZLIB_LEVEL = 9
 _ASCII_OFFSET = 48  # pycocotools adds 48 to each 6-bit chunk to make it printable
 _MAX_CHUNKS = 13  # 13 * 5 bits cover any int64 delta
 _CHUNK_LIMITS = np.array([1 << (5 * k - 1) for k in range(1, _MAX_CHUNKS)], dtype=np.int64)
+_CHUNK_INDEX = np.arange(_MAX_CHUNKS, dtype=np.int64)
+_CHUNK_CHARS = (np.arange(64) + _ASCII_OFFSET).astype(np.uint8)  # 6-bit chunk -> ASCII byte
 
 
 class MaskCodecError(ValueError):
@@ -65,14 +67,12 @@ def counts_to_string(counts: Sequence[int]) -> bytes:
     if x.size > 3:
         x[3:] -= cnts[1:-2]
     # Chunks needed: the smallest k whose 5k-bit two's complement range holds x, i.e. the
-    # first k with |x| (one's complement for negatives) below 2**(5k-1).
-    magnitude = np.where(x < 0, ~x, x)
-    nchunks = np.searchsorted(_CHUNK_LIMITS, magnitude, side="right") + 1
-    j = np.arange(int(nchunks.max()), dtype=np.int64)
+    # first k with |x| (one's complement for negatives: x ^ (x >> 63)) below 2**(5k-1).
+    nchunks = np.searchsorted(_CHUNK_LIMITS, x ^ (x >> 63), side="right") + 1
+    j = _CHUNK_INDEX[: int(nchunks.max())]
     chunk = (x[:, None] >> (5 * j)) & 0x1F
-    chunk |= (j < (nchunks[:, None] - 1)).astype(np.int64) << 5  # "more chunks follow"
-    chunk = chunk[j < nchunks[:, None]]
-    return (chunk + _ASCII_OFFSET).astype(np.uint8).tobytes()
+    chunk[j < (nchunks - 1)[:, None]] |= 0x20  # "more chunks follow"
+    return _CHUNK_CHARS[chunk[j < nchunks[:, None]]].tobytes()
 
 
 def counts_from_string(text: bytes) -> np.ndarray:
@@ -184,15 +184,22 @@ def encode_cell(crop: np.ndarray, bbox: Sequence[int], frame: Sequence[int]) -> 
     n = H * W
     if h == 0 or w == 0:
         return pack(counts_to_string([n]))
-    # Columns of the crop, each padded with a background pixel above and below, so every run
-    # starts and ends inside its own column: changes then alternate rise, fall, rise, ...
-    padded = np.zeros((w, h + 2), dtype=bool)
-    padded[:, 1:-1] = crop.T
-    flat = padded.ravel()
-    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    # padded index -> frame index (column-major): column x0 + col, row y0 + r - 1.
-    col, row = np.divmod(edges, h + 2)
-    edges = (x0 + col) * H + (y0 - 1) + row
+    # Vertical changes between consecutive pixels of each column, with a background row
+    # padded above and below so every run starts and ends inside its own column. Found in the
+    # row-major crop (no transposed copy) and put in column-major order by one small sort.
+    n_changes = (h + 1) * w
+    padded = np.zeros((h + 2, w), dtype=bool)
+    padded[1:-1] = crop
+    changes = np.zeros(-(-n_changes // 8) * 8, dtype=bool)  # whole 8-byte words
+    np.not_equal(padded[1:], padded[:-1], out=changes[:n_changes].reshape(h + 1, w))
+    # Changes are sparse (about two per column): find the non-zero 8-byte words first, then
+    # the bytes inside them, instead of scanning every byte.
+    words = np.flatnonzero(changes.view(np.uint64) != 0)
+    inside = np.flatnonzero(changes.reshape(-1, 8)[words])
+    k = words[inside >> 3] * 8 + (inside & 7)
+    row, col = np.divmod(k, w)  # change above crop row `row` (== h: below the last row)
+    edges = (x0 + col) * H + (y0 + row)
+    edges.sort()  # column-major frame order; then they alternate rise, fall, rise, ...
     starts, ends = edges[0::2], edges[1::2]
     if y0 == 0 and y1 == H and starts.size > 1:
         # A run reaching the bottom of the frame continues at the top of the next column
