@@ -25,19 +25,18 @@ files. Everything is drawn in crops around each cell, so a 512 px image takes a 
 from __future__ import annotations
 
 import argparse
-import base64
 import csv
 import io
 import sys
 import time
-import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import cv2
 import numpy as np
+from scipy import ndimage
 
-from common import storage
+from common import masks, storage
 from common.labels import NEGATIVE, NUM_CLASSES, format_labels
 
 CHANNEL_NAMES = ("red", "green", "blue", "yellow")
@@ -544,14 +543,6 @@ def render_image(seed: int, index: int, height: int, width: int) -> dict:
 
 
 # ------------------------------------------------------------------------------ files
-def _encode_mask(mask: np.ndarray) -> str:
-    """Competition mask string: COCO RLE of the Fortran-ordered mask -> zlib level 9 -> base64."""
-    from pycocotools import mask as coco_mask
-
-    counts = coco_mask.encode(np.asfortranarray(mask[..., None].astype(np.uint8)))[0]["counts"]
-    return base64.b64encode(zlib.compress(counts, 9)).decode("ascii")
-
-
 def _png(arr: np.ndarray) -> bytes:
     ok, buf = cv2.imencode(".png", arr, [cv2.IMWRITE_PNG_COMPRESSION, 3])
     if not ok:
@@ -597,8 +588,11 @@ def generate(out_dir: str, n: int = 8, size: int = 512, seed: int = 0, height: i
         storage.write_bytes(storage.join(out_dir, "masks", f"{image_id}_cells.png"), _png(img["cells"].astype(np.uint16)))
         storage.write_bytes(storage.join(out_dir, "masks", f"{image_id}_nuclei.png"), _png(img["nuclei"].astype(np.uint16)))
         triples = []
+        boxes = ndimage.find_objects(img["cells"])
         for cell_id, labels in enumerate(img["cell_labels"], start=1):
-            mask_str = _encode_mask(img["cells"] == cell_id)
+            ys, xs = boxes[cell_id - 1]
+            crop = img["cells"][ys, xs] == cell_id
+            mask_str = masks.encode_cell(crop, (ys.start, xs.start, ys.stop, xs.stop), (height, width))
             triples += [f"{label} 1 {mask_str}" for label in sorted(labels)]
             cell_rows.append((image_id, cell_id, format_labels(sorted(labels))))
         labels = image_labels(img["cell_labels"])
