@@ -243,17 +243,22 @@ def _edge_point(c: _Cell, angle: float, extra: float = 0.0) -> tuple[float, floa
 
 
 def _radial_lines(canvas, rng, c: _Cell, origin, count, value, thickness=1) -> None:
-    """Filaments fanning out from `origin` (y, x) to the cell periphery (microtubule-like)."""
+    """Slightly bent filaments fanning out from `origin` (y, x) past the cell edge
+    (microtubule-like), with intensities U(value) in 4 levels (one drawing call per level)."""
     oy, ox = origin
-    for _ in range(count):
-        a = rng.uniform(0, 2 * np.pi)
-        length = c.r * rng.uniform(0.9, 1.6)
-        bend = rng.uniform(-0.3, 0.3)
-        pts = []
-        for t in np.linspace(0.0, 1.0, 5):
-            aa = a + bend * t
-            pts.append((ox + length * t * np.cos(aa), oy + length * t * np.sin(aa)))
-        cv2.polylines(canvas, [np.round(pts).astype(np.int32)], False, float(rng.uniform(*value)), thickness)
+    angle = rng.uniform(0, 2 * np.pi, size=count)[:, None]
+    length = c.r * rng.uniform(0.9, 1.6, size=count)[:, None]
+    bend = rng.uniform(-0.3, 0.3, size=count)[:, None]
+    level = rng.integers(0, 4, size=count)
+    t = np.linspace(0.0, 1.0, 5)[None, :]
+    a = angle + bend * t
+    pts = np.stack([ox + length * t * np.cos(a), oy + length * t * np.sin(a)], axis=-1)
+    pts = np.round(pts).astype(np.int32)  # (count, 5, 2) as (x, y)
+    for k in range(4):
+        chosen = pts[level == k]
+        if len(chosen):
+            v = value[0] + (value[1] - value[0]) * (k + 0.5) / 4
+            cv2.polylines(canvas, list(chosen), False, float(v), thickness)
 
 
 def _crop(field_: np.ndarray, c: _Cell) -> np.ndarray:
