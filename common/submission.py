@@ -116,8 +116,9 @@ def write_submission(path: str, rows: Iterable) -> None:
 
 
 # ------------------------------------------------------------------------------------ reading
-def _parse_triples(text: str, where: str, problems: list[str]) -> list[Prediction]:
-    """Parse a PredictionString; every problem is appended to `problems` (well-formed ones kept)."""
+def _parse_triples(text: str, where: str, problems: list[str], numbers: list[int] | None = None) -> list[Prediction]:
+    """Parse a PredictionString; every problem is appended to `problems` (well-formed ones kept;
+    their 1-based positions in the string go to `numbers` when given)."""
     tokens = (text or "").split()
     if len(tokens) % 3:
         problems.append(
@@ -150,6 +151,8 @@ def _parse_triples(text: str, where: str, problems: list[str]) -> list[Predictio
                 ok = False
         if ok:
             out.append(Prediction(label, confidence, mask))
+            if numbers is not None:
+                numbers.append(k // 3 + 1)
     return out
 
 
@@ -193,26 +196,33 @@ def _scan(path: str, exact: bool = True) -> tuple[list[str], list[tuple[int, lis
     return problems, [(i, fields) for i, fields in enumerate(reader, start=1) if fields]
 
 
-def _read_rows(path: str, problems: list[str]) -> list[ImageRow]:
-    """All rows of a submission-format file; problems (header, fields, triples) are collected."""
+def _read_rows(path: str) -> tuple[list[str], list[tuple[ImageRow | None, list[str], list[int]]]]:
+    """Header problems, then each data row parsed: (row, its problems, the 1-based position of
+    each kept prediction in its PredictionString), in file order.
+
+    A row whose fields cannot be read (wrong count, empty ID) comes back as `None`.
+    """
     header_problems, raw = _scan(path)
-    problems.extend(header_problems)
-    out = []
+    out: list[tuple[ImageRow | None, list[str], list[int]]] = []
     for i, fields in raw:
+        problems: list[str] = []
         where = f"{path} row {i}"
         if len(fields) != len(HEADER):
             problems.append(f"{where}: {len(fields)} fields, expected {len(HEADER)} ({','.join(HEADER)})")
+            out.append((None, problems, []))
             continue
         image_id = fields[0].strip()
         if not image_id:
             problems.append(f"{where}: empty ID")
+            out.append((None, problems, []))
             continue
         where = f"{where} (ID {image_id})"
         width = _parse_size(fields[1], "ImageWidth", where, problems)
         height = _parse_size(fields[2], "ImageHeight", where, problems)
-        preds = _parse_triples(fields[3], where, problems)
-        out.append(ImageRow(image_id, width or 0, height or 0, preds, row=i))
-    return out
+        numbers: list[int] = []
+        preds = _parse_triples(fields[3], where, problems, numbers)
+        out.append((ImageRow(image_id, width or 0, height or 0, preds, row=i), problems, numbers))
+    return header_problems, out
 
 
 def read_submission(path: str) -> list[ImageRow]:
@@ -221,14 +231,18 @@ def read_submission(path: str) -> list[ImageRow]:
     Checks the format only (not mask contents; see `validate` for that). Raises
     SubmissionError listing every problem with its row number.
     """
-    problems: list[str] = []
-    rows = _read_rows(path, problems)
+    problems, parsed = _read_rows(path)
+    rows = []
     seen: dict[str, int] = {}
-    for r in rows:
+    for r, row_problems, _ in parsed:
+        problems.extend(row_problems)
+        if r is None:
+            continue
         if r.image_id in seen:
             problems.append(f"{path} row {r.row}: ID {r.image_id} appears again (first at row {seen[r.image_id]})")
         else:
             seen[r.image_id] = r.row
+        rows.append(r)
     if problems:
         raise SubmissionError(_summarise(problems))
     return rows
@@ -283,10 +297,12 @@ def validate(submission_path: str, sample_path: str) -> list[str]:
     """
     sample = read_sample_submission(sample_path)
     expected = {s.image_id: s for s in sample}
-    problems: list[str] = []
-    rows = _read_rows(submission_path, problems)
+    problems, parsed = _read_rows(submission_path)
     seen: dict[str, int] = {}
-    for r in rows:
+    for r, row_problems, numbers in parsed:
+        problems.extend(row_problems)
+        if r is None:
+            continue
         where = f"{submission_path} row {r.row} (ID {r.image_id})"
         if r.image_id in seen:
             problems.append(f"{where}: ID appears again (first at row {seen[r.image_id]})")
@@ -303,7 +319,7 @@ def validate(submission_path: str, sample_path: str) -> list[str]:
         if not (r.width and r.height):
             continue  # size already reported; masks cannot be checked against it
         checked: dict[str, str | None] = {}  # multi-label cells repeat their mask string
-        for k, p in enumerate(r.predictions, start=1):
+        for k, p in zip(numbers, r.predictions):
             if p.mask not in checked:
                 checked[p.mask] = _mask_problem(p.mask, r.height, r.width)
             if checked[p.mask]:
