@@ -126,7 +126,7 @@ def decode_counts(s: str, height: int, width: int) -> np.ndarray:
     total = int(counts.sum()) if counts.size else 0
     if counts.size == 0 or (counts < 0).any() or total != int(height) * int(width):
         raise MaskCodecError(
-            f"mask run lengths cover {total} pixels, not the {height}x{width} frame "
+            f"mask run lengths cover {total} pixels, not the {height}x{width} (HxW) frame "
             f"({int(height) * int(width)} pixels)"
         )
     return counts
