@@ -343,3 +343,32 @@ def test_real_16bit_green(shared_data):
     assert out.dtype == np.uint8 and out.shape == (2048, 2048)
     np.testing.assert_array_equal(out, np.ceil(raw / 257.0).astype(np.uint8))
     assert out.max() == 254  # ceil(65089 / 257)
+
+
+# ------------------------------------------------------------------------------ gs:// (real emulator)
+def test_load_from_gcs_matches_local(tmp_path, gcs_bucket):
+    from common import storage
+
+    planes = {
+        "red": _grey(30, 44, 0),
+        "green": _grey(30, 44, 1, np.uint16),
+        "blue": _grey(30, 44, 2, np.uint16),
+        "yellow": _grey(30, 44, 3),
+    }
+    _write_png(tmp_path / "g1_red.png", planes["red"])
+    _write_png(tmp_path / "g1_green.png", planes["green"])
+    _write_tif(tmp_path / "g1_blue.tif.gz", planes["blue"], gz=True)
+    _write_jpeg(tmp_path / "g1_yellow.png", planes["yellow"])
+    _write_png(tmp_path / "g1_blue_old.png", planes["red"])  # shares the prefix, must not be picked
+    prefix = f"gs://{gcs_bucket}/data/imgs"
+    for p in sorted(tmp_path.iterdir()):
+        storage.put_file(str(p), storage.join(prefix, p.name))
+    assert images.channel_path(prefix, "g1", "blue") == f"{prefix}/g1_blue.tif.gz"
+    remote = images.load_image(prefix, "g1")
+    local = images.load_image(str(tmp_path), "g1")
+    np.testing.assert_array_equal(remote, local)
+    np.testing.assert_array_equal(remote[..., 2], images.to_uint8(planes["blue"]))
+    with pytest.raises(ImageLoadError, match="g2.*g2_red.png"):
+        images.load_image(prefix, "g2")
+    with pytest.raises(ImageLoadError, match="invalid image ID"):
+        images.load_image(prefix, "../imgs/g1")

@@ -263,3 +263,16 @@ def test_bad_arguments(tmp_path):
         synthetic.generate(str(tmp_path), n=0)
     with pytest.raises(ValueError, match="at least 32x32"):
         synthetic.generate(str(tmp_path), n=1, size=16)
+
+
+def test_generate_to_gcs_writes_the_same_bytes(tmp_path, gcs_bucket):
+    from common import storage
+
+    prefix = f"gs://{gcs_bucket}/synthetic"
+    synthetic.generate(prefix, n=1, size=64, seed=2)
+    synthetic.generate(str(tmp_path), n=1, size=64, seed=2)
+    local = _files(tmp_path)
+    remote = {p[len(prefix) + 1:]: storage.read_bytes(p) for p in storage.iter_files(prefix)}
+    assert remote == local and len(local) == 6 + 4
+    img = images.load_image(storage.join(prefix, "images"), "syn_0000")
+    np.testing.assert_array_equal(img, images.load_image(str(tmp_path / "images"), "syn_0000"))
