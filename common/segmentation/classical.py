@@ -15,10 +15,17 @@ added because a nucleus is inside its cell, give the cell map. For each channel:
    it above the dim ones), and the map `x^k / (x^k + t^k)`: 0.5 at the threshold, steep for
    nuclei (k = 4), gentle for cells (k = 2) so that the dimmer cytoplasm where two cells touch
    stays a valley for the watershed instead of being flattened to 1.
+
+Red and yellow must show the same cells. When the IoU of their thresholded masks is below
+`min_channel_agreement` (real images give ~0.9+, the synthetic ones 0.98), one of them is from
+another field of view, as with `57_F11_1_yellow` in the test data (0.28: the website's yellow
+JPEG shows different cells): only the one that covers more of the nuclei is used, with a
+warning.
 """
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 
 import cv2
@@ -38,6 +45,7 @@ class ClassicalParams:
     nucleus_steepness: float = 4.0  # k of x^k / (x^k + t^k)
     cell_steepness: float = 2.0
     min_signal: float = 0.02  # fraction of full range; a channel below it is dark
+    min_channel_agreement: float = 0.5  # IoU of the red and yellow cell masks, see module doc
 
     def replace(self, **changes) -> "ClassicalParams":
         return dataclasses.replace(self, **changes)
@@ -90,6 +98,11 @@ def _soft(x: np.ndarray, t: float, k: float) -> np.ndarray:
     return xk / (xk + np.float32(t ** k))
 
 
+def _mask(x: np.ndarray, scale: float = 0.5) -> np.ndarray:
+    """Foreground of a smoothed map: above `scale` x Otsu's threshold."""
+    return x > otsu(x) * scale
+
+
 def _smooth(x: np.ndarray, sigma_ref: float, ref: float) -> np.ndarray:
     sigma = sigma_ref * ref
     if sigma < 0.3:
@@ -128,8 +141,20 @@ def probability_maps(image: np.ndarray, nuclei_only: bool = False, work_size: in
         blue, otsu(blue) * p.nucleus_threshold_scale, p.nucleus_steepness)
     if nuclei_only:
         return nuc, None
-    cyto = np.maximum(np.maximum(channel(0), channel(3)), blue)
-    cyto = _smooth(cyto, p.cell_sigma, ref)
+    red, yellow = channel(0), channel(3)
+    red_s, yellow_s = _smooth(red, p.cell_sigma, ref), _smooth(yellow, p.cell_sigma, ref)
+    if red_s.any() and yellow_s.any():
+        red_m, yellow_m = _mask(red_s, p.cell_threshold_scale), _mask(yellow_s, p.cell_threshold_scale)
+        iou = (red_m & yellow_m).sum() / max((red_m | yellow_m).sum(), 1)
+        if iou < p.min_channel_agreement:
+            nuclei = nuc > 0.5
+            keep_red = (red_m & nuclei).sum() >= (yellow_m & nuclei).sum()
+            warnings.warn(
+                f"red and yellow channels show different cells (IoU {iou:.2f} of their masks, "
+                f"below {p.min_channel_agreement}): using only {'red' if keep_red else 'yellow'}",
+                stacklevel=2)
+            (yellow_s if keep_red else red_s)[:] = 0
+    cyto = np.maximum(np.maximum(red_s, yellow_s), blue)
     cell = np.zeros(work, np.float32) if not cyto.any() else _soft(
         cyto, otsu(cyto) * p.cell_threshold_scale, p.cell_steepness)
     return nuc, cell

@@ -48,8 +48,8 @@ class LabelParams:
     max_nucleus_hole: float = 1000.0  # holes in a nucleus up to this area are filled
     split_depth: float = 12.0  # h-maxima depth of the distance transform to split nuclei
     min_cell_area: float = 5500.0  # smaller cells are dropped with their nucleus
-    distance_weight: float = 0.5  # elevation added per REFERENCE_SIDE/4 px from a nucleus
-    max_cell_extent: float | None = 2.0  # cut cells this far beyond their nucleus, in nucleus radii
+    distance_weight: float = 0.25  # elevation added per REFERENCE_SIDE/4 px from a nucleus
+    max_cell_extent: float | None = 3.0  # cut cells this far beyond their nucleus, in nucleus radii
     nuclei_only_expand: float = 0.0  # with no cell map: cells = nuclei grown by this many px
 
     def replace(self, **changes) -> "LabelParams":
@@ -82,6 +82,11 @@ def _check_map(name: str, prob) -> np.ndarray:
     if not np.issubdtype(prob.dtype, np.floating):
         raise ValueError(f"{name} map must be float in [0, 1], got dtype {prob.dtype}")
     return prob
+
+
+def _edt(mask: np.ndarray) -> np.ndarray:
+    """Euclidean distance of each True pixel to the nearest False one (exact; OpenCV, float32)."""
+    return cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
 
 
 def _remove_small(labels: np.ndarray, min_area: float) -> np.ndarray:
@@ -144,17 +149,25 @@ def label_nuclei(nuc: np.ndarray, p: LabelParams, ref: float) -> np.ndarray:
     mask = cc > 0
     if not mask.any():
         return np.zeros(nuc.shape, np.int32)
-    dist = ndimage.distance_transform_edt(mask).astype(np.float32)
+    dist = _edt(mask).astype(np.float32)
     # Smooth so that a ragged outline does not create extra maxima.
     dist = cv2.GaussianBlur(dist, (0, 0), max(0.5, 2.0 * ref))
     depth = max(p.split_depth * ref, 0.5)
-    peaks = h_maxima(dist, depth)
-    markers, _ = ndimage.label(peaks & mask, structure=np.ones((3, 3), bool))
-    # A nucleus with no peak (very flat or tiny) still gets one seed.
-    missing = np.setdiff1d(np.unique(cc[mask]), np.unique(cc[markers > 0]))
-    if len(missing):
-        extra = np.isin(cc, missing)
-        markers[extra] = markers.max() + cc[extra]
+    # Seeds: h-maxima of the distance, one nucleus box at a time (reconstruction is costly
+    # and nuclei cover a small part of the image); a nucleus with no peak gets one seed.
+    markers = np.zeros(nuc.shape, np.int32)
+    next_id = 1
+    for i, sl in enumerate(ndimage.find_objects(cc), start=1):
+        if sl is None:
+            continue
+        own = cc[sl] == i
+        d = np.where(own, dist[sl], 0)
+        peaks = h_maxima(np.pad(d, 1), depth)[1:-1, 1:-1].astype(bool) & own
+        lab, n = ndimage.label(peaks, structure=np.ones((3, 3), bool))
+        if n == 0:
+            lab, n = own.astype(np.int32), 1
+        markers[sl][lab > 0] = lab[lab > 0] + next_id - 1
+        next_id += n
     labels = watershed(-dist, markers, mask=mask)
     # Splitting must not create debris: a fragment below the size limit joins a neighbour.
     labels = _merge_small_fragments(labels, cc, p.min_nucleus_area * area)
@@ -169,13 +182,19 @@ def _merge_small_fragments(labels: np.ndarray, components: np.ndarray, min_area:
     if not len(small):
         return labels
     labels = labels.copy()
+    objects = ndimage.find_objects(labels)
     for sid in small:
-        frag = labels == sid
+        sl = objects[sid - 1]
+        if sl is None:
+            continue
+        # The fragment's box grown by one pixel holds all its neighbours.
+        sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
+        lab, comp = labels[sl], components[sl]
+        frag = lab == sid
         ring = ndimage.binary_dilation(frag, np.ones((3, 3), bool)) & ~frag
-        comp = components[frag][0]
-        neigh = labels[ring & (components == comp) & (labels > 0) & (labels != sid)]
+        neigh = lab[ring & (comp == comp[frag][0]) & (lab > 0) & (lab != sid)]
         if len(neigh):
-            labels[frag] = np.bincount(neigh).argmax()
+            lab[frag] = np.bincount(neigh).argmax()
     return labels
 
 
@@ -193,7 +212,7 @@ def label_cells(nuclei: np.ndarray, cell: np.ndarray | None, p: LabelParams, ref
     fg = (cell > p.cell_threshold) | (nuclei > 0)
     # Distance from the nearest nucleus, in units of REFERENCE_SIDE / 4 ref px: with a
     # saturated cell map, this is what splits the cytoplasm between two neighbours.
-    dist = ndimage.distance_transform_edt(nuclei == 0).astype(np.float32)
+    dist = _edt(nuclei == 0).astype(np.float32)
     elevation = (1.0 - cell.astype(np.float32)) + p.distance_weight * dist / (ref * REFERENCE_SIDE / 4)
     cells = watershed(elevation, nuclei, mask=fg)
     if p.max_cell_extent is not None:
@@ -219,7 +238,7 @@ def _limit_extent(cells: np.ndarray, nuclei: np.ndarray, extent: float) -> np.nd
         own = cells[sl] == i
         limit = extent * np.sqrt(nuc_areas[i] / np.pi)
         # The whole nucleus lies inside its cell's box, so distances inside the box are exact.
-        d = ndimage.distance_transform_edt(nuclei[sl] != i)
+        d = _edt(nuclei[sl] != i)
         keep = own & (d <= limit)
         cc, n = ndimage.label(keep)
         if n > 1:
