@@ -256,10 +256,11 @@ def load_channel(path: str, channel: str | None = None) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=1)
-def _uint16_table() -> np.ndarray:
-    """`(65536,) uint8`: the 16-bit -> 8-bit rule for every value (built on first use)."""
-    # uint32 intermediate: v + 256 overflows uint16 near 65535.
-    return ((np.arange(65536, dtype=np.uint32) + 256) // 257).astype(np.uint8)
+def _pool():
+    """Threads shared by all `load_image` calls (created on first use, one per channel)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=len(CHANNELS), thread_name_prefix="load_image")
 
 
 def to_uint8(arr: np.ndarray) -> np.ndarray:
@@ -280,7 +281,13 @@ def to_uint8(arr: np.ndarray) -> np.ndarray:
     if arr.dtype == np.uint8:
         return arr
     if arr.dtype == np.uint16:
-        return _uint16_table()[arr]  # a 64 KiB lookup: 3x faster than the integer division
+        # ceil(v / 257) == (v - (v >> 8) + 255) >> 8 for every uint16 v (checked exhaustively in
+        # the tests); it never leaves uint16 and is ~10x faster than a division or a lookup table.
+        out = arr >> 8
+        np.subtract(arr, out, out=out)
+        out += 255
+        out >>= 8
+        return out.astype(np.uint8)
     if arr.dtype == np.bool_:
         return arr.astype(np.uint8) * np.uint8(255)
     if np.issubdtype(arr.dtype, np.floating):
@@ -308,12 +315,17 @@ def load_image(source: str, image_id: str, channels: Sequence[str] = CHANNELS) -
     for channel in channels:
         if channel not in found:
             raise _missing_error(source, image_id, channel)
+    # The channel files are read and decoded in parallel: downloads overlap (gs://) and
+    # OpenCV / zlib release the GIL while decoding.
+    futures = [_pool().submit(load_channel, found[channel], channel) for channel in channels]
     planes: list[np.ndarray] = []
-    for channel in channels:
+    for channel, future in zip(channels, futures):
         path = found[channel]
         try:
-            plane = load_channel(path, channel)
+            plane = future.result()
         except ImageLoadError as err:
+            for other in futures:
+                other.cancel()
             raise ImageLoadError(f"image {image_id}: {err}", image_id=image_id, path=path) from err
         if planes and plane.shape != planes[0].shape:
             raise ImageLoadError(

@@ -79,6 +79,9 @@ def test_to_uint8_rule_anchors():
     # ceil(v / 257), computed independently in float
     np.testing.assert_array_equal(out, np.ceil(v.astype(np.float64) / 257.0).astype(np.uint8))
     assert out[0] == 0 and out[-1] == 255
+    every = np.arange(65536, dtype=np.uint16)  # the whole range, against the float definition
+    np.testing.assert_array_equal(images.to_uint8(every), np.ceil(every / 257.0).astype(np.uint8))
+    np.testing.assert_array_equal(images.to_uint8(every.reshape(256, 256)), images.to_uint8(every).reshape(256, 256))
     u8 = np.arange(256, dtype=np.uint8)
     assert images.to_uint8(u8) is u8
     # 8-bit values written as 16-bit the usual way (v * 257) come back exactly
