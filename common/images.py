@@ -278,6 +278,8 @@ def to_uint8(arr: np.ndarray) -> np.ndarray:
     Other dtypes raise ValueError.
     """
     arr = np.asarray(arr)
+    if not arr.dtype.isnative:  # e.g. big-endian TIFF data
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.dtype == np.uint8:
         return arr
     if arr.dtype == np.uint16:

@@ -120,6 +120,15 @@ def test_tiff_and_gzipped_tiff(tmp_path, ext, gz, dtype):
     assert images.channel_path(str(tmp_path), "img1", "green").endswith("img1_green" + ext)
 
 
+def test_big_endian_tiff_and_array(tmp_path):
+    arr = _grey(20, 30, 4, np.uint16)
+    tifffile.imwrite(str(tmp_path / "x_red.tif"), arr, byteorder=">")
+    with open(tmp_path / "x_red.tif", "rb") as fh:
+        assert fh.read(2) == b"MM"
+    np.testing.assert_array_equal(images.load_channel(str(tmp_path / "x_red.tif")), images.to_uint8(arr))
+    np.testing.assert_array_equal(images.to_uint8(arr.astype(">u2")), images.to_uint8(arr))
+
+
 def test_tiff_with_a_page_axis(tmp_path):
     arr = _grey(20, 30, 0, np.uint16)
     tifffile.imwrite(str(tmp_path / "x_blue.tif"), arr[None])  # (1, H, W)
