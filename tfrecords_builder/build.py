@@ -27,7 +27,7 @@ from common.preprocess import PREPROCESS_FILE
 from tfrecords_builder import manifest as manifestlib
 from tfrecords_builder import plan as planlib
 from tfrecords_builder.config import RUNTIME_FIELDS, BuildConfig
-from tfrecords_builder.worker import Job, Result, Task, process
+from tfrecords_builder.worker import Job, Result, Task, init_worker, process
 from tfrecords_builder.writer import ShardWriter
 
 STATE_DIR = "_build"
@@ -92,7 +92,8 @@ class Runner:
         if self.workers > 0:
             import multiprocessing
 
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=init_worker, initargs=(os.getpid(),))
         return self
 
     def __exit__(self, *exc) -> None:

@@ -5,6 +5,9 @@ global state and the same function runs in the main process when `workers == 0`.
 """
 from __future__ import annotations
 
+import os
+import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -159,3 +162,18 @@ def process(task: Task) -> Result:
         result.records = []
     return result
 
+
+
+def init_worker(parent_pid: int) -> None:
+    """Worker-process initializer: exit when the parent dies.
+
+    A killed parent leaves its pool workers blocked on their task queue (each worker holds an
+    end of that pipe itself, so it never sees end-of-file); this watchdog ends them instead.
+    """
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()

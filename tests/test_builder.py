@@ -1,0 +1,298 @@
+"""TFRecord builder end to end on real files: round trips, resume after SIGKILL, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common import features, images, preprocess
+from common.labels import multi_hot, read_labels_csv
+from tfrecords_builder import build as buildlib
+from tfrecords_builder.__main__ import main as cli_main
+from tfrecords_builder.config import make_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARD_RE = re.compile(r"^fold(\d+)-(\d{5})-of-(\d{5})\.tfrec$")
+
+
+def read_examples(paths) -> list[dict]:
+    """Every example of the given local shard files through tf.data and common.features.parse."""
+    import tensorflow as tf
+
+    ds = tf.data.TFRecordDataset([str(p) for p in paths]).map(features.parse)
+    return [{k: v.numpy() for k, v in ex.items()} for ex in ds]
+
+
+def shard_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if SHARD_RE.match(p.name))
+
+
+def check_shard_names(names: list[str], folds: int) -> None:
+    """`fold{K}-{i}-of-{n}`: i = 0..n-1 for every fold, n the number of shards of that fold."""
+    by_fold: dict[int, list[tuple[int, int]]] = {}
+    for name in names:
+        m = SHARD_RE.match(name)
+        assert m, name
+        by_fold.setdefault(int(m[1]), []).append((int(m[2]), int(m[3])))
+    assert sorted(by_fold) == list(range(folds))
+    for pairs in by_fold.values():
+        n = len(pairs)
+        assert sorted(pairs) == [(i, n) for i in range(n)]
+
+
+def without_paths(manifest: dict) -> dict:
+    """A manifest minus the fields that name where the build was written or read from."""
+    m = json.loads(json.dumps(manifest))
+    for key in ("out", "images", "labels", "masks"):
+        m["config"].pop(key)
+    for info in m["images"].values():
+        info.pop("origin")
+    for s in m["skipped"]:
+        s.pop("origin")
+    return m
+
+
+@pytest.fixture(scope="module")
+def syn12(tmp_path_factory) -> Path:
+    """12 synthetic images of 192 px with masks (more shards than the session's 6-image set)."""
+    from common import synthetic
+
+    out = tmp_path_factory.mktemp("syn12")
+    synthetic.generate(str(out), n=12, size=192, seed=3)
+    return out
+
+
+def test_image_mode_round_trip(synthetic_small, tmp_path):
+    data = synthetic_small
+    cfg = make_config(images=str(data / "images"), labels=str(data / "train.csv"), out=str(tmp_path / "out"),
+                      mode="image", size=48, folds=3, shard_mb=0.02, workers=0)
+    result = buildlib.build(cfg, progress=False, log=lambda s: None)
+    assert result.exit_code == 0 and not result.skipped
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir() if not SHARD_RE.match(p.name)) == ["manifest.json", "preprocess.json"]
+    assert preprocess.TileSpec.load(str(out / "preprocess.json")) == cfg.tile_spec()
+    check_shard_names([p.name for p in shard_files(out)], 3)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest == result.manifest
+
+    truth = dict(read_labels_csv(str(data / "train.csv")))
+    examples = read_examples(shard_files(out))
+    assert sorted(ex["image_id"].decode() for ex in examples) == sorted(truth)
+    for ex in examples:
+        image_id = ex["image_id"].decode()
+        image = images.load_image(str(data / "images"), image_id)
+        np.testing.assert_array_equal(ex["image"], preprocess.image_tile(image, cfg.tile_spec()))
+        np.testing.assert_array_equal(ex["labels"], multi_hot(truth[image_id]))
+        assert ex["cell_index"] == -1 and tuple(ex["bbox"]) == (0, 0, 256, 256)
+        assert ex["fold"] == manifest["images"][image_id]["fold"]
+    # per-shard counts in the manifest match the files
+    for shard in manifest["shards"]:
+        assert len(read_examples([out / shard["name"]])) == shard["examples"]
+        assert (out / shard["name"]).stat().st_size == shard["bytes"]
+    assert sum(f["images"] for f in manifest["folds"]) == len(truth)
+    for f in manifest["folds"]:
+        expected = np.zeros(19, int)
+        for image_id, info in manifest["images"].items():
+            if info["fold"] == f["fold"]:
+                expected += multi_hot(truth[image_id]).astype(int)
+        assert f["class_images"] == expected.tolist() == f["class_examples"]
+
+
+def test_cell_mode_round_trip_with_masks_and_workers(syn12, tmp_path):
+    from common.segmentation import Segmentation, load_labels
+
+    data = syn12
+    cfg = make_config(images=str(data / "images"), labels=str(data / "train.csv"), out=str(tmp_path / "out"),
+                      mode="cell", size=32, folds=2, shard_mb=0.1, workers=2, masks=str(data / "masks"))
+    result = buildlib.build(cfg, progress=False, log=lambda s: None)
+    assert result.exit_code == 0
+    out = tmp_path / "out"
+    check_shard_names([p.name for p in shard_files(out)], 2)
+    assert len(shard_files(out)) > 2
+    examples = read_examples(shard_files(out))
+    truth = dict(read_labels_csv(str(data / "train.csv")))
+    by_image: dict[str, dict[int, dict]] = {}
+    for ex in examples:
+        by_image.setdefault(ex["image_id"].decode(), {})[int(ex["cell_index"])] = ex
+    assert sorted(by_image) == sorted(truth)
+    total = 0
+    for image_id, cells_seen in by_image.items():
+        image = images.load_image(str(data / "images"), image_id)
+        cells = load_labels(str(data / "masks" / f"{image_id}_cells.png"))
+        nuclei = load_labels(str(data / "masks" / f"{image_id}_nuclei.png"))
+        tiles, ids, boxes = preprocess.cell_tiles(image, cells, cfg.tile_spec())
+        info = {c.id: c for c in Segmentation(cells, nuclei).cell_info()}
+        assert sorted(cells_seen) == ids.tolist()
+        for tile, cid, box in zip(tiles, ids, boxes):
+            ex = cells_seen[int(cid)]
+            np.testing.assert_array_equal(ex["image"], tile)
+            np.testing.assert_array_equal(ex["labels"], multi_hot(truth[image_id]))  # weak labels
+            assert tuple(ex["bbox"]) == tuple(box) == info[cid].bbox
+            assert ex["cell_area"] == info[cid].area == int((cells == cid).sum())
+            assert bool(ex["touches_border"]) == info[cid].touches_border
+            assert bool(ex["has_nucleus"]) == info[cid].has_nucleus
+        total += len(ids)
+        assert result.manifest["images"][image_id]["examples"] == len(ids)
+    assert result.manifest["totals"]["examples"] == total == len(examples)
+    # folds hold whole images
+    folds_of = {}
+    for ex in examples:
+        folds_of.setdefault(ex["image_id"], set()).add(int(ex["fold"]))
+    assert all(len(f) == 1 for f in folds_of.values())
+
+
+def test_cell_mode_segments_when_no_masks_are_given(synthetic_small, tmp_path):
+    from common import segmentation
+
+    data = synthetic_small
+    cfg = make_config(images=str(data / "images"), labels=str(data / "train.csv"), out=str(tmp_path / "out"),
+                      mode="cell", size=32, folds=2, limit=2, workers=0)
+    result = buildlib.build(cfg, progress=False, log=lambda s: None)
+    assert result.exit_code == 0
+    examples = read_examples(shard_files(tmp_path / "out"))
+    for image_id in result.manifest["images"]:
+        seg = segmentation.segment(images.load_image(str(data / "images"), image_id))
+        got = sorted(int(ex["cell_index"]) for ex in examples if ex["image_id"].decode() == image_id)
+        assert got == [c.id for c in seg.cell_info()] and got
+
+
+def _cli(args, env_extra=None, timeout=120) -> subprocess.CompletedProcess:
+    """Run the CLI in its own process group. Output pipes reach EOF only when the build AND its
+    worker processes have exited, so a killed build whose workers linger fails by timeout."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env_extra or {}))
+    cmd = [sys.executable, "-m", "tfrecords_builder", *args, "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # our own group: the CLI and the workers it spawned
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def test_cli_killed_build_resumes_to_the_uninterrupted_result(syn12, tmp_path):
+    data = syn12
+    common_args = ["--images", str(data / "images"), "--labels", str(data / "train.csv"), "--mode", "cell",
+                   "--masks", str(data / "masks"), "--size", "32", "--folds", "3", "--shard-mb", "0.06",
+                   "--workers", "2"]
+    ref = tmp_path / "ref"
+    run = _cli([*common_args, "--out", str(ref)])
+    assert run.returncode == 0, run.stderr
+    assert "0 skipped" in run.stdout
+    n_shards = len(shard_files(ref))
+    assert n_shards >= 5
+
+    out = tmp_path / "resumed"
+    killed = _cli([*common_args, "--out", str(out)], {buildlib.KILL_ENV: "3"})
+    assert killed.returncode == -9, killed.stderr  # SIGKILL, mid-build
+    assert not (out / "manifest.json").exists()
+    first = {p.name: p.stat().st_mtime_ns for p in shard_files(out)}
+    assert len(first) == 3  # the third was published, then the process died before recording it
+    done = sorted(p.stem for p in (out / buildlib.STATE_DIR / buildlib.DONE_DIR).iterdir())
+    assert len(done) == 2 and set(done) < set(first)
+
+    resumed = _cli([*common_args, "--out", str(out)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming: 2 of {n_shards} shards already done" in resumed.stdout
+    assert f"{n_shards - 2} shards built now, 2 reused" in resumed.stdout
+    for name in done:  # finished shards were not rewritten
+        assert (out / name).stat().st_mtime_ns == first[name]
+    assert [p.name for p in shard_files(out)] == [p.name for p in shard_files(ref)]
+    for a, b in zip(shard_files(out), shard_files(ref)):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    m_out = json.loads((out / "manifest.json").read_text())
+    m_ref = json.loads((ref / "manifest.json").read_text())
+    assert m_out["config"].pop("out") == str(out) and m_ref["config"].pop("out") == str(ref)
+    assert m_out == m_ref
+    assert not (out / buildlib.STATE_DIR).exists()
+
+    again = _cli([*common_args, "--out", str(out)])  # a finished build is left alone
+    assert again.returncode == 0 and "already complete" in again.stdout
+    other = _cli([*common_args[:-2], "--workers", "1", "--size", "40", "--out", str(out)])
+    assert other.returncode == 1 and "another config" in other.stderr and "size" in other.stderr
+
+
+def test_bad_inputs_are_skipped_with_reasons_and_the_build_goes_on(synthetic_small, tmp_path, capsys):
+    src = synthetic_small / "images"
+    imgs = tmp_path / "images"
+    shutil.copytree(src, imgs)
+    ids = [i for i, _ in read_labels_csv(str(synthetic_small / "train.csv"))]
+    good, corrupt, missing_channel = ids[0], ids[1], ids[2]
+    png = imgs / f"{corrupt}_green.png"
+    png.write_bytes(png.read_bytes()[:200])  # truncated PNG
+    (imgs / f"{missing_channel}_yellow.png").unlink()
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        "ID,Label\n"
+        f"{good},0|5\n"
+        f"{corrupt},1\n"
+        f"{missing_channel},2\n"
+        "no_such_image,3\n"
+        f"{ids[3]},4|19\n"
+        f"{good},6\n"
+        f"{ids[4]},x\n"
+        f"{ids[5]},7\n"
+    )
+    out = tmp_path / "out"
+    rc = cli_main(["--images", str(imgs), "--labels", str(labels), "--out", str(out), "--mode", "image",
+                   "--size", "32", "--folds", "2", "--workers", "0", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 2
+    assert "6 skipped" in printed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(manifest["images"]) == sorted([good, ids[5]])
+    reasons = {(s["id"], s["origin"].rsplit(" ", 1)[-1]): s["reason"] for s in manifest["skipped"]}
+    assert len(reasons) == 6
+    assert "corrupt or truncated PNG" in reasons[(corrupt, "2")] and f"{corrupt}_green.png" in reasons[(corrupt, "2")]
+    assert "missing channel file(s) yellow" in reasons[(missing_channel, "3")]
+    assert reasons[("no_such_image", "4")] == f"no image files for ID no_such_image in {imgs}"
+    assert "label 19 outside 0-18" in reasons[(ids[3], "5")]
+    assert "duplicate ID" in reasons[(good, "6")]
+    assert "malformed label" in reasons[(ids[4], "7")]
+    # images that fail at decode time are listed with the fold they were planned into
+    assert all("fold" in s for s in manifest["skipped"] if s["id"] in (corrupt, missing_channel, "no_such_image"))
+    examples = read_examples(shard_files(out))
+    assert sorted(ex["image_id"].decode() for ex in examples) == sorted([good, ids[5]])
+
+
+def test_bad_mask_and_unusable_config_are_reported(synthetic_small, tmp_path, capsys):
+    data = synthetic_small
+    masks = tmp_path / "masks"
+    shutil.copytree(data / "masks", masks)
+    ids = [i for i, _ in read_labels_csv(str(data / "train.csv"))]
+    (masks / f"{ids[0]}_cells.png").unlink()
+    (masks / f"{ids[1]}_cells.png").write_bytes(b"not a png")
+    rc = cli_main(["--images", str(data / "images"), "--labels", str(data / "train.csv"), "--out",
+                   str(tmp_path / "out"), "--mode", "cell", "--masks", str(masks), "--size", "32",
+                   "--folds", "2", "--workers", "0", "--no-progress"])
+    assert rc == 2
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    reasons = {s["id"]: s["reason"] for s in manifest["skipped"]}
+    assert "cell mask not found" in reasons[ids[0]] and f"{ids[0]}_cells.png" in reasons[ids[0]]
+    assert "corrupt or unreadable label map" in reasons[ids[1]]
+    assert len(manifest["images"]) == len(ids) - 2
+
+    empty = tmp_path / "empty.csv"
+    empty.write_text("ID,Label\nabc,99\n")
+    rc = cli_main(["--images", str(data / "images"), "--labels", str(empty), "--out", str(tmp_path / "o2"),
+                   "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "no usable images" in err and "label 99 outside" in err
+
+
+def test_cli_help_explains_every_option():
+    out = subprocess.run([sys.executable, "-m", "tfrecords_builder", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60).stdout
+    for option in ("--images", "--labels", "--out", "--mode", "--size", "--folds", "--shard-mb", "--workers",
+                   "--segmenter", "--masks", "--limit", "--seed", "Exit status"):
+        assert option in out
