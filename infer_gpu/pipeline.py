@@ -20,12 +20,12 @@ import collections
 import concurrent.futures as cf
 import dataclasses
 import functools
+import hashlib
 import json
 import multiprocessing
 import os
 import sys
 import time
-import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -289,7 +289,11 @@ class PredictOptions:
     tta: int = 1
     batch_size: int = 64
     backend: str = "default"
-    seg_options: tuple = ()  # ((key, value), ...) passed to common.segmentation.segment
+    work_size: int = 512  # segmentation's working resolution, px (long side)
+    nuclei_model: str | None = None  # hpa backend: hpacellseg model files
+    cell_model: str | None = None
+    trust_model_files: bool = False  # hpa backend: allow unpickling those files
+    seg_options: tuple = ()  # more ((key, value), ...) for common.segmentation.segment
     workers: int = 2
     processes: bool = False
     prefetch: int = 0  # images decoded ahead; 0 = workers + 2
@@ -322,30 +326,17 @@ class Summary:
 
 
 def read_sample(path: str) -> list[tuple[str, int, int]]:
-    """`[(ID, width, height), ...]` of a sample submission, in file order; duplicates are an error."""
+    """`[(ID, width, height), ...]` of a sample submission, in file order."""
     from common import submission
 
-    rows = submission.read_sample_submission(path)
-    out, seen = [], set()
-    for row in rows:
-        image_id, width, height = str(row.id), int(row.width), int(row.height)
-        if image_id in seen:
-            raise ValueError(f"{path}: ID {image_id} appears more than once")
-        seen.add(image_id)
-        out.append((image_id, width, height))
-    return out
-
-
-def _file_crc(path: str) -> str:
-    return f"{zlib.crc32(storage.read_bytes(path)) & 0xFFFFFFFF:08x}"
+    # read_sample_submission rejects duplicates and bad sizes, naming the rows.
+    return [(r.image_id, int(r.width), int(r.height)) for r in submission.read_sample_submission(path)]
 
 
 def _settings(sample, runs, image_runs, opts: PredictOptions) -> dict:
     """What decides the results; a resumed run must match it (batching and threads do not)."""
-    from infer_gpu.scoring import MODEL_FILE
-
     def describe(r):
-        return {"path": r.path, "model_crc32": _file_crc(storage.join(r.path, MODEL_FILE)), "spec": r.spec.to_json()}
+        return {"path": r.path, "weights": r.fingerprint, "spec": r.spec.to_json()}
 
     ids = "\n".join(f"{i},{w},{h}" for i, w, h in sample)
     return {
@@ -353,10 +344,26 @@ def _settings(sample, runs, image_runs, opts: PredictOptions) -> dict:
         "image_models": [describe(r) for r in image_runs],
         "rule": dataclasses.asdict(opts.rule),
         "tta": opts.tta,
-        "backend": opts.backend,
-        "seg_options": {k: str(v) for k, v in opts.seg_options},
-        "sample_sha1": __import__("hashlib").sha1(ids.encode()).hexdigest(),
+        "segmentation": {"backend": opts.backend, "work_size": opts.work_size,
+                         "nuclei_model": opts.nuclei_model, "cell_model": opts.cell_model,
+                         "options": sorted(k for k, _ in opts.seg_options)},
+        "sample_sha1": hashlib.sha1(ids.encode()).hexdigest(),
     }
+
+
+def segmentation_options(opts: PredictOptions) -> dict:
+    """Keyword options for `common.segmentation.segment`; loads the HPA networks once."""
+    seg = {"work_size": opts.work_size, **dict(opts.seg_options)}
+    if opts.backend == "hpa" and "networks" not in seg and "nuclei_net" not in seg:
+        if not opts.nuclei_model or not opts.cell_model:
+            raise ValueError("--backend hpa needs --nuclei-model and --cell-model (hpacellseg's .pth files)")
+        if opts.processes:
+            raise ValueError("--backend hpa runs its networks in this process: use reader threads, not --processes")
+        from common.segmentation import hpa
+
+        seg["networks"] = hpa.load_networks(opts.nuclei_model, opts.cell_model,
+                                            trust_model_files=opts.trust_model_files)
+    return seg
 
 
 def _log(msg: str) -> None:
@@ -414,7 +421,7 @@ def predict(images: str, sample_submission: str, models: Sequence[str], out: str
         storage.makedirs(opts.overlays)
 
     prepare = functools.partial(prepare_image, source=images, specs=tuple(specs), backend=opts.backend,
-                                seg_options=dict(opts.seg_options), keep_image=bool(opts.overlays))
+                                seg_options=segmentation_options(opts), keep_image=bool(opts.overlays))
     batcher = CrossImageBatcher({k: g.predict for k, g in groups.items()}, opts.batch_size)
     stage_seconds = {s: 0.0 for s in STAGES}
     writer = cf.ThreadPoolExecutor(1, thread_name_prefix="writer")
@@ -477,8 +484,7 @@ def predict(images: str, sample_submission: str, models: Sequence[str], out: str
     parts = store.read_all()
     summary.complete = all(i in parts for i, _, _ in sample)
     if summary.complete:
-        rows = [submission.SubmissionRow(id=i, width=w, height=h, prediction=parts[i]["prediction"])
-                for i, w, h in sample]
+        rows = [(i, w, h, parts[i]["prediction"]) for i, w, h in sample]
         submission.write_submission(out, rows)
         summary.errors = [{"id": i, "error": parts[i]["error"]} for i, _, _ in sample if parts[i].get("error")]
         if not opts.keep_parts:

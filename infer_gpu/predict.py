@@ -51,13 +51,6 @@ def _tta(text: str) -> int:
     return value
 
 
-def _key_value(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip(), value.strip()
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = _Formatter  # keep the rule's layout, and show defaults
     parser.epilog = EPILOG
@@ -74,10 +67,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the submission CSV to write (local or gs://)")
     parser.add_argument("--backend", default="default", choices=("default", "hpa"),
                         help="cell segmentation: the weight-free default, or the HPA U-Nets (needs "
-                             "hpacellseg and its model files, given with --seg-option)")
-    parser.add_argument("--seg-option", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
-                        help="an option for common.segmentation.segment, e.g. nuclei_model=/path "
-                             "(repeatable; values stay strings unless they parse as numbers)")
+                             "PyTorch, hpacellseg and its model files: see common/segmentation/hpa.py)")
+    parser.add_argument("--work-size", type=_positive, default=512,
+                        help="segmentation: long side in px of the labelling's working resolution")
+    parser.add_argument("--nuclei-model", default=None, help="hpa backend: hpacellseg nucleus model file (.pth)")
+    parser.add_argument("--cell-model", default=None, help="hpa backend: hpacellseg 3-channel cell model file (.pth)")
+    parser.add_argument("--trust-model-files", action="store_true",
+                        help="hpa backend: allow loading the .pth files, which are pickled PyTorch "
+                             "modules (loading runs code from them): only for files you trust")
     parser.add_argument("--tta", type=_tta, default=1,
                         help="test-time augmentation: average over the first N of the 8 flips and "
                              "rotations of each tile (1 = none)")
@@ -113,15 +110,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _value(text: str):
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 def run(args) -> int:
     from infer_gpu.parts import ResumeError
     from infer_gpu.pipeline import PredictOptions, predict
@@ -134,7 +122,8 @@ def run(args) -> int:
         rule=CombineRule(cell_weight=args.cell_weight, border_weight=args.border_weight,
                          no_nucleus_weight=args.no_nucleus_weight, min_score=args.min_score),
         tta=args.tta, batch_size=args.batch_size, backend=args.backend,
-        seg_options=tuple((k, _value(v)) for k, v in args.seg_option),
+        work_size=args.work_size, nuclei_model=args.nuclei_model, cell_model=args.cell_model,
+        trust_model_files=args.trust_model_files,
         workers=max(0, args.workers), processes=args.processes, device=args.device,
         overlays=args.overlays, resume=args.resume, limit=args.limit or 0,
         keep_parts=args.keep_parts, progress=not args.no_progress,
@@ -142,7 +131,7 @@ def run(args) -> int:
     try:
         summary = predict(args.images, args.sample_submission, args.model, args.out,
                           image_models=args.image_model, options=options)
-    except (FileNotFoundError, ValueError, ResumeError, RuntimeError) as err:
+    except (FileNotFoundError, ValueError, ResumeError, RuntimeError, PermissionError, ImportError) as err:
         print(f"predict: {err}", file=sys.stderr)
         return 2
     s = summary

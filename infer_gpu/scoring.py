@@ -22,8 +22,7 @@ The combine rule (also in `python -m infer_gpu predict --help`), per cell and cl
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -152,11 +151,16 @@ def setup_device(device: str = "auto") -> str:
 
 @dataclass
 class RunDir:
-    """One trained run: where it is, its tile spec (`preprocess.json`) and its Keras model."""
+    """One trained run: where it is, its tile spec (`preprocess.json`) and its model.
+
+    model: a Keras model, or any callable `(float32 BxNxNx4 tensor, training=False) -> Bx19`
+    usable inside `tf.function`. fingerprint: identifies the weights (resume checks it).
+    """
 
     path: str
     spec: TileSpec
     model: object = dataclasses.field(repr=False, default=None)
+    fingerprint: str = ""
 
 
 def read_spec(run_dir: str) -> TileSpec:
@@ -185,15 +189,10 @@ def load_run(run_dir: str, expect_mode: str | None = None) -> RunDir:
     path = storage.join(run_dir, MODEL_FILE)
     if not storage.exists(path):
         raise FileNotFoundError(f"{path}: missing; a run directory needs {MODEL_FILE} and {PREPROCESS_FILE}")
-    if storage.is_gcs(path):
-        # Keras reads local files only: copy the model down first.
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, MODEL_FILE)
-            with open(local, "wb") as fh:
-                fh.write(storage.read_bytes(path))
-            model = models.load_model(local)
-    else:
-        model = models.load_model(path)
+    data = storage.read_bytes(path)
+    fingerprint = f"crc32:{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+    del data
+    model = models.load_model(path)  # also handles gs:// (copies the file down first)
     shape = tuple(model.input_shape)
     if len(shape) != 4 or shape[-1] != 4:
         raise ValueError(f"{path}: model input {shape}, expected [B, N, N, 4]")
@@ -203,7 +202,7 @@ def load_run(run_dir: str, expect_mode: str | None = None) -> RunDir:
     out = tuple(model.output_shape)
     if out[-1] != NUM_CLASSES:
         raise ValueError(f"{path}: model output {out}, expected [B, {NUM_CLASSES}]")
-    return RunDir(path=run_dir, spec=spec, model=model)
+    return RunDir(path=run_dir, spec=spec, model=model, fingerprint=fingerprint)
 
 
 class ModelGroup:

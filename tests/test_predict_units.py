@@ -263,8 +263,8 @@ def test_cli_help_explains_options_and_the_rule():
 def test_cli_rejects_bad_values():
     p = _parser()
     base = ["--images", "i", "--sample-submission", "s", "--out", "o", "--model", "m"]
-    args = p.parse_args(base + ["--model", "m2", "--tta", "8", "--seg-option", "work_size=512"])
-    assert args.model == ["m", "m2"] and args.tta == 8 and args.seg_option == [("work_size", "512")]
-    for bad in (["--tta", "9"], ["--batch-size", "0"], ["--border-weight", "1.2"], ["--seg-option", "x"]):
+    args = p.parse_args(base + ["--model", "m2", "--tta", "8", "--work-size", "256"])
+    assert args.model == ["m", "m2"] and args.tta == 8 and args.work_size == 256
+    for bad in (["--tta", "9"], ["--batch-size", "0"], ["--border-weight", "1.2"], ["--backend", "x"]):
         with pytest.raises(SystemExit):
             p.parse_args(base + bad)
