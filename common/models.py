@@ -129,7 +129,7 @@ def input_affine(model, size: int) -> tuple[np.ndarray, np.ndarray]:
     Returns `(a, b)`, each `(C,)` float64.
     """
     keras = _keras()
-    sub = keras.Model(model.inputs, _pre_stem_tensor(model))
+    sub = keras.Model(model.inputs[0], _pre_stem_tensor(model))
     channels = int(model.inputs[0].shape[-1])
     probe = np.stack([np.zeros((size, size, channels)), np.full((size, size, channels), 255.0)])
     out = np.asarray(sub(probe.astype(np.float32), training=False), np.float64)
@@ -150,12 +150,13 @@ def _set_v1_normalization(model, a: np.ndarray, b: np.ndarray) -> None:
     norms[0].finalize_state()
 
 
-def _fix_keras_imagenet_v1(src, bb: Backbone, a: np.ndarray) -> np.ndarray:
+def _fix_keras_imagenet_v1(src, bb: Backbone, a: np.ndarray, b: np.ndarray):
     """Keras' ImageNet V1 files store the std where Normalization expects the variance; Keras
-    corrects it with an extra Rescaling only when it downloads them itself (weights="imagenet",
-    TF issue 49930). A file holding exactly those values gets the same correction here."""
+    corrects it with an extra Rescaling (of the whole normalised value) only when it downloads
+    them itself (weights="imagenet", TF issue 49930). A file holding exactly those values gets
+    the same correction here. Returns the corrected `(a, b)`."""
     if bb.family != "v1":
-        return a
+        return a, b
     keras = _keras()
     norms = [layer for layer in src.layers if isinstance(layer, keras.layers.Normalization)]
     extra_rescale = any(
@@ -165,8 +166,9 @@ def _fix_keras_imagenet_v1(src, bb: Backbone, a: np.ndarray) -> np.ndarray:
         var = norms[0].adapt_variance.numpy()
         mean = norms[0].adapt_mean.numpy()
         if np.allclose(var, IMAGENET_STD, atol=1e-6) and np.allclose(mean, IMAGENET_MEAN, atol=1e-6):
-            return a / np.sqrt(np.asarray(IMAGENET_STD))
-    return a
+            fix = 1.0 / np.sqrt(np.asarray(IMAGENET_STD))
+            return a * fix, b * fix
+    return a, b
 
 
 def _load_source(bb: Backbone, weights: str, size: int):
@@ -254,8 +256,7 @@ def build_model(backbone: str = "efficientnet_b0", size: int = 224, num_classes:
             keras.config.set_dtype_policy(dtype_policy)
         inputs = keras.Input(shape=(size, size, CHANNELS), dtype="float32", name="image")
         if src is not None:
-            a3, b3 = input_affine(src, size)
-            a3 = _fix_keras_imagenet_v1(src, bb, a3)
+            a3, b3 = _fix_keras_imagenet_v1(src, bb, *input_affine(src, size))
             a = np.append(a3, a3.mean())
             b = np.append(b3, b3.mean())
         else:

@@ -1,0 +1,139 @@
+"""common.models: the factory, the 3->4 channel weight transfer, save/load round trips."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common import models
+from common.labels import NUM_CLASSES
+
+keras = pytest.importorskip("keras")
+
+SIZE = 32
+
+
+def _randomise_statistics(model, rng) -> None:
+    """Random BatchNorm and input-Normalization statistics, so that a transfer that dropped or
+    misplaced them would change the output (fresh layers have mean 0, variance 1)."""
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_mean.assign(rng.normal(0, 0.1, layer.moving_mean.shape).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.5, 2, layer.moving_variance.shape).astype("float32"))
+        if isinstance(layer, keras.layers.Normalization) and hasattr(layer, "adapt_mean"):
+            n = layer.adapt_mean.shape[0]
+            layer.adapt_mean.assign(rng.uniform(0.1, 0.6, n).astype("float32"))
+            layer.adapt_variance.assign(rng.uniform(0.01, 0.1, n).astype("float32"))
+            layer.finalize_state()
+
+
+def _source_model(backbone: str, rng):
+    """A 3-channel headless Keras EfficientNet with random weights: the stand-in for the
+    ImageNet file (nothing can be downloaded here)."""
+    bb = models.get_backbone(backbone)
+    kwargs = {"include_preprocessing": True} if bb.family == "v2" else {}
+    src = getattr(keras.applications, bb.keras_fn)(include_top=False, weights=None,
+                                                   input_shape=(SIZE, SIZE, 3), **kwargs)
+    _randomise_statistics(src, rng)
+    return src
+
+
+def _features(model):
+    return keras.Model(model.input, model.get_layer(models.FEATURES_LAYER).input)
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_b0", "efficientnetv2_b0"])
+def test_weight_transfer_reproduces_the_3_channel_model_on_rgb(backbone, tmp_path):
+    rng = np.random.default_rng(0)
+    src = _source_model(backbone, rng)
+    path = str(tmp_path / "src.weights.h5")
+    src.save_weights(path)
+    model = models.build_model(backbone, SIZE, weights=path, drop_connect_rate=0.0)
+    x = rng.uniform(0, 255, (3, SIZE, SIZE, 4)).astype("float32")  # a random yellow channel too
+    want = np.asarray(src(x[..., :3], training=False))
+    got = np.asarray(_features(model)(x, training=False))
+    assert got.shape == want.shape
+    assert np.abs(want).max() > 1e-3  # a meaningful comparison, not zeros against zeros
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # the yellow channel starts with no influence ...
+    stem = model.get_layer("stem_conv").get_weights()[0]
+    assert stem.shape[2] == 4 and not stem[:, :, 3].any()
+    # ... while a model built without transfer does see it (the check above can fail)
+    fresh = models.build_model(backbone, SIZE, drop_connect_rate=0.0)
+    y = x.copy()
+    y[..., 3] = 0
+    f = _features(fresh)
+    assert not np.allclose(np.asarray(f(x, training=False)), np.asarray(f(y, training=False)))
+
+
+def test_keras_imagenet_file_convention_is_corrected(tmp_path):
+    """Keras' V1 ImageNet files keep the std in Normalization's variance slot; the 4-channel
+    model must normalise as (x/255 - mean) / std, as Keras' own weights="imagenet" model does."""
+    src = keras.applications.EfficientNetB0(include_top=False, weights=None,
+                                            input_shape=(SIZE, SIZE, 3))
+    norm = [l for l in src.layers if isinstance(l, keras.layers.Normalization)][0]
+    norm.adapt_mean.assign(models.IMAGENET_MEAN)
+    norm.adapt_variance.assign(models.IMAGENET_STD)  # what the downloaded .h5 holds
+    path = str(tmp_path / "efficientnetb0_notop.weights.h5")
+    src.save_weights(path)
+    model = models.build_model("efficientnet_b0", SIZE, weights=path)
+    a, b = models.input_affine(model, SIZE)
+    mean, std = np.array(models.IMAGENET_MEAN), np.array(models.IMAGENET_STD)
+    np.testing.assert_allclose(a[:3], 1 / (255 * std), rtol=1e-5)
+    np.testing.assert_allclose(b[:3], -mean / std, rtol=1e-5)
+
+
+def test_build_forward_shapes_and_mixed_precision():
+    model = models.build_model("efficientnet_b0", SIZE, dtype_policy="mixed_float16")
+    assert model.input.shape[1:] == (SIZE, SIZE, 4)
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is left alone
+    out = np.asarray(model(np.full((2, SIZE, SIZE, 4), 128, np.float32), training=False))
+    assert out.shape == (2, NUM_CLASSES) and out.dtype == np.float32
+    assert np.isfinite(out).all() and ((out > 0) & (out < 1)).all()
+    assert model.get_layer("stem_conv").compute_dtype == "float16"
+    assert model.get_layer(models.OUTPUT_LAYER).compute_dtype == "float32"
+
+
+def test_saved_model_reloads_and_predicts_the_same(tmp_path):
+    rng = np.random.default_rng(1)
+    model = models.build_model("efficientnet_b0", SIZE, drop_connect_rate=0.0)
+    _randomise_statistics(model, rng)  # the V1 Normalization must survive the round trip
+    models._finalize_normalization(model)
+    x = rng.uniform(0, 255, (4, SIZE, SIZE, 4)).astype("float32")
+    want = model.predict(x, verbose=0)
+    run = tmp_path / "run"
+    models.save_model(model, str(run / models.MODEL_FILE))
+    for path in (str(run), str(run / models.MODEL_FILE)):  # run folder or the file itself
+        got = models.load_model(path).predict(x, verbose=0)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # plain Keras loads it too (no custom objects needed)
+    plain = keras.saving.load_model(str(run / models.MODEL_FILE), compile=False)
+    np.testing.assert_allclose(plain.predict(x, verbose=0), want, rtol=1e-5, atol=1e-6)
+
+
+def test_export_float32_matches_a_mixed_precision_model():
+    model = models.build_model("efficientnet_b0", SIZE, dtype_policy="mixed_bfloat16")
+    export = models.export_float32(model, "efficientnet_b0", SIZE)
+    assert export.get_layer("stem_conv").compute_dtype == "float32"
+    x = np.random.default_rng(2).uniform(0, 255, (2, SIZE, SIZE, 4)).astype("float32")
+    # bfloat16 keeps ~3 significant digits
+    np.testing.assert_allclose(export.predict(x, verbose=0), model.predict(x, verbose=0), atol=0.05)
+
+
+def test_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="unknown backbone 'resnet50'.*efficientnet_b0"):
+        models.build_model("resnet50", SIZE)
+    with pytest.raises(FileNotFoundError, match="nope.h5"):
+        models.build_model("efficientnet_b0", SIZE, weights=str(tmp_path / "nope.h5"))
+    bad = tmp_path / "garbage.h5"
+    bad.write_bytes(b"not an hdf5 file")
+    with pytest.raises(ValueError, match="garbage.h5"):
+        models.build_model("efficientnet_b0", SIZE, weights=str(bad))
+    with pytest.raises(FileNotFoundError, match="model.keras"):
+        models.load_model(str(tmp_path / "empty_run"))
+
+
+def test_registry_covers_v1_and_v2():
+    assert [f"efficientnet_b{i}" for i in range(8)] == [k for k in models.BACKBONES if "v2" not in k]
+    assert {"efficientnetv2_b0", "efficientnetv2_b3", "efficientnetv2_s", "efficientnetv2_l"} <= set(models.BACKBONES)
+    for bb in models.BACKBONES.values():
+        assert hasattr(keras.applications, bb.keras_fn)
