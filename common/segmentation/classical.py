@@ -38,7 +38,7 @@ from common.segmentation import labelling
 class ClassicalParams:
     """Options of the classical backend (lengths in reference px, see `labelling`)."""
 
-    nucleus_sigma: float = 6.0  # smoothing of the blue channel
+    nucleus_sigma: float = 4.0  # smoothing of the blue channel
     cell_sigma: float = 10.0  # smoothing of the cytoplasm channels
     nucleus_threshold_scale: float = 1.0  # x Otsu's threshold on blue
     cell_threshold_scale: float = 0.5  # x Otsu's threshold on the cytoplasm: edges are dim

@@ -46,7 +46,8 @@ class LabelParams:
     cell_threshold: float = 0.5  # cell map above this is cell
     min_nucleus_area: float = 2500.0  # smaller nuclei are debris (HPA's tool uses 2500 px)
     max_nucleus_hole: float = 1000.0  # holes in a nucleus up to this area are filled
-    split_depth: float = 12.0  # h-maxima depth of the distance transform to split nuclei
+    split_depth: float = 8.0  # h-maxima depth of the distance transform to split nuclei
+    split_neck: float = 0.7  # ...and only where the neck is < this x the smaller half-width
     min_cell_area: float = 5500.0  # smaller cells are dropped with their nucleus
     distance_weight: float = 0.25  # elevation added per REFERENCE_SIDE/4 px from a nucleus
     max_cell_extent: float | None = 3.0  # cut cells this far beyond their nucleus, in nucleus radii
@@ -134,9 +135,6 @@ def _relabel(labels: np.ndarray) -> np.ndarray:
 
 def label_nuclei(nuc: np.ndarray, p: LabelParams, ref: float) -> np.ndarray:
     """Nucleus label map at the working resolution of `nuc`. `ref` = working px per ref px."""
-    from skimage.morphology import h_maxima
-    from skimage.segmentation import watershed
-
     area = ref * ref
     mask = nuc > p.nucleus_threshold
     if not mask.any():
@@ -153,49 +151,69 @@ def label_nuclei(nuc: np.ndarray, p: LabelParams, ref: float) -> np.ndarray:
     # Smooth so that a ragged outline does not create extra maxima.
     dist = cv2.GaussianBlur(dist, (0, 0), max(0.5, 2.0 * ref))
     depth = max(p.split_depth * ref, 0.5)
-    # Seeds: h-maxima of the distance, one nucleus box at a time (reconstruction is costly
-    # and nuclei cover a small part of the image); a nucleus with no peak gets one seed.
-    markers = np.zeros(nuc.shape, np.int32)
+    min_area = p.min_nucleus_area * area
+    labels = np.zeros(nuc.shape, np.int32)
     next_id = 1
+    # One nucleus blob at a time, in its box: reconstruction (h-maxima) is costly and nuclei
+    # cover a small part of the image.
     for i, sl in enumerate(ndimage.find_objects(cc), start=1):
         if sl is None:
             continue
         own = cc[sl] == i
         d = np.where(own, dist[sl], 0)
-        peaks = h_maxima(np.pad(d, 1), depth)[1:-1, 1:-1].astype(bool) & own
-        lab, n = ndimage.label(peaks, structure=np.ones((3, 3), bool))
-        if n == 0:
-            lab, n = own.astype(np.int32), 1
-        markers[sl][lab > 0] = lab[lab > 0] + next_id - 1
-        next_id += n
-    labels = watershed(-dist, markers, mask=mask)
-    # Splitting must not create debris: a fragment below the size limit joins a neighbour.
-    labels = _merge_small_fragments(labels, cc, p.min_nucleus_area * area)
-    return _relabel(labels)
-
-
-def _merge_small_fragments(labels: np.ndarray, components: np.ndarray, min_area: float) -> np.ndarray:
-    """Give each too-small watershed fragment the label of its largest neighbour in the same component."""
-    areas = np.bincount(labels.ravel())
-    small = np.flatnonzero(areas < min_area)
-    small = small[small > 0]
-    if not len(small):
-        return labels
-    labels = labels.copy()
-    objects = ndimage.find_objects(labels)
-    for sid in small:
-        sl = objects[sid - 1]
-        if sl is None:
-            continue
-        # The fragment's box grown by one pixel holds all its neighbours.
-        sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
-        lab, comp = labels[sl], components[sl]
-        frag = lab == sid
-        ring = ndimage.binary_dilation(frag, np.ones((3, 3), bool)) & ~frag
-        neigh = lab[ring & (comp == comp[frag][0]) & (lab > 0) & (lab != sid)]
-        if len(neigh):
-            lab[frag] = np.bincount(neigh).argmax()
+        lab = _split_blob(own, d, depth, p.split_neck, min_area)
+        labels[sl][own] = lab[own] + next_id - 1
+        next_id += int(lab.max())
     return labels
+
+
+def _split_blob(own: np.ndarray, d: np.ndarray, depth: float, neck: float, min_area: float) -> np.ndarray:
+    """Split one nucleus blob (bool crop, its smoothed distance map) into nuclei: labels 1..n.
+
+    Seeds are h-maxima of the distance of height >= `depth`; the watershed parts are then
+    merged back while the neck between two parts is wider than `neck` x the smaller part's
+    half-width (a nucleus with a notch is not two nuclei), and parts below `min_area` join
+    their widest neighbour.
+    """
+    from skimage.morphology import h_maxima
+    from skimage.segmentation import watershed
+
+    peaks = h_maxima(np.pad(d, 1), depth)[1:-1, 1:-1].astype(bool) & own
+    markers, n = ndimage.label(peaks, structure=np.ones((3, 3), bool))
+    if n <= 1:
+        return own.astype(np.int32)
+    lab = watershed(-d, markers, mask=own)
+    top = ndimage.maximum(d, lab, np.arange(n + 1))
+    areas = np.bincount(lab.ravel(), minlength=n + 1).astype(np.float64)
+    # Neck between two touching parts: the highest distance along their shared border.
+    saddle: dict[tuple[int, int], float] = {}
+    for a, b, da, db in ((lab[1:, :], lab[:-1, :], d[1:, :], d[:-1, :]),
+                         (lab[:, 1:], lab[:, :-1], d[:, 1:], d[:, :-1])):
+        m = (a != b) & (a > 0) & (b > 0)
+        for x, y, v in zip(a[m].tolist(), b[m].tolist(), np.minimum(da[m], db[m]).tolist()):
+            key = (min(x, y), max(x, y))
+            if v > saddle.get(key, -1.0):
+                saddle[key] = v
+    parent = list(range(n + 1))
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    # Widest necks first; a merged part keeps the larger half-width and the summed area.
+    for (a, b), v in sorted(saddle.items(), key=lambda kv: -kv[1]):
+        ra, rb = find(a), find(b)
+        if ra == rb:
+            continue
+        if v > neck * min(top[ra], top[rb]) or min(areas[ra], areas[rb]) < min_area:
+            parent[rb] = ra
+            top[ra] = max(top[ra], top[rb])
+            areas[ra] += areas[rb]
+    roots = np.array([find(x) for x in range(n + 1)])
+    _, dense = np.unique(roots, return_inverse=True)
+    return dense.reshape(roots.shape)[lab].astype(np.int32)
 
 
 def label_cells(nuclei: np.ndarray, cell: np.ndarray | None, p: LabelParams, ref: float):
