@@ -7,11 +7,15 @@ at the image's full resolution.
 
 Steps, all at a reduced working resolution (`LabelParams.work_size` px on the long side):
 1. nuclei = nucleus map > threshold, small holes filled, small objects removed, touching nuclei
-   split by a seeded watershed on the distance transform (seeds = h-maxima of the distance);
+   split by a seeded watershed on the distance transform (seeds = h-maxima of the distance),
+   kept split only where the neck between two parts is narrow (`split_neck`), so a notched
+   or kidney-shaped nucleus stays whole;
 2. cells = seeded watershed from the nuclei over the cell foreground (cell map > threshold, or
    the nuclei themselves), flooding the elevation `1 - cell map` plus a small term that grows
    with the distance from the nuclei (so flat, saturated cytoplasm splits near half way);
-3. per-cell hole filling, size filters, and each nucleus clipped to its own cell;
+3. each cell cut at `max_cell_extent` nucleus radii beyond its nucleus (so a cell cannot
+   swallow cytoplasm that belongs to no visible nucleus), per-cell hole filling, size
+   filters, and each nucleus clipped to its own cell;
 4. upscaling to full resolution (`upscale_labels`): each label's 0/1 indicator is upsampled
    bilinearly inside its own box and a pixel takes the label whose indicator is > 0.5 there.
    The indicators sum to <= 1 everywhere, so at most one label can pass; the rare pixels at a
