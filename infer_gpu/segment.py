@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True,
                         help="folder or gs:// prefix with {ID}_{red,green,blue,yellow}.{png,tif,tif.gz,jpg} files")
     parser.add_argument("--ids", nargs="+", default=None,
-                        help="image IDs to segment (default: every ID that has a channel file in --images)")
+                        help="image IDs to segment; none given = every ID that has a channel file in --images")
     parser.add_argument("--out", required=True, help="output folder or gs:// prefix")
     parser.add_argument("--backend", choices=("default", "hpa"), default="default",
                         help="'default': classical, no weights; 'hpa': HPA-Cell-Segmentation U-Nets "
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-model-files", action="store_true",
                         help="hpa backend: allow loading the .pth files, which are pickled code (only for files you trust)")
     parser.add_argument("--device", default=None,
-                        help="hpa backend: 'cuda', 'cuda:N' or 'cpu' (default: cuda when available)")
+                        help="hpa backend: 'cuda', 'cuda:N' or 'cpu'; none given = cuda when available")
     parser.add_argument("--batch-size", type=int, default=4, help="hpa backend: images per network batch")
     parser.add_argument("--no-overlay", action="store_true", help="skip the overlay PNGs")
 
