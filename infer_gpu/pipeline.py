@@ -272,11 +272,11 @@ def prediction_triples(prepared: Prepared, scores: np.ndarray, min_score: float)
 
 
 def overlay_texts(cell_ids, scores: np.ndarray, top: int = 2) -> dict[int, str]:
-    """`{cell id: 'Cytosol 0.81, Nucleoplasm 0.40'}`: each cell's `top` classes."""
+    """`{cell id: 'Cytosol 0.81\nNucleoplasm 0.40'}`: each cell's `top` classes, one per line."""
     texts = {}
     for cid, row in zip(cell_ids, scores):
         best = np.argsort(-row, kind="stable")[:top]
-        texts[int(cid)] = ", ".join(f"{CLASS_NAMES[c]} {row[c]:.2f}" for c in best)
+        texts[int(cid)] = "\n".join(f"{CLASS_NAMES[c]} {row[c]:.2f}" for c in best)
     return texts
 
 

@@ -181,7 +181,7 @@ def test_prediction_triples_repeat_each_cell_mask_per_label():
 def test_overlay_texts_name_the_top_classes():
     scores = np.zeros((1, NUM_CLASSES), np.float32)
     scores[0, 16], scores[0, 0] = 0.81, 0.4
-    assert P.overlay_texts([7], scores) == {7: "Cytosol 0.81, Nucleoplasm 0.40"}
+    assert P.overlay_texts([7], scores) == {7: "Cytosol 0.81\nNucleoplasm 0.40"}
 
 
 # --- prefetch ----------------------------------------------------------------------------------
