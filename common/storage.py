@@ -115,6 +115,7 @@ def write_bytes(path: str, data: bytes) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -124,6 +125,12 @@ def write_bytes(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str, text: str) -> None:
@@ -183,6 +190,11 @@ def listdir(prefix: str) -> list[str]:
     if not os.path.isdir(prefix):
         return []
     return sorted(os.listdir(prefix))
+
+
+def list_prefix(prefix: str) -> list[str]:
+    """Full paths of all files under a folder or `gs://` prefix (recursive), sorted."""
+    return sorted(iter_files(prefix))
 
 
 def iter_files(prefix: str) -> Iterator[str]:

@@ -18,6 +18,7 @@ def test_local_atomic_write_read_list(tmp_path):
     storage.write_text(path, "hello")
     assert storage.read_text(path) == "hello"
     assert storage.exists(path)
+    assert os.stat(path).st_mode & 0o044 == 0o044 or os.umask(os.umask(0)) & 0o044  # readable by others
     assert storage.listdir(str(tmp_path / "sub")) == ["f.txt"]  # no temp file left behind
     src = tmp_path / "src.bin"
     src.write_bytes(b"\x00" * 10)
