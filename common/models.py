@@ -112,6 +112,14 @@ def _pre_stem_tensor(model):
     raise ValueError(f"model {model.name!r} has no 'stem_conv' layer: not a Keras EfficientNet")
 
 
+def set_weights(model, weights) -> None:
+    """`model.set_weights(weights)` (a list, or another model's weights), then refresh the
+    input Normalization: Keras snapshots its mean/variance, and `set_weights` alone would leave
+    the old snapshot in use."""
+    model.set_weights(weights if isinstance(weights, list) else weights.get_weights())
+    _finalize_normalization(model)
+
+
 def _finalize_normalization(model) -> None:
     # Keras' Normalization snapshots its mean/variance variables into constants; after
     # assigning or loading them by hand the snapshot must be refreshed.
@@ -331,6 +339,5 @@ def export_float32(model, backbone: str, size: int, num_classes: int = NUM_CLASS
     """A float32, optimizer-free copy of a trained model (any dtype policy) for inference."""
     out = build_model(backbone, size, num_classes=num_classes, dropout=dropout,
                       drop_connect_rate=0.0, dtype_policy="float32")
-    out.set_weights(model.get_weights())
-    _finalize_normalization(out)
+    set_weights(out, model)
     return out

@@ -1,0 +1,55 @@
+"""Test helper: TFRecord shards in the builder's layout, made from `common.synthetic` data with
+the common parts only (images, cell masks, cell_tiles, features.serialize), so the trainer's
+tests do not depend on the TFRecord builder stage."""
+from __future__ import annotations
+
+import os
+
+import cv2
+import numpy as np
+
+from common import features, images
+from common.labels import read_labels_csv
+from common.preprocess import PREPROCESS_FILE, TileSpec, cell_tiles, image_tile
+
+
+def make_shards(synthetic_dir, out_dir, size: int = 32, folds: int = 2, mode: str = "cell",
+                shards_per_fold: int = 1) -> dict:
+    """Cut every synthetic image into tiles (cells, or the whole image) and write
+    `fold{K}-{i:05d}-of-{n:05d}.tfrec` (image j goes to fold j % folds) plus `preprocess.json`.
+
+    Returns `{"spec": TileSpec, "counts": {fold: examples}, "files": [paths]}`.
+    """
+    import tensorflow as tf
+
+    synthetic_dir, out_dir = str(synthetic_dir), str(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    spec = TileSpec(size=size, mode=mode)
+    rows = read_labels_csv(os.path.join(synthetic_dir, "train.csv"))
+    per_fold: dict[int, list[bytes]] = {k: [] for k in range(folds)}
+    for j, (image_id, labels) in enumerate(rows):
+        fold = j % folds
+        image = images.load_image(os.path.join(synthetic_dir, "images"), image_id)
+        h, w = image.shape[:2]
+        if mode == "image":
+            per_fold[fold].append(features.serialize(
+                image_tile(image, spec), image_id=image_id, labels=labels, source_size=(h, w),
+                fold=fold))
+            continue
+        cells = cv2.imread(os.path.join(synthetic_dir, "masks", f"{image_id}_cells.png"),
+                           cv2.IMREAD_UNCHANGED).astype(np.int32)
+        tiles, ids, boxes = cell_tiles(image, cells, spec)
+        for tile, cid, box in zip(tiles, ids, boxes):
+            per_fold[fold].append(features.serialize(
+                tile, image_id=image_id, labels=labels, source_size=(h, w), fold=fold,
+                cell_index=int(cid), bbox=box.tolist(), cell_area=int((cells == cid).sum())))
+    files = []
+    for fold, records in per_fold.items():
+        for i in range(shards_per_fold):
+            path = os.path.join(out_dir, features.shard_name(f"fold{fold}", i, shards_per_fold))
+            with tf.io.TFRecordWriter(path) as writer:
+                for rec in records[i::shards_per_fold]:
+                    writer.write(rec)
+            files.append(path)
+    spec.save(os.path.join(out_dir, PREPROCESS_FILE))
+    return {"spec": spec, "counts": {k: len(v) for k, v in per_fold.items()}, "files": files}

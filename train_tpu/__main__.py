@@ -1,0 +1,5 @@
+import sys
+
+from train_tpu.cli import main
+
+sys.exit(main())

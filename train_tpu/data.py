@@ -1,0 +1,258 @@
+"""The input pipeline: a flat chain of named pure functions over `tf.data`.
+
+files -> interleave(TFRecordDataset) -> shuffle/repeat -> parse (common.features) -> resize
+(common.preprocess.resize_tiles, only when the model size differs from the stored tiles) ->
+augment -> batch(global batch, drop_remainder) -> prefetch. Paths go through `tf.io.gfile`, so
+the same code reads a local folder or `gs://` shards. Shapes are static, as TPUs need.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+from common import features, storage
+from common.labels import NUM_CLASSES
+from common.preprocess import PREPROCESS_FILE, TileSpec
+
+log = logging.getLogger("train_tpu")
+
+SHARD_GLOB = "fold*-*.tfrec"
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Split:
+    """The shard files of one training run and their example counts."""
+
+    train_files: tuple[str, ...]
+    val_files: tuple[str, ...]
+    train_examples: int
+    val_examples: int
+
+
+def _tf():
+    import tensorflow as tf
+
+    return tf
+
+
+def _fold_of(path: str) -> int:
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    head = name.split("-", 1)[0]  # "fold3"
+    try:
+        return int(head[len("fold"):])
+    except ValueError:
+        raise ValueError(f"{path}: shard name does not start with fold<K>-") from None
+
+
+def load_spec(data_dir: str) -> TileSpec:
+    """The TileSpec the dataset's tiles were cut with (`DATA/preprocess.json`)."""
+    path = storage.join(data_dir, PREPROCESS_FILE)
+    try:
+        return TileSpec.load(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing; a shard folder needs the preprocess.json the "
+                                f"TFRecord builder writes") from None
+    except ValueError as err:
+        raise ValueError(f"{path}: not a valid tile spec: {err}") from err
+
+
+def model_spec(data_spec: TileSpec, size: int, mode: str, where: str = "") -> TileSpec:
+    """The spec inference must use: the dataset's, with `model_size` set when the model's
+    input side differs from the stored tiles (size 0 = keep the dataset's)."""
+    if data_spec.mode != mode:
+        raise ValueError(f"{where or 'dataset'}: tiles were cut in {data_spec.mode!r} mode, "
+                         f"training asked for --mode {mode}")
+    if not size or size == data_spec.input_size:
+        return data_spec
+    return data_spec.replace(model_size=0 if size == data_spec.size else size)
+
+
+def _manifest_counts(data_dir: str) -> dict[str, int]:
+    path = storage.join(data_dir, MANIFEST_FILE)
+    try:
+        manifest = json.loads(storage.read_text(path))
+        return {s["name"]: int(s["examples"]) for s in manifest.get("shards", [])}
+    except FileNotFoundError:
+        return {}
+    except (ValueError, KeyError, TypeError) as err:
+        log.warning("%s: unreadable (%s); counting records instead", path, err)
+        return {}
+
+
+def count_records(files) -> int:
+    """Records in TFRecord files, by reading them (when no manifest gives the count)."""
+    tf = _tf()
+    if not files:
+        return 0
+    ds = tf.data.TFRecordDataset(list(files), num_parallel_reads=min(8, len(files)))
+    return int(ds.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1).numpy())
+
+
+def find_split(data_dir: str, val_fold: int) -> Split:
+    """Training files (every fold but `val_fold`) and validation files (`fold{K}-*`)."""
+    tf = _tf()
+    pattern = data_dir.rstrip("/") + "/" + SHARD_GLOB
+    files = sorted(tf.io.gfile.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"{pattern}: no shards (expected fold<K>-<i>-of-<n>.tfrec files)")
+    folds = sorted({_fold_of(f) for f in files})
+    val = tuple(f for f in files if _fold_of(f) == val_fold)
+    train = tuple(f for f in files if _fold_of(f) != val_fold)
+    if not val:
+        raise ValueError(f"{data_dir}: no shards for --val-fold {val_fold}; folds present: {folds}")
+    if not train:
+        raise ValueError(f"{data_dir}: only fold {val_fold} present, nothing left to train on")
+    counts = _manifest_counts(data_dir)
+
+    def total(group):
+        names = [f.rsplit("/", 1)[-1] for f in group]
+        if counts and all(n in counts for n in names):
+            return sum(counts[n] for n in names)
+        return count_records(group)
+
+    return Split(train, val, total(train), total(val))
+
+
+# ------------------------------------------------------------------ the chain's functions
+def list_files(files, shuffle: bool, seed: int):
+    """File names as a dataset (reshuffled each pass when training)."""
+    tf = _tf()
+    ds = tf.data.Dataset.from_tensor_slices(list(files))
+    if shuffle:
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    return ds
+
+
+def interleave_records(files_ds, cycle_length: int, deterministic: bool):
+    """Read several files at once (the throughput of GCS comes from parallel reads)."""
+    tf = _tf()
+    return files_ds.interleave(
+        lambda f: tf.data.TFRecordDataset(f, buffer_size=8 << 20),
+        cycle_length=max(1, cycle_length), block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+
+
+def parse_example(serialized, tile_size: int):
+    """Serialized example -> `(image uint8 [n, n, 4], labels float32 [19])`."""
+    ex = features.parse(serialized, tile_size=tile_size)
+    return ex[features.IMAGE], ex[features.LABELS]
+
+
+def parse_labels(serialized):
+    """Serialized example -> `labels float32 [19]`, without decoding the PNG (cheap)."""
+    tf = _tf()
+    spec = {features.LABELS: features.feature_spec()[features.LABELS]}
+    ids = tf.sparse.to_dense(tf.io.parse_single_example(serialized, spec)[features.LABELS])
+    # the same multi-hot rule as common.features.parse (a test checks they agree)
+    hot = tf.minimum(tf.reduce_sum(tf.one_hot(ids, NUM_CLASSES, dtype=tf.float32), axis=0), 1.0)
+    return tf.ensure_shape(hot, [NUM_CLASSES])
+
+
+def resize(image, labels, size: int):
+    """The model's input side: the same TF op inference uses (`common.preprocess.resize_tiles`)."""
+    from common.preprocess import resize_tiles
+
+    return resize_tiles(image, size), labels
+
+
+def to_float(image, labels):
+    """uint8 -> float32 in [0, 255] (`common.preprocess.to_model_input`)."""
+    from common.preprocess import to_model_input
+
+    return to_model_input(image), labels
+
+
+def random_flip_rotate(image, labels, flip: bool = True, rotate: bool = True):
+    """Flips and 90-degree rotations: a cell has no preferred orientation, labels stay valid."""
+    tf = _tf()
+    if flip:
+        image = tf.image.random_flip_left_right(image)
+        image = tf.image.random_flip_up_down(image)
+    if rotate:
+        image = tf.image.rot90(image, k=tf.random.uniform([], 0, 4, dtype=tf.int32))
+    return image, labels
+
+
+def random_scale(image, labels, scale: float):
+    """Zoom by a factor in `[1 - scale, 1 + scale]`, then centre-crop or zero-pad back to the
+    same side (a mild size change; the cell stays in view)."""
+    tf = _tf()
+    if scale <= 0:
+        return image, labels
+    n = image.shape[0]
+    factor = tf.random.uniform([], 1.0 - scale, 1.0 + scale)
+    m = tf.cast(tf.round(factor * n), tf.int32)
+    zoomed = tf.image.resize(image, tf.stack([m, m]), method="bilinear", antialias=True)
+    out = tf.image.resize_with_crop_or_pad(zoomed, n, n)
+    return tf.ensure_shape(out, image.shape), labels
+
+
+def random_brightness(image, labels, brightness: float):
+    """Multiply each channel by its own gain in `[1 - b, 1 + b]` (stain intensity varies)."""
+    tf = _tf()
+    if brightness <= 0:
+        return image, labels
+    gain = tf.random.uniform([1, 1, image.shape[-1]], 1.0 - brightness, 1.0 + brightness)
+    return tf.clip_by_value(image * gain, 0.0, 255.0), labels
+
+
+def augment(image, labels, cfg):
+    """All training augmentations on a float32 `[n, n, 4]` tile in [0, 255]."""
+    image, labels = random_flip_rotate(image, labels, cfg.flip, cfg.rotate)
+    image, labels = random_scale(image, labels, cfg.scale)
+    return random_brightness(image, labels, cfg.brightness)
+
+
+# ------------------------------------------------------------------ the two pipelines
+def train_dataset(files, cfg, tile_size: int, model_size: int, global_batch: int):
+    """The endless training stream: `(float32 [B, s, s, 4], float32 [B, 19])`, B = global batch."""
+    tf = _tf()
+    ds = list_files(files, shuffle=True, seed=cfg.seed)
+    ds = ds.repeat()
+    ds = interleave_records(ds, cycle_length=min(16, len(files)), deterministic=False)
+    ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed)
+    ds = ds.map(lambda s: parse_example(s, tile_size), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=False)
+    if model_size != tile_size:
+        ds = ds.map(lambda x, y: resize(x, y, model_size), num_parallel_calls=tf.data.AUTOTUNE,
+                    deterministic=False)
+    ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    ds = ds.map(lambda x, y: augment(x, y, cfg), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=False)
+    ds = ds.batch(global_batch, drop_remainder=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def eval_examples(count: int, val_steps: int, global_batch: int) -> int:
+    """How many validation examples are scored (all, or `val_steps` batches' worth)."""
+    return min(count, val_steps * global_batch) if val_steps else count
+
+
+def eval_dataset(files, tile_size: int, model_size: int, global_batch: int, count: int):
+    """The first `count` validation tiles in file order, zero-padded to whole global batches
+    (fixed shapes; the padding's predictions are dropped). Yields `float32 [B, s, s, 4]`."""
+    tf = _tf()
+    ds = tf.data.TFRecordDataset(list(files)).take(count)  # sequential: order = parse_labels'
+    ds = ds.map(lambda s: parse_example(s, tile_size), num_parallel_calls=tf.data.AUTOTUNE)
+    if model_size != tile_size:
+        ds = ds.map(lambda x, y: resize(x, y, model_size), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda x, y: to_float(x, y)[0], num_parallel_calls=tf.data.AUTOTUNE)
+    pad = (-count) % global_batch
+    if pad:
+        zeros = tf.zeros([model_size, model_size, 4], tf.float32)
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(zeros).repeat(pad))
+    ds = ds.batch(global_batch, drop_remainder=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def eval_labels(files, count: int):
+    """`float32 [count, 19]`: the labels of `eval_dataset`'s tiles, in the same order."""
+    import numpy as np
+
+    tf = _tf()
+    ds = tf.data.TFRecordDataset(list(files)).take(count).map(
+        parse_labels, num_parallel_calls=tf.data.AUTOTUNE).batch(4096)
+    parts = [b.numpy() for b in ds]
+    return np.concatenate(parts) if parts else np.zeros((0, NUM_CLASSES), np.float32)

@@ -1,0 +1,129 @@
+"""The distribution strategy, chosen in ONE function that never silently falls back.
+
+`get_strategy("auto")` picks TPU > several GPUs (MirroredStrategy) > one GPU > CPU and logs its
+choice and replica count; asking for hardware that is not there raises `HardwareNotFoundError`.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+
+log = logging.getLogger("train_tpu")
+
+NAMES = ("auto", "tpu", "gpu", "cpu")
+
+
+class HardwareNotFoundError(RuntimeError):
+    """The strategy asked for (TPU, GPU) has no device on this machine."""
+
+
+def configure_cpu_replicas(n: int) -> None:
+    """Split the CPU into `n` logical devices so `get_strategy("cpu")` mirrors over them.
+
+    For testing the multi-replica path without accelerators. Must run before TensorFlow
+    initialises its devices (before any op runs).
+    """
+    import tensorflow as tf
+
+    if n <= 1:
+        return
+    cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
+    except RuntimeError as err:
+        if len(tf.config.list_logical_devices("CPU")) == n:
+            return  # already split this way
+        raise RuntimeError(f"cpu_replicas={n}: TensorFlow is already initialised; split the CPU "
+                           f"before anything else runs ({err})") from err
+
+
+def _on_tpu_vm() -> bool:
+    # TPU VMs (Kaggle's, Cloud TPU VMs) expose the chips as local accelerator devices.
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")) or \
+        "TPU_ACCELERATOR_TYPE" in os.environ
+
+
+def _tpu_resolver(tpu: str = ""):
+    """A TPUClusterResolver when a TPU is present, else None.
+
+    tpu: "" = from the environment (Colab's COLAB_TPU_ADDR, Kaggle's/Cloud's TPU_NAME), then a
+    local TPU VM; "local" or a name/grpc address = that one.
+    """
+    import tensorflow as tf
+
+    if tpu:
+        return tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+    if os.environ.get("TPU_NAME") or os.environ.get("COLAB_TPU_ADDR"):
+        return tf.distribute.cluster_resolver.TPUClusterResolver()
+    if _on_tpu_vm():
+        return tf.distribute.cluster_resolver.TPUClusterResolver(tpu="local")
+    return None
+
+
+def _tpu_strategy(resolver):
+    import tensorflow as tf
+
+    # both remote (Colab's TPU node) and local (TPU VM) TPUs need these two calls
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def get_strategy(name: str = "auto", tpu: str = ""):
+    """The `tf.distribute.Strategy` for `name` in auto|tpu|gpu|cpu.
+
+    tpu: the TPU name or address for `name` tpu/auto (see `_tpu_resolver`).
+    cpu: MirroredStrategy over the logical CPU devices when `configure_cpu_replicas(n>1)` ran,
+    else OneDeviceStrategy('/cpu:0').
+    Raises HardwareNotFoundError when the named hardware is absent.
+    """
+    import tensorflow as tf
+
+    if name not in NAMES:
+        raise ValueError(f"--strategy must be one of {', '.join(NAMES)}, got {name!r}")
+    if name in ("auto", "tpu"):
+        resolver = _tpu_resolver(tpu)
+        if resolver is not None:
+            strategy = _tpu_strategy(resolver)
+            log.info("strategy: TPUStrategy, %d replicas", strategy.num_replicas_in_sync)
+            return strategy
+        if name == "tpu":
+            raise HardwareNotFoundError(
+                "--strategy tpu: no TPU found (no TPU_NAME or COLAB_TPU_ADDR in the environment, "
+                "no /dev/accel* TPU VM devices). On Colab or Kaggle choose a TPU runtime, on a "
+                "Cloud TPU pass its name with --tpu, or use --strategy auto|gpu|cpu.")
+    gpus = tf.config.list_logical_devices("GPU")
+    if name in ("auto", "gpu"):
+        if len(gpus) > 1:
+            strategy = tf.distribute.MirroredStrategy([g.name for g in gpus])
+            log.info("strategy: MirroredStrategy over %d GPUs, %d replicas", len(gpus),
+                     strategy.num_replicas_in_sync)
+            return strategy
+        if len(gpus) == 1:
+            log.info("strategy: OneDeviceStrategy('/gpu:0'), 1 replica")
+            return tf.distribute.OneDeviceStrategy("/gpu:0")
+        if name == "gpu":
+            raise HardwareNotFoundError(
+                "--strategy gpu: TensorFlow sees no GPU (check `nvidia-smi` and that the "
+                "installed TensorFlow has CUDA support), or use --strategy auto|cpu.")
+    cpus = tf.config.list_logical_devices("CPU")
+    if len(cpus) > 1:
+        strategy = tf.distribute.MirroredStrategy([c.name for c in cpus])
+        log.info("strategy: MirroredStrategy over %d logical CPUs, %d replicas", len(cpus),
+                 strategy.num_replicas_in_sync)
+        return strategy
+    log.info("strategy: OneDeviceStrategy('/cpu:0'), 1 replica%s",
+             " (auto: no TPU or GPU found)" if name == "auto" else "")
+    return tf.distribute.OneDeviceStrategy("/cpu:0")
+
+
+def device_kind(strategy) -> str:
+    """"tpu", "gpu" or "cpu": what the strategy runs on (for precision and steps_per_execution)."""
+    import tensorflow as tf
+
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return "tpu"
+    devices = getattr(strategy.extended, "worker_devices", ()) or ()
+    return "gpu" if any("GPU" in d.upper() for d in devices) else "cpu"

@@ -1,0 +1,265 @@
+"""The training run: strategy -> data -> model (in the strategy's scope) -> fit -> run folder.
+
+Run folder (local or gs://): `config.json`, `preprocess.json` (the TileSpec inference must use),
+`history.csv`, `history.png`, `checkpoints/epoch_{E:03d}.keras` (model + optimizer state, one
+per finished epoch) and, at the end, `model.keras` (float32, no optimizer: for inference).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import sys
+import time
+
+from common import models, storage
+from common.labels import NUM_CLASSES
+from common.preprocess import PREPROCESS_FILE
+from train_tpu import config as cfgmod
+from train_tpu import data, history
+from train_tpu import strategy as strategy_lib
+
+log = logging.getLogger("train_tpu")
+
+CHECKPOINTS = "checkpoints"
+_CKPT = re.compile(r"^epoch_(\d{3,})\.keras$")
+# Fields that must not change when resuming: they define the model and its data.
+RESUME_KEYS = ("backbone", "size", "mode", "data", "val_fold", "batch_size")
+_SUMMARY = ("val_loss", "val_auc", "val_macro_auc", "val_map")
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"epoch_{epoch:03d}.keras"
+
+
+def last_checkpoint(out: str) -> tuple[int, str | None]:
+    """`(epoch, path)` of the newest finished-epoch checkpoint in a run folder, or `(0, None)`."""
+    folder = storage.join(out, CHECKPOINTS)
+    epochs = [int(m.group(1)) for m in map(_CKPT.match, storage.listdir(folder)) if m]
+    if not epochs:
+        return 0, None
+    return max(epochs), storage.join(folder, checkpoint_name(max(epochs)))
+
+
+def resolve_precision(precision: str, kind: str) -> str:
+    """The Keras dtype policy: bfloat16 on TPU, float16 on GPU, float32 on CPU for "auto"."""
+    if precision != "auto":
+        return precision
+    return {"tpu": "mixed_bfloat16", "gpu": "mixed_float16"}.get(kind, "float32")
+
+
+def resolve_steps_per_execution(cfg, kind: str, steps: int) -> int:
+    """Steps run per host call: many on TPU (each call costs a host round trip), 1 elsewhere."""
+    spe = cfg.steps_per_execution or (32 if kind == "tpu" else 1)
+    return max(1, min(spe, steps))
+
+
+def make_schedule(cfg, steps_per_epoch: int):
+    """Linear warmup to `learning_rate`, then cosine decay to `min_lr_ratio` of it."""
+    import keras
+
+    total = cfg.epochs * steps_per_epoch
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    warmup = min(warmup, max(total - 1, 0))
+    if warmup > 0:
+        return keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=cfg.learning_rate * 0.01, decay_steps=max(1, total - warmup),
+            alpha=cfg.min_lr_ratio, warmup_target=cfg.learning_rate, warmup_steps=warmup)
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=cfg.learning_rate, decay_steps=max(1, total), alpha=cfg.min_lr_ratio)
+
+
+def make_optimizer(cfg, steps_per_epoch: int):
+    """AdamW (or plain SGD, whose update shows gradient scale errors, for tests) on the schedule.
+    Create inside `strategy.scope()`."""
+    import keras
+
+    schedule = make_schedule(cfg, steps_per_epoch)
+    if cfg.optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate=schedule)
+    return keras.optimizers.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
+
+
+def make_loss(cfg):
+    """Multi-label loss on sigmoid probabilities: BCE or focal."""
+    import keras
+
+    if cfg.loss == "focal":
+        return keras.losses.BinaryFocalCrossentropy(gamma=cfg.focal_gamma,
+                                                    label_smoothing=cfg.label_smoothing)
+    return keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing)
+
+
+def compile_model(model, cfg, optimizer, steps_per_execution: int = 1) -> None:
+    """Compile in the strategy's scope; `auc` = keras' multi-label (macro) AUC on the training
+    batches as they stream by."""
+    import keras
+
+    model.compile(
+        optimizer=optimizer, loss=make_loss(cfg),
+        metrics=[keras.metrics.AUC(multi_label=True, num_labels=NUM_CLASSES, name="auc")],
+        steps_per_execution=steps_per_execution)
+
+
+def current_lr(optimizer) -> float:
+    import numpy as np
+
+    return float(np.asarray(optimizer.learning_rate))
+
+
+def _epoch_end_callback():
+    import keras
+    import numpy as np
+
+    class EpochEnd(keras.callbacks.Callback):
+        """Validation metrics -> history row -> history.csv/png -> checkpoint, in that order, so a
+        checkpoint for epoch E implies the history up to E (rows after the last checkpoint are
+        dropped on resume)."""
+
+        def __init__(self, run):
+            super().__init__()
+            self.run = run
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._t0 = time.time()
+
+        def on_epoch_end(self, epoch, logs=None):
+            r = self.run
+            logs = logs if logs is not None else {}
+            row = {"epoch": epoch + 1}
+            row.update({k: float(v) for k, v in logs.items()})
+            row["lr"] = current_lr(self.model.optimizer)
+            if r.val_count:
+                probs = self.model.predict(r.val_ds, steps=r.val_batches, verbose=0)[:r.val_count]
+                probs = np.asarray(probs, np.float32)
+                auc = keras.metrics.AUC(multi_label=True, num_labels=NUM_CLASSES)
+                auc.update_state(r.val_labels, probs)
+                row["val_auc"] = float(auc.result())
+                row.update(history.validation_metrics(r.val_labels, probs))
+            row["time_s"] = time.time() - self._t0
+            # the summary goes to Keras' logs (progress line, History); per-class values only
+            # to history.csv, where 38 columns do not flood the console
+            logs.update({k: row[k] for k in _SUMMARY if k in row})
+            r.rows.append(row)
+            history.write_history(storage.join(r.out, history.HISTORY_CSV), r.rows)
+            history.plot_history(r.rows, storage.join(r.out, history.HISTORY_PNG),
+                                 title=f"{r.cfg.backbone} {r.cfg.mode} {r.model_size}px")
+            models.save_model(self.model, storage.join(r.out, CHECKPOINTS, checkpoint_name(epoch + 1)))
+            _prune_checkpoints(r.out, r.cfg.keep_checkpoints)
+            log.info("epoch %d/%d: loss %.4f  val_loss %.4f  val_macro_auc %.4f  val_map %.4f  "
+                     "lr %.2e  %.1fs", epoch + 1, r.cfg.epochs, row.get("loss", math.nan),
+                     row.get("val_loss", math.nan), row.get("val_macro_auc", math.nan),
+                     row.get("val_map", math.nan), row["lr"], row["time_s"])
+
+    return EpochEnd
+
+
+def _prune_checkpoints(out: str, keep: int) -> None:
+    if keep <= 0:
+        return
+    folder = storage.join(out, CHECKPOINTS)
+    epochs = sorted(int(m.group(1)) for m in map(_CKPT.match, storage.listdir(folder)) if m)
+    for e in epochs[:-keep]:
+        storage.delete(storage.join(folder, checkpoint_name(e)))
+
+
+class _Run:
+    """What the epoch-end callback needs (plain attributes; no logic)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def _check_resumable(cfg, out: str) -> None:
+    path = storage.join(out, cfgmod.CONFIG_FILE)
+    if not storage.exists(path):
+        return
+    old = cfgmod.load(path)
+    changed = [f"{k}: {getattr(old, k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS
+               if getattr(old, k) != getattr(cfg, k)]
+    if changed:
+        raise ValueError(f"--resume {out}: the run was started with other settings ("
+                         + "; ".join(changed) + "); resume with the same ones or use a new --out")
+
+
+def train(cfg, resume: bool = False, callbacks=()) -> dict:
+    """Train per `cfg` (a TrainConfig) and write the run folder `cfg.out`.
+
+    resume: continue from the newest checkpoint (optimizer state included). Without it, a run
+    folder that already holds checkpoints is an error (no silent overwrite).
+    callbacks: extra Keras callbacks, run after the trainer's own epoch-end work.
+    Returns a summary dict (epochs, steps, replicas, the last history row, paths).
+    """
+    if not cfg.data or not cfg.out:
+        raise ValueError("TrainConfig.data and TrainConfig.out are required (--data, --out)")
+    out = cfg.out.rstrip("/")
+    strategy_lib.configure_cpu_replicas(cfg.cpu_replicas)
+    strategy = strategy_lib.get_strategy(cfg.strategy, cfg.tpu)
+    kind = strategy_lib.device_kind(strategy)
+    replicas = strategy.num_replicas_in_sync
+    if cfg.batch_size % replicas:
+        raise ValueError(f"--batch-size {cfg.batch_size} is the GLOBAL batch; it must divide "
+                         f"evenly over {replicas} replicas")
+    policy = resolve_precision(cfg.precision, kind)
+
+    data_spec = data.load_spec(cfg.data)
+    spec = data.model_spec(data_spec, cfg.size, cfg.mode,
+                           where=storage.join(cfg.data, PREPROCESS_FILE))
+    tile_size, model_size = data_spec.size, spec.input_size
+    split = data.find_split(cfg.data, cfg.val_fold)
+    steps = cfg.steps_per_epoch or split.train_examples // cfg.batch_size
+    if steps < 1:
+        raise ValueError(f"{cfg.data}: the training folds hold {split.train_examples} examples, "
+                         f"fewer than one global batch of {cfg.batch_size}")
+    spe = resolve_steps_per_execution(cfg, kind, steps)
+    val_count = data.eval_examples(split.val_examples, cfg.val_steps, cfg.batch_size)
+    log.info("data: %d training tiles in %d shards, %d of %d validation tiles (fold %d); "
+             "tiles %dpx -> model %dpx; %d steps/epoch of %d; precision %s",
+             split.train_examples, len(split.train_files), val_count, split.val_examples,
+             cfg.val_fold, tile_size, model_size, steps, cfg.batch_size, policy)
+
+    start_epoch, ckpt = last_checkpoint(out)
+    if ckpt and not resume:
+        raise FileExistsError(f"{out} already holds checkpoints (epoch {start_epoch}); pass "
+                              f"--resume to continue it, or choose a new --out")
+    if resume:
+        _check_resumable(cfg, out)
+    storage.makedirs(out)
+    cfgmod.save(cfg, storage.join(out, cfgmod.CONFIG_FILE))
+    spec.save(storage.join(out, PREPROCESS_FILE))
+
+    train_ds = data.train_dataset(split.train_files, cfg, tile_size, model_size, cfg.batch_size)
+    val_ds = data.eval_dataset(split.val_files, tile_size, model_size, cfg.batch_size, val_count)
+    val_labels = data.eval_labels(split.val_files, val_count)
+
+    with strategy.scope():
+        if ckpt:
+            log.info("resuming from %s (epoch %d of %d)", ckpt, start_epoch, cfg.epochs)
+            model = models.load_model(ckpt, compile=True)
+            optimizer = model.optimizer  # its variables (moments, step count) come from the file
+        else:
+            model = models.build_model(cfg.backbone, model_size, weights=cfg.weights,
+                                       dropout=cfg.dropout, drop_connect_rate=cfg.drop_connect_rate,
+                                       dtype_policy=policy)
+            optimizer = make_optimizer(cfg, steps)
+        compile_model(model, cfg, optimizer, spe)
+
+    rows = [r for r in history.read_history(storage.join(out, history.HISTORY_CSV))
+            if r["epoch"] <= start_epoch] if resume else []
+    run = _Run(cfg=cfg, out=out, rows=rows, val_ds=val_ds, val_labels=val_labels,
+               val_count=val_count, val_batches=-(-val_count // cfg.batch_size),
+               model_size=model_size)
+    if start_epoch < cfg.epochs:
+        model.fit(train_ds, epochs=cfg.epochs, initial_epoch=start_epoch, steps_per_epoch=steps,
+                  callbacks=[_epoch_end_callback()(run), *callbacks],
+                  verbose=1 if sys.stdout.isatty() else 2)
+    else:
+        log.info("%s: all %d epochs already done; exporting", out, cfg.epochs)
+
+    export = models.export_float32(model, cfg.backbone, model_size, dropout=cfg.dropout)
+    models.save_model(export, storage.join(out, models.MODEL_FILE))
+    log.info("wrote %s", storage.join(out, models.MODEL_FILE))
+    return {"out": out, "epochs": cfg.epochs, "steps_per_epoch": steps, "replicas": replicas,
+            "strategy": type(strategy).__name__, "precision": policy,
+            "train_examples": split.train_examples, "val_examples": val_count,
+            "last": rows[-1] if rows else {}}
