@@ -407,7 +407,7 @@ def predict(images: str, sample_submission: str, models: Sequence[str], out: str
             specs.append(r.spec)
         members.setdefault(specs.index(r.spec), []).append(r.model)
     roles = {k: specs[k].mode for k in range(len(specs))}
-    groups = {k: scoring.ModelGroup(specs[k], members[k], tta=opts.tta, batch_size=opts.batch_size)
+    groups = {k: scoring.model_group(specs[k], members[k], tta=opts.tta, batch_size=opts.batch_size)
               for k in range(len(specs))}
     weights = {k: len(members[k]) for k in members}
 

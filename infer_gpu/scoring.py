@@ -254,3 +254,18 @@ class ModelGroup:
                 chunk = np.concatenate([chunk, np.zeros((b - m, n, n, 4), np.uint8)])
             out[start:start + m] = self._score(chunk).numpy()[:m]
         return out
+
+
+_GROUPS: dict = {}
+
+
+def model_group(spec: TileSpec, models: list, tta: int = 1, batch_size: int = 64) -> ModelGroup:
+    """A ModelGroup, reused when the same models are scored again in this process (its compiled
+    function is traced once: repeated `predict` calls in a notebook or benchmark skip tracing)."""
+    key = (spec, tuple(id(m) for m in models), int(tta), int(batch_size))
+    hit = _GROUPS.get(key)
+    if hit is None or any(a is not b for a, b in zip(hit.models, models)):
+        if len(_GROUPS) >= 16:
+            _GROUPS.clear()
+        hit = _GROUPS[key] = ModelGroup(spec, models, tta=tta, batch_size=batch_size)
+    return hit

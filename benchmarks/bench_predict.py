@@ -1,0 +1,165 @@
+"""predict speed: seconds per image for each stage, the whole pipeline against a naive
+sequential baseline in the same run, and a projection of the Kaggle test set (559 images,
+9-hour budget) from whatever device this runs on.
+
+    .venv/bin/python benchmarks/bench_predict.py [--n 3] [--size 2048] [--backbone efficientnet_b0]
+                                                 [--tile 224] [--batch-size 64] [--workers 2]
+
+Synthetic images at `--size` px (generated first) and an untrained EfficientNet from
+common.models (speed does not depend on the weights).
+- Stages, each timed alone per image: decode (common.images.load_image), segment (default
+  backend), tiles (common.preprocess.cell_tiles), score (the batched TTA-less ModelGroup),
+  encode (common.masks.encode_cell from each cell's box crop).
+- Whole run: infer_gpu.pipeline.predict (prefetching readers, batches across images, writer),
+  against the naive sequential loop of the competition's notebooks, in the same run: per image
+  load, segment, then per cell a full-frame boolean mask, the tile cut from it, one model call
+  for that one cell, and common.masks.reference_encode of the full-frame mask.
+Both are warmed up once (model traced) before timing; best of `--repeats`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+KAGGLE_IMAGES = 559
+BUDGET_HOURS = 9.0
+# Test-set sizes (sample_submission.csv): 462 at 2048 px, 68 at 1728, 29 at 3072.
+KAGGLE_SIZES = {2048: 462, 1728: 68, 3072: 29}
+
+
+def naive_run(images: str, sample, model, spec, seg_options) -> float:
+    """The baseline: everything in sequence, one cell per model call, full-frame masks."""
+    import numpy as np
+
+    from common import masks
+    from common.images import load_image
+    from common.preprocess import cell_tile, to_model_input
+    from common.segmentation import segment
+    from common.submission import format_prediction_string
+
+    start = time.perf_counter()
+    for image_id, width, height in sample:
+        image = load_image(images, image_id)
+        seg = segment(image, **seg_options)
+        triples = []
+        for c in seg.cell_info():
+            full = seg.cells == c.id  # a full HxW frame per cell
+            tile = cell_tile(image, full, c.bbox, spec)
+            probs = np.asarray(model.predict_on_batch(to_model_input(tile[None])))[0]
+            mask = masks.reference_encode(full)
+            triples += [(k, float(p), mask) for k, p in enumerate(probs) if p >= 0.01]
+        format_prediction_string(triples)
+    return time.perf_counter() - start
+
+
+def stage_times(images: str, sample, group, spec, seg_options) -> dict[str, float]:
+    """Seconds per image of each stage, each timed on its own."""
+    from common import masks
+    from common.images import load_image
+    from common.preprocess import cell_tiles
+    from common.segmentation import segment
+
+    total = {k: 0.0 for k in ("decode", "segment", "tiles", "score", "encode")}
+    cells = 0
+    for image_id, width, height in sample:
+        t = time.perf_counter()
+        image = load_image(images, image_id)
+        total["decode"] += time.perf_counter() - t
+        t = time.perf_counter()
+        seg = segment(image, **seg_options)
+        info = seg.cell_info()
+        total["segment"] += time.perf_counter() - t
+        t = time.perf_counter()
+        tiles = cell_tiles(image, seg.cells, spec, cell_ids=[c.id for c in info])[0]
+        total["tiles"] += time.perf_counter() - t
+        t = time.perf_counter()
+        group.predict(tiles)
+        total["score"] += time.perf_counter() - t
+        t = time.perf_counter()
+        for c in info:
+            y0, x0, y1, x1 = c.bbox
+            masks.encode_cell(seg.cells[y0:y1, x0:x1] == c.id, c.bbox, (height, width))
+        total["encode"] += time.perf_counter() - t
+        cells += len(info)
+    n = len(sample)
+    out = {k: v / n for k, v in total.items()}
+    out["cells"] = cells / n
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=3, help="synthetic images")
+    p.add_argument("--size", type=int, default=2048, help="image side, px")
+    p.add_argument("--backbone", default="efficientnet_b0", help="common.models backbone")
+    p.add_argument("--tile", type=int, default=224, help="cell tile side, px")
+    p.add_argument("--batch-size", type=int, default=64, help="tiles per model call in the pipeline")
+    p.add_argument("--workers", type=int, default=2, help="pipeline reader threads")
+    p.add_argument("--repeats", type=int, default=1, help="best of this many timings")
+    p.add_argument("--device", default="auto", choices=("auto", "gpu", "cpu"), help="where TensorFlow scores")
+    args = p.parse_args(argv)
+
+    from common import models, synthetic
+    from common.preprocess import TileSpec
+    from infer_gpu import pipeline, scoring
+
+    device = scoring.setup_device(args.device)
+    spec = TileSpec(size=args.tile)
+    opts = pipeline.PredictOptions(batch_size=args.batch_size, workers=args.workers, progress=False)
+    seg_options = {"backend": opts.backend, **pipeline.segmentation_options(opts)}
+    print(f"device: {device}; {args.n} synthetic images of {args.size} px; {args.backbone} at {args.tile} px; "
+          f"{os.cpu_count()} CPU cores")
+    model = models.build_model(args.backbone, size=args.tile, weights="none")
+    run = scoring.RunDir(path="bench", spec=spec, model=model, fingerprint="bench")
+    group = scoring.model_group(spec, [model], tta=1, batch_size=args.batch_size)
+
+    with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
+        data = Path(tmp) / "data"
+        synthetic.generate(str(data), n=args.n, size=args.size, seed=0)
+        images, sample_csv = str(data / "images"), str(data / "sample_submission.csv")
+        sample = pipeline.read_sample(sample_csv)
+
+        # warm-up: trace the batched function and predict_on_batch, touch every file once
+        group.predict(__import__("numpy").zeros((1, args.tile, args.tile, 4), "uint8"))
+        model.predict_on_batch(__import__("numpy").zeros((1, args.tile, args.tile, 4), "float32"))
+        stage_times(images, sample[:1], group, spec, seg_options)
+
+        stages = stage_times(images, sample, group, spec, seg_options)
+        print(f"\nstages, seconds per image ({stages['cells']:.0f} cells per image):")
+        for k in ("decode", "segment", "tiles", "score", "encode"):
+            print(f"  {k:<8} {stages[k]:8.3f} s")
+        print(f"  {'sum':<8} {sum(stages[k] for k in ('decode', 'segment', 'tiles', 'score', 'encode')):8.3f} s")
+
+        fast, slow = [], []
+        for r in range(args.repeats):
+            out = str(Path(tmp) / f"sub{r}.csv")
+            summary = pipeline.predict(images, sample_csv, [], out, options=opts, runs=[run])
+            fast.append(summary.wall_seconds)
+            slow.append(naive_run(images, sample, model, spec, seg_options))
+        fast_s, slow_s = min(fast), min(slow)
+        print(f"\nwhole run, {args.n} images:")
+        print(f"  naive sequential (full-frame masks, reference encoder, 1 cell per call): "
+              f"{slow_s:7.2f} s = {slow_s / args.n:6.3f} s/image")
+        print(f"  pipeline (prefetch x{args.workers}, batches of {args.batch_size} across images):      "
+              f"{fast_s:7.2f} s = {fast_s / args.n:6.3f} s/image")
+        print(f"  ratio naive / pipeline: {slow_s / fast_s:.2f}x")
+
+        per_image = fast_s / args.n
+        scale = sum(n * (s / args.size) ** 2 for s, n in KAGGLE_SIZES.items()) / KAGGLE_IMAGES
+        hours = per_image * KAGGLE_IMAGES * scale / 3600
+        print(f"\nprojection on this device ({device}): {KAGGLE_IMAGES} test images (size mix x{scale:.2f} "
+              f"the pixels of {args.size} px) ~ {hours:.2f} h of the {BUDGET_HOURS:.0f} h budget "
+              f"({100 * hours / BUDGET_HOURS:.0f}%); naive ~ {slow_s / args.n * KAGGLE_IMAGES * scale / 3600:.2f} h")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
