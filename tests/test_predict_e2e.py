@@ -401,3 +401,35 @@ def test_competition_sizes_and_a_non_square_image_in_one_run(tmp_path):
     assert {k: (r.width, r.height) for k, r in rows.items()} == sizes
     # Masks in the right place at every size (a transposed or shifted mask fails IoU 0.6):
     assert check(out, data) >= 0.9
+
+
+def test_kaggle_notebook_cells_compile_and_its_predict_command_runs(syn, trained_run, tmp_path, monkeypatch):
+    """The notebook's own settings, predict, validate and display cells, run here with local
+    paths swapped in (the install cell is skipped: nothing can be installed offline here)."""
+    import ast
+
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.chdir(ROOT)
+    nb = json.loads((ROOT / "notebooks" / "kaggle_inference.ipynb").read_text())
+    assert nb["nbformat"] == 4
+    code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    for src in code:
+        ast.parse(src)
+    markdown = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    assert "pip wheel . -r requirements.txt -w wheels/" in markdown and "www.proteinatlas.org" in markdown
+    install = next(s for s in code if "--no-index" in s)
+    assert "--find-links" in install and "hpa-scc" in install
+
+    def sh(*cmd):
+        subprocess.run([str(c) for c in cmd], check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+
+    env = {"sh": sh, "sys": sys, "os": os}
+    exec(next(s for s in code if s.lstrip().startswith("# --- where things are")), env)
+    env.update(TEST_IMAGES=str(syn / "images"), SAMPLE_SUBMISSION=str(syn / "sample_submission.csv"),
+               OUT=str(tmp_path / "submission.csv"), MODELS=[str(trained_run)], OVERLAYS=str(tmp_path / "ov"),
+               BATCH_SIZE=16, WORKERS=2)
+    for marker in ('"infer_gpu", "predict"', '"infer_gpu", "validate"', "SHOW_OVERLAYS:"):
+        exec(next(s for s in code if marker in s), env)
+    assert check(tmp_path / "submission.csv", syn) > 0
+    pngs = sorted(p.name for p in (tmp_path / "ov").glob("*.png"))
+    assert pngs == [f"syn_{i:04d}.png" for i in range(6)]
