@@ -49,6 +49,14 @@ class BuildResult:
     manifest: dict
     shards_built: int  # in this run
     shards_reused: int  # finished by an earlier, interrupted run (or all, if already complete)
+    plan_s: float = 0.0  # seconds spent planning in this run (labels, folds, pilot, worker start)
+    write_s: float = 0.0  # seconds spent decoding and writing shards in this run
+    images_written: int = 0  # images decoded in the write phase of this run (skipped ones included)
+
+    @property
+    def images_per_s(self) -> float:
+        """Throughput of the decode-and-write phase of this run."""
+        return self.images_written / self.write_s if self.write_s > 0 else 0.0
 
     @property
     def skipped(self) -> list[dict]:
@@ -66,6 +74,8 @@ class BuildResult:
             f"({self.manifest['config']['folds']} folds, {t['bytes'] / 1e6:.1f} MB); "
             f"{self.shards_built} shards built now, {self.shards_reused} reused"
         ]
+        if self.images_written:
+            lines[0] += f" ({self.images_per_s:.1f} images/s)"
         if self.skipped:
             lines.append(f"{len(self.skipped)} skipped (all reasons in {manifestlib.MANIFEST_FILE}):")
             for s in self.skipped[:5]:
@@ -129,10 +139,17 @@ def _content(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in RUNTIME_FIELDS}
 
 
-def estimate_bytes_per_image(entries: list[planlib.Entry], job: Job, runner: Runner) -> tuple[float, str]:
-    """Mean record bytes per image over the first PILOT_IMAGES usable images (deterministic)."""
+def estimate_bytes_per_image(entries: list[planlib.Entry], job: Job, runner: Runner,
+                             keep: dict | None = None) -> tuple[float, str]:
+    """Mean record bytes per image over the first PILOT_IMAGES usable images (deterministic).
+
+    The pilot's results go into `keep` ({id: Result}) so the build does not decode them again.
+    """
     pilot = [Task(e.image_id, e.source, tuple(e.labels), e.fold, job) for e in entries[:PILOT_IMAGES]]
-    sizes = [r.nbytes for r in runner.imap(pilot) if not r.error]
+    results = list(runner.imap(pilot))
+    if keep is not None:
+        keep.update((r.image_id, r) for r in results)
+    sizes = [r.nbytes for r in results if not r.error]
     if sizes:
         return sum(sizes) / len(sizes), f"mean of {len(sizes)} pilot images"
     # Nothing decodable in the pilot: assume uncompressed tiles (and ~20 cells per image).
@@ -141,14 +158,14 @@ def estimate_bytes_per_image(entries: list[planlib.Entry], job: Job, runner: Run
     return float(per_tile * (1 if job.mode == "image" else 20)), "fallback: uncompressed tiles"
 
 
-def make_plan(cfg: BuildConfig, runner: Runner) -> planlib.Plan:
+def make_plan(cfg: BuildConfig, runner: Runner, keep: dict | None = None) -> planlib.Plan:
     """Read labels, reject bad rows, assign folds, estimate sizes, assign shards."""
     entries, skipped = planlib.read_entries(cfg)
     if not entries:
         first = f"; first: {skipped[0]['origin']}: {skipped[0]['reason']}" if skipped else ""
         raise BuildError(f"no usable images in {', '.join(cfg.labels)} ({len(skipped)} rows rejected{first})")
     planlib.assign_folds(entries, cfg.folds, cfg.seed)
-    bpi, how = estimate_bytes_per_image(entries, _job(cfg), runner)
+    bpi, how = estimate_bytes_per_image(entries, _job(cfg), runner, keep)
     plan = planlib.Plan(cfg.content_dict(), entries, skipped, bytes_per_image=bpi, estimate=how)
     plan.shards = planlib.assign_shards(entries, cfg.folds, bpi, cfg.shard_mb * 1e6, cfg.seed)
     return plan
@@ -168,7 +185,8 @@ def _load_finished(cfg: BuildConfig) -> BuildResult | None:
     return BuildResult(cfg.out, manifest, 0, len(manifest["shards"]))
 
 
-def _load_or_make_plan(cfg: BuildConfig, runner: Runner, log: Callable[[str], None]) -> planlib.Plan:
+def _load_or_make_plan(cfg: BuildConfig, runner: Runner, log: Callable[[str], None],
+                       keep: dict) -> planlib.Plan:
     plan_path = storage.join(cfg.out, STATE_DIR, PLAN_FILE)
     if storage.exists(plan_path):
         plan = planlib.Plan.from_json(storage.read_text(plan_path))
@@ -184,7 +202,7 @@ def _load_or_make_plan(cfg: BuildConfig, runner: Runner, log: Callable[[str], No
             f"{cfg.out} already holds {len(stray)} shard(s) (e.g. {stray[0]}) but no build state; "
             "choose an empty --out"
         )
-    plan = make_plan(cfg, runner)
+    plan = make_plan(cfg, runner, keep)
     storage.makedirs(cfg.out)
     cfg.tile_spec().save(storage.join(cfg.out, PREPROCESS_FILE))
     storage.write_text(plan_path, plan.to_json())
@@ -199,8 +217,11 @@ def build(cfg: BuildConfig, progress: bool = True, log: Callable[[str], None] = 
     Returns the result; `result.exit_code` is 2 when images were skipped. Raises BuildError when
     the output folder holds a different build.
     """
+    import time
+
     from tqdm import tqdm
 
+    start = time.perf_counter()
     finished = _load_finished(cfg)
     if finished is not None:
         log(f"{cfg.out}: already complete")
@@ -208,7 +229,8 @@ def build(cfg: BuildConfig, progress: bool = True, log: Callable[[str], None] = 
     state = storage.join(cfg.out, STATE_DIR)
     done_dir = storage.join(state, DONE_DIR)
     with Runner(cfg.workers) as runner:
-        plan = _load_or_make_plan(cfg, runner, log)
+        pilot: dict[str, Result] = {}  # results decoded while planning, used once
+        plan = _load_or_make_plan(cfg, runner, log, pilot)
         done = {n[: -len(".json")] for n in storage.listdir(done_dir) if n.endswith(".json")}
         todo = [s for s in plan.shards if s["name"] not in done]
         if done:
@@ -220,10 +242,12 @@ def build(cfg: BuildConfig, progress: bool = True, log: Callable[[str], None] = 
         tmp_dir = (tempfile.mkdtemp(prefix="hpa-tfrec-") if storage.is_gcs(cfg.out)
                    else os.path.join(cfg.out, STATE_DIR, "tmp"))
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        planned = time.perf_counter()
         try:
-            _write_shards(cfg, plan, todo, runner, tmp_dir, done_dir, progress, tqdm)
+            decoded = _write_shards(cfg, plan, todo, runner, tmp_dir, done_dir, progress, tqdm, pilot)
         finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
+        written = time.perf_counter()
 
     shard_records = {
         s["name"]: json.loads(storage.read_text(storage.join(done_dir, s["name"] + ".json"))) for s in plan.shards
@@ -234,18 +258,23 @@ def build(cfg: BuildConfig, progress: bool = True, log: Callable[[str], None] = 
         storage.delete(path)
     if not storage.is_gcs(cfg.out):
         shutil.rmtree(state, ignore_errors=True)
-    return BuildResult(cfg.out, manifest, len(todo), len(plan.shards) - len(todo))
+    return BuildResult(cfg.out, manifest, len(todo), len(plan.shards) - len(todo), plan_s=planned - start,
+                       write_s=written - planned, images_written=decoded)
 
 
-def _write_shards(cfg, plan, todo, runner, tmp_dir, done_dir, progress, tqdm) -> None:
+def _write_shards(cfg, plan, todo, runner, tmp_dir, done_dir, progress, tqdm, pilot: dict) -> int:
+    """Decode and write the `todo` shards; returns how many images were decoded here (not in the pilot)."""
     by_id = plan.by_id()
     job = _job(cfg)
     kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
     published = [0]
+    cached = set(pilot)  # fixed up front: the task generator runs ahead of the loop below
 
     def tasks():
         for shard in todo:
             for image_id in shard["images"]:
+                if image_id in cached:
+                    continue
                 e = by_id[image_id]
                 yield Task(image_id, e.source, tuple(e.labels), e.fold, job)
 
@@ -269,7 +298,7 @@ def _write_shards(cfg, plan, todo, runner, tmp_dir, done_dir, progress, tqdm) ->
             examples: dict[str, int] = {}
             skipped: list[dict] = []
             for image_id in shard["images"]:
-                result = next(results)
+                result = pilot.pop(image_id) if image_id in cached else next(results)
                 if result.image_id != image_id:  # a bug, never bad input
                     raise RuntimeError(f"result for {result.image_id} arrived where {image_id} was due")
                 if result.error:
@@ -287,3 +316,4 @@ def _write_shards(cfg, plan, todo, runner, tmp_dir, done_dir, progress, tqdm) ->
             pending = finisher.submit(finish, shard, writer, examples, skipped)
         if pending is not None:
             pending.result()
+    return total - len(cached)
