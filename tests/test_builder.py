@@ -296,3 +296,38 @@ def test_cli_help_explains_every_option():
     for option in ("--images", "--labels", "--out", "--mode", "--size", "--folds", "--shard-mb", "--workers",
                    "--segmenter", "--masks", "--limit", "--seed", "Exit status"):
         assert option in out
+
+
+def test_real_hpa_image_as_png_and_as_public_tif_gz(shared_data, tmp_path):
+    """Two label lists, two image folders: the Kaggle-style 8-bit PNGs of a real HPA image and the
+    same image as the public HPA's 16-bit `.tif.gz` (values x 257, which the one 16->8-bit rule
+    maps back exactly). Both must give the same tile."""
+    import gzip
+    import io
+
+    import tifffile
+
+    src = shared_data / "hpa_images"
+    kaggle, public = tmp_path / "kaggle", tmp_path / "public"
+    kaggle.mkdir()
+    public.mkdir()
+    for channel in images.CHANNELS:
+        shutil.copy(src / f"57_F11_1_{channel}.png", kaggle / f"57_F11_1_{channel}.png")
+        plane = images.load_channel(str(src / f"57_F11_1_{channel}.png")).astype(np.uint16) * 257
+        buf = io.BytesIO()
+        tifffile.imwrite(buf, plane)
+        (public / f"1_A1_1_{channel}.tif.gz").write_bytes(gzip.compress(buf.getvalue(), compresslevel=1))
+    (tmp_path / "train.csv").write_text("ID,Label\n57_F11_1,13|16\n")
+    (tmp_path / "public.csv").write_text("ID,Label,Cellline,ImageWidth\n1_A1_1,13|16,A-431,1728\n")
+    cfg = make_config(images=(str(kaggle), str(public)), labels=(str(tmp_path / "train.csv"), str(tmp_path / "public.csv")),
+                      out=str(tmp_path / "out"), mode="image", size=128, folds=1, workers=0)
+    result = buildlib.build(cfg, progress=False, log=lambda s: None)
+    assert result.exit_code == 0, result.skipped
+    examples = {ex["image_id"].decode(): ex for ex in read_examples(shard_files(tmp_path / "out"))}
+    assert sorted(examples) == ["1_A1_1", "57_F11_1"]
+    expected = preprocess.image_tile(images.load_image(str(src), "57_F11_1"), cfg.tile_spec())
+    for ex in examples.values():
+        np.testing.assert_array_equal(ex["image"], expected)
+        assert tuple(ex["bbox"]) == (0, 0, 1728, 1728)
+        np.testing.assert_array_equal(ex["labels"], multi_hot([13, 16]))
+    assert result.manifest["images"]["1_A1_1"]["origin"].endswith("public.csv row 1")

@@ -1,1 +1,8 @@
-"""tfrecords_builder."""
+"""tfrecords_builder: HPA images + label lists -> fold-split TFRecord shards + manifest.json.
+
+`python -m tfrecords_builder --images DIR_or_gs --labels CSV --out DIR_or_gs --mode image|cell`
+(see `--help`). Modules: `config` (BuildConfig, presets), `folds` (iterative stratification),
+`plan` (labels -> folds -> shards, fixed before writing), `worker` (one image -> serialized
+examples, TensorFlow-free), `records` (Example wire format and TFRecord framing), `writer`
+(temp file -> final name), `manifest`, `build` (orchestration and resume).
+"""
