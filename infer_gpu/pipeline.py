@@ -23,7 +23,6 @@ import functools
 import hashlib
 import json
 import multiprocessing
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -116,7 +115,8 @@ def prepare_image(task: tuple, source: str, specs: Sequence[TileSpec], backend: 
             out.masks.append(masklib.encode_cell(crop, (y0, x0, y1, x1), (height, width)))
         lap("encode")
         if keep_image:
-            out.overlay = (image, seg.cells)
+            cells = seg.cells.astype(np.uint16) if seg.cells.max(initial=0) < 65536 else seg.cells
+            out.overlay = (image, cells)  # uint16 halves what waiting overlays hold
     except Exception as err:  # noqa: BLE001 - one bad image must not stop a 9-hour run
         out.error = f"{stage}: {type(err).__name__}: {err}"
         out.cell_ids = out.cell_ids[:0]
@@ -446,6 +446,14 @@ def predict(images: str, sample_submission: str, models: Sequence[str], out: str
             _log(f"predict: {p.image_id}: {p.error} (empty row written, run goes on)")
         elif p.n_cells:
             cell, image = cell_scores(job, roles, weights)
+            bad = sum(int(np.size(a) - np.isfinite(a).sum()) for a in (cell, image) if a is not None)
+            if bad:  # a model that overflowed: score those entries 0, say so, go on
+                note = f"score: {bad} non-finite model outputs, scored 0"
+                summary.errors.append({"id": p.image_id, "error": note})
+                _log(f"predict: {p.image_id}: {note}")
+                p.error = note
+                cell = None if cell is None else np.nan_to_num(cell, nan=0.0, posinf=1.0, neginf=0.0)
+                image = None if image is None else np.nan_to_num(image, nan=0.0, posinf=1.0, neginf=0.0)
             scores = combine(cell, image, p.touches_border, p.has_nucleus, opts.rule)
             triples = prediction_triples(p, scores, opts.rule.min_score)
             prediction = submission.format_prediction_string(triples)

@@ -243,8 +243,9 @@ def test_image_model_is_combined_as_documented(syn, tmp_path):
     image = stand_in_run(TableModel({}, lambda t: np.full(NUM_CLASSES, 0.25, np.float32)), spec=image_spec)
     out = tmp_path / "submission.csv"
     summary = run_predict(syn / "images", syn / "sample_submission.csv", out, runs=[cell], image_runs=[image],
-                          rule=scoring.CombineRule(cell_weight=0.5, border_weight=0.8, no_nucleus_weight=0.5))
-    assert summary.complete
+                          rule=scoring.CombineRule(cell_weight=0.5, border_weight=0.8, no_nucleus_weight=0.5),
+                          processes=True)  # readers as spawned processes: everything they return pickles
+    assert summary.complete and summary.cells > 60
     seen = set()
     for row in _rows(out).values():
         for p in row.predictions:
@@ -300,6 +301,21 @@ def test_corrupt_dark_missing_and_wrong_size_images_keep_every_id(syn, tmp_path)
     assert {e["id"] for e in report["errors"]} == set(errors)
 
 
+def test_non_finite_model_outputs_are_reported_and_scored_zero(syn, tmp_path):
+    def sometimes_nan(tile):
+        scores = _random_scores(tile)
+        if _key(tile) % 4 == 0:
+            scores[[0, 5]] = np.nan
+        return scores
+
+    out = tmp_path / "submission.csv"
+    summary = run_predict(syn / "images", syn / "sample_submission.csv", out,
+                          runs=[stand_in_run(TableModel({}, sometimes_nan))])
+    assert summary.complete
+    assert summary.errors and all("non-finite model outputs, scored 0" in e["error"] for e in summary.errors)
+    assert check(out, syn) > 0  # still a valid file with every image's cells
+
+
 def _many_images(syn: Path, dst: Path, copies: int) -> Path:
     """`copies` x the 6 synthetic images under new IDs, with a sample submission listing them."""
     rows = []
@@ -310,6 +326,13 @@ def _many_images(syn: Path, dst: Path, copies: int) -> Path:
         rows += [(rename[i], 256, 256) for i in ids]
     _write_sample(dst / "sample.csv", rows)
     return dst
+
+
+def _finished_parts(folder: Path) -> int:
+    """Parts on disk, not counting settings.json and `.tmp-*` files a write has not finished."""
+    if not folder.is_dir():
+        return 0
+    return len([p for p in folder.glob("*.json") if p.name != "settings.json" and not p.name.startswith(".")])
 
 
 def _cli(*args) -> list[str]:
@@ -334,14 +357,14 @@ def test_resume_after_kill_and_after_limit_gives_the_same_file(syn, trained_run,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if parts.is_dir() and len([p for p in parts.glob("*.json") if p.name != "settings.json"]) >= 3:
+        if _finished_parts(parts) >= 3:
             break
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not killed.exists()
-    n_done = len([p for p in parts.glob("*.json") if p.name != "settings.json"])
+    n_done = _finished_parts(parts)
     assert 3 <= n_done < 30
     resumed = subprocess.run(_cli(*common, "--out", killed, "--resume"), cwd=ROOT, env=env,
                              capture_output=True, text=True)
