@@ -456,3 +456,21 @@ def test_kaggle_notebook_cells_compile_and_its_predict_command_runs(syn, trained
     assert check(tmp_path / "submission.csv", syn) > 0
     pngs = sorted(p.name for p in (tmp_path / "ov").glob("*.png"))
     assert pngs == [f"syn_{i:04d}.png" for i in range(6)]
+
+
+def test_real_hpa_image_and_an_incomplete_one(shared_data, trained_run, tmp_path):
+    """Real HPA files (Human Protein Atlas, www.proteinatlas.org, CC BY-SA 3.0): 57_F11_1 is a
+    complete 1728 px image with about a dozen A-431 cells; 383_D2_1 has only blue and green."""
+    sample = tmp_path / "sample.csv"
+    _write_sample(sample, [("57_F11_1", 1728, 1728), ("383_D2_1", 2048, 2048)])
+    out = tmp_path / "submission.csv"
+    summary = run_predict(shared_data / "hpa_images", sample, out, models=[str(trained_run)],
+                          overlays=str(tmp_path / "ov"))
+    assert summary.complete
+    assert [e["id"] for e in summary.errors] == ["383_D2_1"] and "red" in summary.errors[0]["error"]
+    assert submission.validate(str(out), str(sample)) == []
+    rows = _rows(out)
+    assert rows["383_D2_1"].predictions == []
+    cells = {p.mask for p in rows["57_F11_1"].predictions}
+    assert 8 <= len(cells) <= 18, len(cells)  # about a dozen cells, some cut by the border
+    assert (tmp_path / "ov" / "57_F11_1.png").is_file() and not (tmp_path / "ov" / "383_D2_1.png").exists()
