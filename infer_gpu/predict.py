@@ -27,7 +27,12 @@ and gives the same file as an uninterrupted run.
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+    """Keeps the epilog's layout; shows a default only where there is a value to show."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, [], argparse.SUPPRESS) or action.required:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _positive(text: str) -> int:
@@ -106,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="process at most N more images, then stop without the final CSV "
                              "(continue with --resume): for trials and for work in slices")
     parser.add_argument("--keep-parts", action="store_true",
-                        help="keep OUT.parts/ after the final CSV is written (default: delete it)")
+                        help="keep OUT.parts/ after the final CSV is written (without it, it is deleted)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -268,3 +268,31 @@ def test_cli_rejects_bad_values():
     for bad in (["--tta", "9"], ["--batch-size", "0"], ["--border-weight", "1.2"], ["--backend", "x"]):
         with pytest.raises(SystemExit):
             p.parse_args(base + bad)
+
+
+# --- run directories and device --------------------------------------------------------------
+def test_bad_run_directories_are_named_in_the_error(tmp_path):
+    from common.preprocess import TileSpec
+
+    with pytest.raises(FileNotFoundError, match=r"empty[/\\]preprocess.json: missing"):
+        S.load_run(str(tmp_path / "empty"))
+    image_run = tmp_path / "image_run"
+    image_run.mkdir()
+    TileSpec(size=64, mode="image").save(str(image_run / "preprocess.json"))
+    with pytest.raises(ValueError, match="pass this run with --image-model"):
+        S.load_run(str(image_run), expect_mode="cell")
+    with pytest.raises(FileNotFoundError, match="model.keras: missing"):
+        S.load_run(str(image_run), expect_mode="image")
+    (image_run / "preprocess.json").write_text('{"size": 64, "colour": "red"}')
+    with pytest.raises(ValueError, match="not a valid tile spec"):
+        S.read_spec(str(image_run))
+
+
+def test_asking_for_a_missing_gpu_is_an_error_not_a_fallback():
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(RuntimeError, match="--device gpu: TensorFlow lists no GPU"):
+        S.setup_device("gpu")
+    assert S.setup_device("auto") == "CPU"
