@@ -43,7 +43,6 @@ def decode_only(folder: str, ids: list[str]) -> float:
 def per_image_costs(folder: str, ids: list[str], tile: int) -> dict[str, float]:
     """Milliseconds per image of each step a worker takes in image mode."""
     from common import features, images, preprocess
-    from tfrecords_builder import records
 
     spec = preprocess.TileSpec(size=tile, mode="image")
     loaded = [images.load_image(folder, i) for i in ids]
@@ -53,8 +52,8 @@ def per_image_costs(folder: str, ids: list[str], tile: int) -> dict[str, float]:
         "common.images.load_image": lambda: [images.load_image(folder, i) for i in ids],
         "common.preprocess.image_tile": lambda: [preprocess.image_tile(im, spec) for im in loaded],
         "common.features.encode_tile": lambda: [features.encode_tile(t) for t in tiles],
-        "records.tile_example (encode incl.)": lambda: [
-            records.tile_example(t, image_id=i, labels=[0], source_size=im.shape[:2])
+        "features.serialize (encode incl.)": lambda: [
+            features.serialize(t, image_id=i, labels=[0], source_size=im.shape[:2])
             for t, i, im in zip(tiles, ids, loaded)],
     }
     out = {}

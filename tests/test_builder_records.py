@@ -1,4 +1,5 @@
-"""The builder's TF-free Example encoder and TFRecord framing against TensorFlow's own."""
+"""The TF-free Example encoder (common.features.serialize) and the builder's TFRecord framing,
+each against TensorFlow's own."""
 from __future__ import annotations
 
 import google_crc32c
@@ -18,25 +19,45 @@ CASES = [
 
 
 @pytest.mark.parametrize("kwargs", CASES)
-def test_tile_example_is_the_example_features_serialize_builds(kwargs):
+def _tf_example(tile, image_id, labels, source_size, fold=-1, cell_index=-1, bbox=None,
+                touches_border=False, has_nucleus=True, cell_area=0):
+    """The same Example built with TensorFlow's own proto classes."""
+    import tensorflow as tf
+
+    def ints(v):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(x) for x in v]))
+
+    h, w = source_size
+    return tf.train.Example(features=tf.train.Features(feature={
+        features.IMAGE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[features.encode_tile(tile)])),
+        features.TILE_SIZE: ints([tile.shape[0]]), features.LABELS: ints(labels),
+        features.IMAGE_ID: tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_id.encode()])),
+        features.CELL_INDEX: ints([cell_index]), features.FOLD: ints([fold]),
+        features.SOURCE_HEIGHT: ints([h]), features.SOURCE_WIDTH: ints([w]),
+        features.BBOX: ints(bbox or (0, 0, h, w)), features.TOUCHES_BORDER: ints([touches_border]),
+        features.HAS_NUCLEUS: ints([has_nucleus]), features.CELL_AREA: ints([cell_area]),
+    }))
+
+
+@pytest.mark.parametrize("kwargs", CASES)
+def test_serialize_is_the_example_tensorflow_builds(kwargs):
     import tensorflow as tf
 
     tile = np.random.default_rng(0).integers(0, 256, (24, 24, 4), dtype=np.uint8)
-    ours = records.tile_example(tile, image_id="abc-é", **kwargs)
-    theirs = features.serialize(tile, image_id="abc-é", **kwargs)
-    assert tf.train.Example.FromString(ours) == tf.train.Example.FromString(theirs)
+    ours = features.serialize(tile, image_id="abc-é", **kwargs)
+    assert tf.train.Example.FromString(ours) == _tf_example(tile, "abc-é", **kwargs)
     # deterministic bytes (keys sorted), so resumed shards are byte-identical
-    assert records.tile_example(tile, image_id="abc-é", **kwargs) == ours
+    assert features.serialize(tile, image_id="abc-é", **kwargs) == ours
     parsed = features.parse(tf.constant(ours), tile_size=24)
     np.testing.assert_array_equal(parsed[features.IMAGE].numpy(), tile)
 
 
-def test_tile_example_rejects_bad_labels_and_shapes():
+def test_serialize_rejects_bad_labels_and_shapes():
     tile = np.zeros((8, 8, 4), np.uint8)
     with pytest.raises(ValueError, match="label 19 outside"):
-        records.tile_example(tile, image_id="x", labels=[19], source_size=(8, 8))
+        features.serialize(tile, image_id="x", labels=[19], source_size=(8, 8))
     with pytest.raises(ValueError, match="square"):
-        records.tile_example(np.zeros((8, 9, 4), np.uint8), image_id="x", labels=[1], source_size=(8, 9))
+        features.serialize(np.zeros((8, 9, 4), np.uint8), image_id="x", labels=[1], source_size=(8, 9))
 
 
 def test_shard_writer_output_reads_back_in_tensorflow_and_python(tmp_path):

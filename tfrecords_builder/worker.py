@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tfrecords_builder import records
+from common import features
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def cell_examples(task: Task, image: np.ndarray, spec) -> list[bytes]:
     tiles, ids, _ = preprocess.cell_tiles(image, cells, spec, cell_ids=[c.id for c in info])
     h, w = image.shape[:2]
     return [
-        records.tile_example(
+        features.serialize(
             tile, image_id=task.image_id, labels=task.labels, source_size=(h, w), fold=task.fold,
             cell_index=c.id, bbox=c.bbox, touches_border=c.touches_border,
             has_nucleus=c.has_nucleus, cell_area=c.area,
@@ -150,7 +150,7 @@ def process(task: Task) -> Result:
     try:
         spec = preprocess.TileSpec(**task.job.spec)
         if task.job.mode == "image":
-            result.records = [records.tile_example(
+            result.records = [features.serialize(
                 preprocess.image_tile(image, spec),
                 image_id=task.image_id, labels=task.labels,
                 source_size=result.source_size, fold=task.fold,
