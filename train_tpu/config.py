@@ -84,7 +84,7 @@ _HINTS = (" (mode cell|image; strategy auto|tpu|gpu|cpu; precision auto|float32|
 # Named presets. Learning rates are for the global batch given.
 PRESETS: dict[str, TrainConfig] = {
     # seconds on a CPU: tests and CI
-    "smoke": TrainConfig(size=32, epochs=2, batch_size=8, steps_per_epoch=3, val_steps=2,
+    "smoke": TrainConfig(size=32, epochs=2, batch_size=8, steps_per_epoch=3, val_steps=0,
                          warmup_epochs=0.0, shuffle_buffer=64, strategy="cpu", dropout=0.0,
                          drop_connect_rate=0.0),
     # the demo: learns the synthetic task in a few minutes on 2 CPU cores (64 px cell tiles)

@@ -1,0 +1,134 @@
+"""The trainer end to end on synthetic shards, smoke preset, CPU: the loss falls, an interrupted
+run resumes from the right epoch with its optimizer state, the exported model reloads and
+predicts what the trained one did, the CLI writes a complete run folder."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common import models
+from common.preprocess import TileSpec
+from tests.train_shards import make_shards
+from train_tpu import data, history
+from train_tpu import train as trainlib
+from train_tpu.config import make_config
+
+keras = pytest.importorskip("keras")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(synthetic_small, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train_shards")
+    make_shards(synthetic_small, out, size=32, folds=2)
+    return str(out)
+
+
+def test_loss_falls_over_a_few_steps(shards):
+    cfg = make_config("smoke", data=shards, learning_rate=3e-3, warmup_epochs=0.0,
+                      min_lr_ratio=1.0)
+    split = data.find_split(shards, 0)
+    # one fixed batch from the real pipeline (cached after augmentation), seen 8 times
+    ds = data.train_dataset(split.train_files, cfg, 32, 32, 8).take(1).cache().repeat()
+    model = models.build_model(cfg.backbone, 32, dropout=0.0, drop_connect_rate=0.0)
+    trainlib.compile_model(model, cfg, trainlib.make_optimizer(cfg, 8))
+    losses = model.fit(ds, epochs=8, steps_per_epoch=1, verbose=0).history["loss"]
+    assert all(np.isfinite(losses))
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _CrashAfter(keras.callbacks.Callback):
+    """Stands in for a kill (preemption, a lost TPU) right after an epoch's checkpoint."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epoch:
+            raise _Interrupted(f"killed after epoch {self.epoch}")
+
+
+def test_interrupted_run_resumes_from_the_last_epoch(shards, tmp_path):
+    out = tmp_path / "run"
+    cfg = make_config("smoke", data=shards, out=str(out), epochs=3, steps_per_epoch=2)
+    with pytest.raises(_Interrupted):
+        trainlib.train(cfg, callbacks=[_CrashAfter(1)])
+    assert sorted(os.listdir(out / "checkpoints")) == ["epoch_001.keras"]
+    assert not (out / models.MODEL_FILE).exists()
+    first = history.read_history(str(out / "history.csv"))
+    assert [r["epoch"] for r in first] == [1]
+    # a history row written after the last checkpoint (killed in between) must be dropped
+    history.write_history(str(out / "history.csv"), first + [dict(first[0], epoch=2)])
+
+    with pytest.raises(FileExistsError, match="--resume"):
+        trainlib.train(cfg)
+    with pytest.raises(ValueError, match="backbone: 'efficientnet_b0' -> 'efficientnet_b1'"):
+        trainlib.train(cfg.replace(backbone="efficientnet_b1"), resume=True)
+
+    summary = trainlib.train(cfg, resume=True)
+    assert sorted(os.listdir(out / "checkpoints")) == [f"epoch_00{i}.keras" for i in (1, 2, 3)]
+    rows = history.read_history(str(out / "history.csv"))
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[0].keys() == first[0].keys()  # the first epoch's record kept as it was
+    np.testing.assert_array_equal(list(rows[0].values()), list(first[0].values()))
+    assert all(0 <= r["val_macro_auc"] <= 1 for r in rows)
+    assert summary["last"]["epoch"] == 3
+    # optimizer state restored: the step count continues (a fresh optimizer would be at 4)
+    ckpt = models.load_model(str(out / "checkpoints" / "epoch_003.keras"), compile=True)
+    assert int(ckpt.optimizer.iterations) == 3 * 2
+    # learning rate continued on the same schedule: epoch 3's LR is the cosine's end
+    assert rows[2]["lr"] < rows[1]["lr"] < rows[0]["lr"]
+
+    # the exported model reloads and predicts what the last checkpoint predicts
+    split = data.find_split(shards, cfg.val_fold)
+    x = next(iter(data.eval_dataset(split.val_files, 32, 32, 8, 8))).numpy()
+    exported = models.load_model(str(out))
+    np.testing.assert_allclose(exported.predict(x, verbose=0), ckpt.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-6)
+    assert getattr(exported, "optimizer", None) is None  # inference copy: no optimizer state
+
+    # resuming a finished run only re-exports
+    again = trainlib.train(cfg, resume=True)
+    assert again["last"]["epoch"] == 3
+    assert len(history.read_history(str(out / "history.csv"))) == 3
+
+
+def test_cli_smoke_writes_a_complete_run_folder(shards, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
+    res = subprocess.run(
+        [sys.executable, "-m", "train_tpu", "--data", shards, "--mode", "cell", "--out", str(out),
+         "--preset", "smoke", "--strategy", "cpu", "--size", "48", "--val-steps", "0",
+         "--set", "weight_decay=1e-4"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "strategy: OneDeviceStrategy('/cpu:0'), 1 replica" in res.stderr
+    assert "val_macro_auc" in res.stdout
+    names = set(os.listdir(out))
+    assert {"model.keras", "config.json", "preprocess.json", "history.csv", "history.png",
+            "checkpoints"} <= names
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["size"] == 48 and cfg["weight_decay"] == 1e-4 and cfg["epochs"] == 2
+    assert cfg["data"] == shards and cfg["mode"] == "cell"
+    # tiles are stored at 32 px and resized to 48 for the model: inference must do the same
+    spec = TileSpec.load(str(out / "preprocess.json"))
+    assert (spec.size, spec.model_size, spec.input_size, spec.mode) == (32, 48, 48, "cell")
+    model = models.load_model(str(out))
+    assert tuple(model.input.shape[1:]) == (48, 48, 4)
+    rows = history.read_history(str(out / "history.csv"))
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert {"loss", "val_loss", "val_macro_auc", "val_map", "val_auc_00", "val_ap_18"} <= set(rows[0])
+    assert 0 <= rows[-1]["val_macro_auc"] <= 1  # the whole fold: several images, defined AUC
+    assert (out / "history.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,186 @@
+"""train_tpu.data and train_tpu.history: shards -> tf.data batches, augmentations eager and in
+tf.data, the tile spec handed to inference, validation metrics."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from common import features
+from common.labels import NUM_CLASSES
+from common.preprocess import TileSpec
+from tests.train_shards import make_shards
+from train_tpu import data, history
+from train_tpu.config import PRESETS, TrainConfig, make_config
+
+tf = pytest.importorskip("tensorflow")
+
+
+@pytest.fixture(scope="module")
+def shards(synthetic_small, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    made = make_shards(synthetic_small, out, size=32, folds=3, shards_per_fold=2)
+    return out, made
+
+
+def test_split_finds_folds_and_counts(shards):
+    out, made = shards
+    split = data.find_split(str(out), val_fold=1)
+    assert all("/fold1-" in f for f in split.val_files) and len(split.val_files) == 2
+    assert not any("/fold1-" in f for f in split.train_files) and len(split.train_files) == 4
+    assert split.val_examples == made["counts"][1]
+    assert split.train_examples == made["counts"][0] + made["counts"][2]
+
+
+def test_split_uses_manifest_counts(shards, tmp_path):
+    out, made = shards
+    # a manifest in the builder's format: its counts replace a counting pass
+    for f in made["files"]:
+        (tmp_path / f.rsplit("/", 1)[-1]).write_bytes(open(f, "rb").read())
+    (tmp_path / "preprocess.json").write_text(made["spec"].to_json())
+    names = [f.rsplit("/", 1)[-1] for f in made["files"]]
+    (tmp_path / "manifest.json").write_text(json.dumps({"shards": [
+        {"name": n, "examples": 1000 + i} for i, n in enumerate(names)]}))
+    split = data.find_split(str(tmp_path), val_fold=0)
+    assert split.val_examples == sum(1000 + i for i, n in enumerate(names) if n.startswith("fold0-"))
+
+
+def test_split_errors_name_the_problem(shards, tmp_path):
+    out, _ = shards
+    with pytest.raises(ValueError, match=r"no shards for --val-fold 7; folds present: \[0, 1, 2\]"):
+        data.find_split(str(out), val_fold=7)
+    with pytest.raises(FileNotFoundError, match="fold\\*-\\*.tfrec: no shards"):
+        data.find_split(str(tmp_path), val_fold=0)
+    with pytest.raises(FileNotFoundError, match="preprocess.json: missing"):
+        data.load_spec(str(tmp_path))
+
+
+def test_model_spec_for_inference(shards):
+    spec = data.load_spec(str(shards[0]))
+    assert spec == shards[1]["spec"]
+    assert data.model_spec(spec, 0, "cell") == spec  # size 0: the dataset's
+    assert data.model_spec(spec, 32, "cell") == spec
+    bigger = data.model_spec(spec, 48, "cell")
+    assert bigger.size == 32 and bigger.model_size == 48 and bigger.input_size == 48
+    with pytest.raises(ValueError, match="cut in 'cell' mode, training asked for --mode image"):
+        data.model_spec(spec, 0, "image", where="x/preprocess.json")
+
+
+def test_train_batches_have_fixed_shapes_and_valid_labels(shards):
+    out, _ = shards
+    split = data.find_split(str(out), 0)
+    cfg = make_config("smoke")
+    ds = data.train_dataset(split.train_files, cfg, 32, 48, global_batch=8)
+    assert tuple(ds.element_spec[0].shape) == (8, 48, 48, 4)  # static: what TPUs need
+    assert tuple(ds.element_spec[1].shape) == (8, NUM_CLASSES)
+    for x, y in ds.take(3):
+        x, y = x.numpy(), y.numpy()
+        assert x.dtype == np.float32 and 0 <= x.min() and x.max() <= 255 and x.max() > 10
+        assert set(np.unique(y)) <= {0.0, 1.0} and (y.sum(1) >= 1).all()
+
+
+def test_eval_dataset_order_and_padding_match_the_labels(shards):
+    out, _ = shards
+    split = data.find_split(str(out), 2)
+    n = split.val_examples
+    ds = data.eval_dataset(split.val_files, 32, 32, global_batch=8, count=n)
+    x = np.concatenate([b.numpy() for b in ds])
+    assert len(x) == -(-n // 8) * 8 and not x[n:].any()  # zero padding to whole batches
+    labels = data.eval_labels(split.val_files, n)
+    parsed = [features.parse(s, 32) for s in tf.data.TFRecordDataset(list(split.val_files))]
+    np.testing.assert_array_equal(labels, np.stack([p["labels"].numpy() for p in parsed]))
+    np.testing.assert_array_equal(x[:n], np.stack([p["image"].numpy() for p in parsed]))
+    assert data.eval_examples(n, 2, 8) == min(n, 16) and data.eval_examples(n, 0, 8) == n
+
+
+def _tile(seed=0):
+    return np.random.default_rng(seed).uniform(0, 255, (32, 32, 4)).astype(np.float32)
+
+
+def test_flip_rotate_keeps_pixels_eager_and_in_tf_data():
+    tile, y = _tile(), np.eye(NUM_CLASSES, dtype=np.float32)[3]
+    eager = [data.random_flip_rotate(tf.constant(tile), y)[0].numpy() for _ in range(8)]
+    in_ds = [a.numpy() for a, _ in tf.data.Dataset.from_tensors((tile, y)).repeat(8).map(
+        data.random_flip_rotate)]
+    dihedral = [np.rot90(t, k) for t in (tile, tile[::-1]) for k in range(4)]
+    for out in eager + in_ds:
+        assert any(np.array_equal(out, d) for d in dihedral)  # one of the 8 symmetries
+    assert len({o.tobytes() for o in eager + in_ds}) > 1  # and it does vary
+
+
+def test_scale_and_brightness_keep_shape_range_and_labels():
+    tile, y = _tile(1), np.eye(NUM_CLASSES, dtype=np.float32)[5]
+    cfg = TrainConfig(scale=0.2, brightness=0.3)
+    for fn in (lambda a, b: data.augment(a, b, cfg),):
+        eager = fn(tf.constant(tile), tf.constant(y))
+        graph = next(iter(tf.data.Dataset.from_tensors((tile, y)).map(fn)))
+        for img, lab in (eager, graph):
+            assert img.shape == (32, 32, 4)
+            assert 0 <= img.numpy().min() and img.numpy().max() <= 255
+            np.testing.assert_array_equal(lab.numpy(), y)
+    flat = np.full((32, 32, 4), 100, np.float32)
+    out = data.random_brightness(tf.constant(flat), y, 0.3)[0].numpy()
+    gains = out[0, 0] / 100
+    assert ((gains >= 0.7 - 1e-6) & (gains <= 1.3 + 1e-6)).all() and np.ptp(out[..., 0]) == 0
+    zoomed = data.random_scale(tf.constant(tile), y, 0.0)[0].numpy()
+    np.testing.assert_array_equal(zoomed, tile)  # scale 0: untouched
+
+
+def test_parse_labels_agrees_with_the_schema():
+    for labels in ([], [0], [3, 18], [5, 5, 7]):
+        rec = features.serialize(np.zeros((8, 8, 4), np.uint8), image_id="a", labels=labels,
+                                 source_size=(8, 8))
+        np.testing.assert_array_equal(data.parse_labels(tf.constant(rec)).numpy(),
+                                      features.parse(tf.constant(rec))["labels"].numpy())
+
+
+def test_roc_auc_and_average_precision_by_hand():
+    y = np.array([0, 0, 1, 1])
+    assert history.roc_auc(y, [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
+    assert history.roc_auc(y, [0.5, 0.5, 0.5, 0.5]) == pytest.approx(0.5)  # ties count half
+    assert np.isnan(history.roc_auc([1, 1], [0.2, 0.3]))
+    # ranking 0.8(+) 0.4(-) 0.35(+) 0.1(-): P@1 = 1, P@3 = 2/3 -> AP = (1 + 2/3) / 2
+    assert history.average_precision(y, [0.1, 0.4, 0.35, 0.8]) == pytest.approx(5 / 6)
+    assert history.average_precision(y, [0.1, 0.2, 0.9, 0.8]) == pytest.approx(1.0)
+    assert np.isnan(history.average_precision([0, 0], [0.1, 0.2]))
+
+
+def test_validation_metrics_macro_over_defined_classes():
+    labels = np.zeros((4, NUM_CLASSES))
+    labels[[2, 3], 0] = 1
+    labels[:, 1] = 1  # all positive: AUC undefined, AP defined
+    probs = np.full((4, NUM_CLASSES), 0.5)
+    probs[:, 0] = [0.1, 0.4, 0.35, 0.8]
+    m = history.validation_metrics(labels, probs)
+    assert m["val_auc_00"] == pytest.approx(0.75) and np.isnan(m["val_auc_01"])
+    assert m["val_macro_auc"] == pytest.approx(0.75)
+    assert m["val_map"] == pytest.approx((5 / 6 + 1.0) / 2)
+    assert m["val_loss"] > 0
+
+
+def test_history_csv_round_trip_and_plot(tmp_path):
+    rows = [{"epoch": 1, "loss": 0.7, "val_loss": 0.6, "val_macro_auc": 0.6, "val_auc_00": 0.5},
+            {"epoch": 2, "loss": 0.5, "val_loss": 0.5, "val_macro_auc": 0.8, "val_auc_00": float("nan")}]
+    path = str(tmp_path / "history.csv")
+    history.write_history(path, rows)
+    back = history.read_history(path)
+    assert [r["epoch"] for r in back] == [1, 2] and back[1]["val_macro_auc"] == 0.8
+    assert np.isnan(back[1]["val_auc_00"])
+    png = tmp_path / "history.png"
+    history.plot_history(back, str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_presets_are_valid_and_overrides_are_strict():
+    assert {"smoke", "demo", "b0_cell_224", "b0_image_512"} <= set(PRESETS)
+    smoke = PRESETS["smoke"]
+    assert smoke.size <= 64 and smoke.steps_per_epoch * smoke.epochs <= 10
+    cfg = make_config("b0_cell_224", epochs=3, size=None)
+    assert cfg.epochs == 3 and cfg.size == 224 and cfg.weights == "imagenet"
+    with pytest.raises(ValueError, match="unknown keys \\['epoch'\\]"):
+        make_config("smoke", epoch=3)
+    with pytest.raises(ValueError, match="invalid strategy='tpux'"):
+        make_config("smoke", strategy="tpux")
+    with pytest.raises(ValueError, match="unknown preset 'b9'"):
+        make_config("b9")
