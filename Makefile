@@ -11,7 +11,7 @@ venv: $(STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install --upgrade pip==26.3 setuptools==80.9.0
 	$(PY) -m pip install -r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
