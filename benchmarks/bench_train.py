@@ -1,0 +1,115 @@
+"""Training throughput on the CPU: the model's training steps against the input pipeline alone.
+
+    .venv/bin/python benchmarks/bench_train.py [--sizes 32,224] [--batch 16] [--steps 4]
+
+For each tile size, builds cell-mode shards from synthetic data with the TFRecord builder, then
+times in one run, in examples per second,
+  model:    EfficientNet-B0 training steps (`model.fit`, the trainer's optimizer and loss) on one
+            batch held in memory, so no input work is counted; after a warm-up (tracing) fit;
+  pipeline: the trainer's own `train_tpu.data.train_dataset` (interleave, parse + PNG decode,
+            augment, batch at the global batch size, prefetch) iterated alone;
+and prints pipeline/model. The pipeline must deliver at least 5x what the model consumes, so a
+faster accelerator is not starved (on a TPU the model side is ~100x faster; the host's input
+workers then matter, which this ratio tracks).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REQUIRED_RATIO = 5.0
+
+
+def model_examples_per_s(size: int, batch: int, steps: int) -> float:
+    """B0 training steps per second x batch, on an in-memory batch (input cost excluded)."""
+    import numpy as np
+    import tensorflow as tf
+
+    from common import models
+    from train_tpu import train as trainlib
+    from train_tpu.config import make_config
+
+    cfg = make_config("smoke", size=size, batch_size=batch, epochs=1)
+    model = models.build_model("efficientnet_b0", size, dropout=cfg.dropout,
+                               drop_connect_rate=cfg.drop_connect_rate)
+    trainlib.compile_model(model, cfg, trainlib.make_optimizer(cfg, steps))
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (batch, size, size, 4)).astype("float32")
+    y = (rng.uniform(size=(batch, 19)) < 0.2).astype("float32")
+    ds = tf.data.Dataset.from_tensors((x, y)).repeat()
+    model.fit(ds, epochs=1, steps_per_epoch=1, verbose=0)  # warm-up: tracing
+    start = time.perf_counter()
+    model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0)
+    return steps * batch / (time.perf_counter() - start)
+
+
+def pipeline_examples_per_s(files: list[str], size: int, batch: int, batches: int) -> float:
+    """The trainer's input pipeline alone: examples per second, best of 3 after a warm-up."""
+    import tensorflow as tf
+
+    from train_tpu import data
+    from train_tpu.config import make_config
+
+    cfg = make_config("smoke", size=size, batch_size=batch, shuffle_buffer=256)
+    best = float("inf")
+    for i in range(4):
+        ds = data.train_dataset(files, cfg, size, size, batch).take(batches)
+        start = time.perf_counter()
+        n = int(ds.reduce(tf.constant(0), lambda c, b: c + tf.shape(b[0])[0]))
+        if i:  # the first pass warms up (tracing, page cache)
+            best = min(best, time.perf_counter() - start)
+    assert n == batches * batch, n
+    return n / best
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="32,224", help="tile sides to measure, px (smoke, realistic)")
+    p.add_argument("--batch", type=int, default=16, help="global batch size")
+    p.add_argument("--steps", type=int, default=4, help="timed training steps per size")
+    p.add_argument("--batches", type=int, default=40, help="timed pipeline batches per pass")
+    p.add_argument("--n", type=int, default=6, help="synthetic images (256 px) to cut cells from")
+    args = p.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+
+    from common import synthetic
+    from tfrecords_builder import build as buildlib
+    from tfrecords_builder.config import make_config as builder_config
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        src = os.path.join(tmp, "data")
+        synthetic.generate(src, n=args.n, size=256, seed=0)
+        for size in sizes:
+            out = os.path.join(tmp, f"shards{size}")
+            cfg = builder_config(images=os.path.join(src, "images"), labels=os.path.join(src, "train.csv"),
+                                 masks=os.path.join(src, "masks"), out=out, mode="cell", size=size,
+                                 folds=2, shard_mb=0.5, workers=1)
+            buildlib.build(cfg, progress=False, log=lambda s: None)
+            files = sorted(glob.glob(os.path.join(out, "fold*-*.tfrec")))
+            pipe = pipeline_examples_per_s(files, size, args.batch, args.batches)
+            model = model_examples_per_s(size, args.batch, args.steps)
+            rows.append((size, model, pipe))
+
+    print(f"EfficientNet-B0 training on the CPU ({os.cpu_count()} cores), global batch {args.batch}")
+    print(f"{'tile px':>8} {'model ex/s':>12} {'pipeline ex/s':>14} {'pipeline/model':>15}")
+    ok = True
+    for size, model, pipe in rows:
+        ratio = pipe / model
+        ok &= ratio >= REQUIRED_RATIO
+        print(f"{size:>8} {model:>12.1f} {pipe:>14.1f} {ratio:>14.1f}x")
+    print(f"required pipeline/model >= {REQUIRED_RATIO:.0f}x: {'OK' if ok else 'NOT MET'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
