@@ -132,3 +132,32 @@ def test_cli_smoke_writes_a_complete_run_folder(shards, tmp_path):
     assert {"loss", "val_loss", "val_macro_auc", "val_map", "val_auc_00", "val_ap_18"} <= set(rows[0])
     assert 0 <= rows[-1]["val_macro_auc"] <= 1  # the whole fold: several images, defined AUC
     assert (out / "history.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_notebook_trains_from_its_settings_cell(shards, tmp_path):
+    """notebooks/train_tpu.ipynb: valid cells; the settings + train + history cells run the
+    trainer (local shards and the smoke preset stand in for gs:// and a TPU)."""
+    import ast
+
+    nb = json.loads((ROOT / "notebooks" / "train_tpu.ipynb").read_text())
+    assert nb["nbformat"] == 4
+    code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    for src in code:
+        ast.parse(src)
+    markdown = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    assert "www.proteinatlas.org" in markdown and "--resume" in markdown
+
+    def sh(*cmd):
+        subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT,
+                       env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)})
+
+    env = {"sh": sh, "sys": sys, "os": os}
+    exec(next(s for s in code if s.lstrip().startswith("# --- the project")), env)
+    assert env["DATA"].startswith("gs://") and env["PRESET"] in ("b0_cell_224",)
+    out = tmp_path / "nb_run"
+    env.update(DATA=shards, OUT=str(out), PRESET="smoke", WEIGHTS="none", STRATEGY="cpu",
+               EPOCHS=1, STEPS_PER_EPOCH=1)
+    exec(next(s for s in code if '"train_tpu"' in s), env)
+    exec(next(s for s in code if "history.png" in s), env)
+    assert (out / "model.keras").exists()
+    assert [r["epoch"] for r in history.read_history(str(out / "history.csv"))] == [1]
