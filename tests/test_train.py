@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import models
+from common import models, storage
 from common.preprocess import TileSpec
 from tests.train_shards import make_shards
 from train_tpu import data, history
@@ -60,17 +60,21 @@ class _CrashAfter(keras.callbacks.Callback):
             raise _Interrupted(f"killed after epoch {self.epoch}")
 
 
-def test_interrupted_run_resumes_from_the_last_epoch(shards, tmp_path):
-    out = tmp_path / "run"
-    cfg = make_config("smoke", data=shards, out=str(out), epochs=3, steps_per_epoch=2)
+def test_interrupted_run_resumes_from_the_last_epoch(shards, gcs_bucket):
+    """On gs:// (a real local GCS emulator): every run-folder file goes through common.storage."""
+    out = f"gs://{gcs_bucket}/runs/r1"
+    ckpts = f"{out}/checkpoints"
+    hist = f"{out}/history.csv"
+    cfg = make_config("smoke", data=shards, out=out, epochs=3, steps_per_epoch=2)
     with pytest.raises(_Interrupted):
         trainlib.train(cfg, callbacks=[_CrashAfter(1)])
-    assert sorted(os.listdir(out / "checkpoints")) == ["epoch_001.keras"]
-    assert not (out / models.MODEL_FILE).exists()
-    first = history.read_history(str(out / "history.csv"))
+    assert storage.listdir(ckpts) == ["epoch_001.keras"]
+    assert not storage.exists(f"{out}/{models.MODEL_FILE}")
+    assert {"config.json", "preprocess.json", "history.csv", "history.png"} <= set(storage.listdir(out))
+    first = history.read_history(hist)
     assert [r["epoch"] for r in first] == [1]
     # a history row written after the last checkpoint (killed in between) must be dropped
-    history.write_history(str(out / "history.csv"), first + [dict(first[0], epoch=2)])
+    history.write_history(hist, first + [dict(first[0], epoch=2)])
 
     with pytest.raises(FileExistsError, match="--resume"):
         trainlib.train(cfg)
@@ -78,15 +82,15 @@ def test_interrupted_run_resumes_from_the_last_epoch(shards, tmp_path):
         trainlib.train(cfg.replace(backbone="efficientnet_b1"), resume=True)
 
     summary = trainlib.train(cfg, resume=True)
-    assert sorted(os.listdir(out / "checkpoints")) == [f"epoch_00{i}.keras" for i in (1, 2, 3)]
-    rows = history.read_history(str(out / "history.csv"))
+    assert storage.listdir(ckpts) == [f"epoch_00{i}.keras" for i in (1, 2, 3)]
+    rows = history.read_history(hist)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert rows[0].keys() == first[0].keys()  # the first epoch's record kept as it was
     np.testing.assert_array_equal(list(rows[0].values()), list(first[0].values()))
     assert all(0 <= r["val_macro_auc"] <= 1 for r in rows)
     assert summary["last"]["epoch"] == 3
     # optimizer state restored: the step count continues (a fresh optimizer would be at 4)
-    ckpt = models.load_model(str(out / "checkpoints" / "epoch_003.keras"), compile=True)
+    ckpt = models.load_model(f"{ckpts}/epoch_003.keras", compile=True)
     assert int(ckpt.optimizer.iterations) == 3 * 2
     # learning rate continued on the same schedule: epoch 3's LR is the cosine's end
     assert rows[2]["lr"] < rows[1]["lr"] < rows[0]["lr"]
@@ -94,7 +98,7 @@ def test_interrupted_run_resumes_from_the_last_epoch(shards, tmp_path):
     # the exported model reloads and predicts what the last checkpoint predicts
     split = data.find_split(shards, cfg.val_fold)
     x = next(iter(data.eval_dataset(split.val_files, 32, 32, 8, 8))).numpy()
-    exported = models.load_model(str(out))
+    exported = models.load_model(out)
     np.testing.assert_allclose(exported.predict(x, verbose=0), ckpt.predict(x, verbose=0),
                                rtol=1e-5, atol=1e-6)
     assert getattr(exported, "optimizer", None) is None  # inference copy: no optimizer state
@@ -102,7 +106,7 @@ def test_interrupted_run_resumes_from_the_last_epoch(shards, tmp_path):
     # resuming a finished run only re-exports
     again = trainlib.train(cfg, resume=True)
     assert again["last"]["epoch"] == 3
-    assert len(history.read_history(str(out / "history.csv"))) == 3
+    assert len(history.read_history(hist)) == 3
 
 
 def test_cli_smoke_writes_a_complete_run_folder(shards, tmp_path):
