@@ -184,3 +184,29 @@ def test_presets_are_valid_and_overrides_are_strict():
         make_config("smoke", strategy="tpux")
     with pytest.raises(ValueError, match="unknown preset 'b9'"):
         make_config("b9")
+
+
+def test_cli_arguments_become_the_config():
+    from train_tpu import cli
+
+    args = cli.build_parser().parse_args(
+        ["--data", "gs://b/shards", "--mode", "image", "--out", "gs://b/run", "--preset",
+         "b0_image_512", "--epochs", "3", "--batch-size", "128", "--set", "weight_decay=0.001",
+         "--set", "flip=false"])
+    cfg = cli.config_from_args(args)
+    assert (cfg.data, cfg.out, cfg.mode, cfg.size, cfg.epochs, cfg.batch_size) == (
+        "gs://b/shards", "gs://b/run", "image", 512, 3, 128)
+    assert cfg.weight_decay == 0.001 and cfg.flip is False and cfg.weights == "imagenet"
+    bad = cli.build_parser().parse_args(["--data", "d", "--mode", "cell", "--out", "o",
+                                         "--set", "weight_dekay=1"])
+    with pytest.raises(ValueError, match="unknown keys \\['weight_dekay'\\]"):
+        cli.config_from_args(bad)
+
+
+def test_cli_reports_bad_data_without_a_traceback(tmp_path, capsys):
+    from train_tpu import cli
+
+    code = cli.main(["--data", str(tmp_path), "--mode", "cell", "--out", str(tmp_path / "run"),
+                     "--strategy", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "preprocess.json: missing" in err and str(tmp_path) in err

@@ -35,10 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="cell tiles or whole-image tiles; must match the dataset's preprocess.json")
     a("--out", required=True, help="run folder, local or gs://: model.keras, config.json, "
       "preprocess.json, history.csv/png, checkpoints/")
-    a("--preset", default="smoke", choices=sorted(PRESETS),
-      help="named settings to start from (smoke: seconds on a CPU; demo: minutes on a CPU; "
-      "the others: realistic TPU/GPU runs)")
-    a("--backbone", choices=list(BACKBONES), help="Keras EfficientNet / EfficientNetV2 variant")
+    a("--preset", default="smoke", choices=sorted(PRESETS), metavar="NAME",
+      help="named settings to start from (default smoke: seconds on a CPU; demo: minutes on a "
+      "CPU; b0_cell_224, b4_cell_384, v2s_cell_384, b0_image_512, b4_image_768: realistic "
+      "TPU/GPU runs with ImageNet weights)")
+    a("--backbone", choices=list(BACKBONES), metavar="NAME",
+      help="Keras EfficientNet / EfficientNetV2 variant: " + ", ".join(BACKBONES))
     a("--size", type=int, help="model input side in px (tiles are resized in the input pipeline "
       "when it differs from the dataset's; the effective spec goes to preprocess.json)")
     a("--epochs", type=int, help="number of epochs")
