@@ -50,12 +50,14 @@ def _text_positions(label_map: np.ndarray) -> dict[int, tuple[int, int]]:
 
 def draw_overlay(image: np.ndarray, label_map: np.ndarray, texts: dict[int, str] | None = None,
                  color=(255, 255, 255), text_color=(255, 255, 255), credit: bool = True,
-                 nuclei: np.ndarray | None = None) -> np.ndarray:
+                 nuclei: np.ndarray | None = None, min_side: int = 0) -> np.ndarray:
     """Outlines of `label_map` and a text per label over `composite_rgb(image)`.
 
     image: `HxWx4 uint8` (R, G, B, Y). label_map: `HxW` ints, 0 = background.
     texts: `{id: text}` to write at each label; None = write the ids; {} = no text.
     nuclei: optional second label map, outlined in cyan.
+    min_side: a smaller image is first enlarged by an integer factor (nearest neighbour) so
+      that labels stay legible; the result is then `kH x kW x 3`.
     Returns `HxWx3 uint8` RGB. Line width and font scale grow with the image size.
     """
     from common.images import composite_rgb
@@ -64,6 +66,13 @@ def draw_overlay(image: np.ndarray, label_map: np.ndarray, texts: dict[int, str]
     label_map = np.asarray(label_map)
     if label_map.shape != image.shape[:2]:
         raise ValueError(f"label map {label_map.shape} does not match image {image.shape[:2]}")
+    factor = -(-min_side // max(label_map.shape)) if max(label_map.shape) < min_side else 1
+    if factor > 1:
+        def grow(a):
+            return np.repeat(np.repeat(a, factor, axis=0), factor, axis=1)
+
+        image, label_map = grow(image), grow(label_map)
+        nuclei = None if nuclei is None else grow(np.asarray(nuclei))
     rgb = np.ascontiguousarray(composite_rgb(image))
     side = max(label_map.shape)
     thick = max(1, int(round(side / 700)))

@@ -434,7 +434,7 @@ def predict(images: str, sample_submission: str, models: Sequence[str], out: str
             from common.overlay import draw_overlay, save_png
 
             image, cells = prepared.overlay
-            rgb = draw_overlay(image, cells, overlay_texts(prepared.cell_ids, scores))
+            rgb = draw_overlay(image, cells, overlay_texts(prepared.cell_ids, scores), min_side=1024)
             save_png(storage.join(opts.overlays, f"{prepared.image_id}.png"), rgb)
         store.put(record)
 

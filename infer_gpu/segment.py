@@ -110,7 +110,7 @@ def run(args) -> int:
                 seg.save_labels(storage.join(args.out, f"{image_id}_cells.png"), s.cells)
                 seg.save_labels(storage.join(args.out, f"{image_id}_nuclei.png"), s.nuclei)
                 if not args.no_overlay:
-                    rgb = overlay.draw_overlay(image, s.cells, nuclei=s.nuclei)
+                    rgb = overlay.draw_overlay(image, s.cells, nuclei=s.nuclei, min_side=1024)
                     overlay.save_png(storage.join(args.out, f"{image_id}_overlay.png"), rgb)
                 total_cells += s.num_cells
                 bar.set_postfix(cells=s.num_cells)

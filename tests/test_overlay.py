@@ -68,3 +68,12 @@ def test_save_png_round_trip(tmp_path):
     assert np.array_equal(back, rgb)
     with pytest.raises(ValueError, match="uint8"):
         overlay.save_png(path, rgb.astype(np.float32))
+
+
+def test_small_images_are_enlarged_for_legible_labels():
+    image, labels = _image_and_labels()
+    big = overlay.draw_overlay(image, labels, texts={}, credit=False, min_side=1000)
+    assert big.shape == (900, 1200, 3)  # factor ceil(1000 / 400) = 3
+    plain = overlay.draw_overlay(image, labels, texts={}, credit=False)
+    # away from outlines, each source pixel becomes a 3x3 block of the same colour
+    assert np.array_equal(big[::3, ::3][~overlay.outlines(labels, 2)], plain[~overlay.outlines(labels, 2)])
