@@ -29,5 +29,10 @@ $PY -m infer_gpu validate --submission "$OUT/submission.csv" \
     --sample-submission "$OUT/test_data/sample_submission.csv"
 
 step "6/6 evaluate against the cell-level truth"
+strict=$($PY -m infer_gpu evaluate --truth "$OUT/test_data/truth.csv" --submission "$OUT/submission.csv" \
+    --all-labels-verified | tail -n 1)
 $PY -m infer_gpu evaluate --truth "$OUT/test_data/truth.csv" --submission "$OUT/submission.csv"
+echo "strict (every class verified on every image, detections of absent classes are false positives): $strict"
 echo "overlays: $OUT/overlays   training history: $OUT/run/history.png"
+echo "competition metric (Open Images rule, as the reference evaluator):"
+$PY -m infer_gpu evaluate --truth "$OUT/test_data/truth.csv" --submission "$OUT/submission.csv" | tail -n 1
