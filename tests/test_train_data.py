@@ -88,9 +88,15 @@ def test_eval_dataset_order_and_padding_match_the_labels(shards):
     x = np.concatenate([b.numpy() for b in ds])
     assert len(x) == -(-n // 8) * 8 and not x[n:].any()  # zero padding to whole batches
     labels = data.eval_labels(split.val_files, n)
-    parsed = [features.parse(s, 32) for s in tf.data.TFRecordDataset(list(split.val_files))]
-    np.testing.assert_array_equal(labels, np.stack([p["labels"].numpy() for p in parsed]))
-    np.testing.assert_array_equal(x[:n], np.stack([p["image"].numpy() for p in parsed]))
+    # position i of the images and of the labels is the same record ...
+    key = [(p["image_id"].numpy(), int(p["cell_index"])) for p in
+           (features.parse(s, 32) for s in data._val_records(split.val_files, n))]
+    by_key = {(p["image_id"].numpy(), int(p["cell_index"])): p for p in
+              (features.parse(s, 32) for s in tf.data.TFRecordDataset(list(split.val_files)))}
+    np.testing.assert_array_equal(labels, np.stack([by_key[k]["labels"].numpy() for k in key]))
+    np.testing.assert_array_equal(x[:n], np.stack([by_key[k]["image"].numpy() for k in key]))
+    # ... and every record of the fold appears once
+    assert sorted(key) == sorted(by_key) and len(key) == n
     assert data.eval_examples(n, 2, 8) == min(n, 16) and data.eval_examples(n, 0, 8) == n
 
 

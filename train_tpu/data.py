@@ -225,6 +225,14 @@ def train_dataset(files, cfg, tile_size: int, model_size: int, global_batch: int
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def _val_records(files, count: int):
+    """The first `count` validation records in ONE fixed order (parallel reads, deterministic
+    interleave), shared by `eval_dataset` and `eval_labels` so predictions and labels align."""
+    tf = _tf()
+    files = list(files)
+    return tf.data.TFRecordDataset(files, num_parallel_reads=min(8, len(files))).take(count)
+
+
 def eval_examples(count: int, val_steps: int, global_batch: int) -> int:
     """How many validation examples are scored (all, or `val_steps` batches' worth)."""
     return min(count, val_steps * global_batch) if val_steps else count
@@ -234,7 +242,7 @@ def eval_dataset(files, tile_size: int, model_size: int, global_batch: int, coun
     """The first `count` validation tiles in file order, zero-padded to whole global batches
     (fixed shapes; the padding's predictions are dropped). Yields `float32 [B, s, s, 4]`."""
     tf = _tf()
-    ds = tf.data.TFRecordDataset(list(files)).take(count)  # sequential: order = parse_labels'
+    ds = _val_records(files, count)
     ds = ds.map(lambda s: parse_example(s, tile_size), num_parallel_calls=tf.data.AUTOTUNE)
     if model_size != tile_size:
         ds = ds.map(lambda x, y: resize(x, y, model_size), num_parallel_calls=tf.data.AUTOTUNE)
@@ -252,7 +260,6 @@ def eval_labels(files, count: int):
     import numpy as np
 
     tf = _tf()
-    ds = tf.data.TFRecordDataset(list(files)).take(count).map(
-        parse_labels, num_parallel_calls=tf.data.AUTOTUNE).batch(4096)
+    ds = _val_records(files, count).map(parse_labels, num_parallel_calls=tf.data.AUTOTUNE).batch(4096)
     parts = [b.numpy() for b in ds]
     return np.concatenate(parts) if parts else np.zeros((0, NUM_CLASSES), np.float32)

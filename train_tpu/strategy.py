@@ -40,9 +40,13 @@ def configure_cpu_replicas(n: int) -> None:
 
 
 def _on_tpu_vm() -> bool:
-    # TPU VMs (Kaggle's, Cloud TPU VMs) expose the chips as local accelerator devices.
-    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")) or \
-        "TPU_ACCELERATOR_TYPE" in os.environ
+    """TPU VMs (Kaggle's, Cloud TPU VMs) expose the chips as local devices: /dev/accel* (v2-v4)
+    or /dev/vfio/N (v5e and later, which also have the `libtpu` package installed)."""
+    import importlib.util
+
+    if glob.glob("/dev/accel*") or "TPU_ACCELERATOR_TYPE" in os.environ:
+        return True
+    return bool(glob.glob("/dev/vfio/[0-9]*")) and importlib.util.find_spec("libtpu") is not None
 
 
 def _tpu_resolver(tpu: str = ""):
