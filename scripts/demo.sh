@@ -17,12 +17,12 @@ $PY -m tfrecords_builder --images "$OUT/train_data/images" --labels "$OUT/train_
     --out "$OUT/shards" --mode cell --masks "$OUT/train_data/masks" --size 64 --folds 3 --workers 2
 
 step "3/6 short CPU training (preset demo)"
-$PY -m train_tpu --data "$OUT/shards" --mode cell --out "$OUT/run" --preset demo --strategy cpu
+$PY -m train_tpu --data "$OUT/shards" --mode cell --out "$OUT/run" --preset demo --strategy cpu --resume
 
 step "4/6 predict the test set"
 $PY -m infer_gpu predict --images "$OUT/test_data/images" \
     --sample-submission "$OUT/test_data/sample_submission.csv" --model "$OUT/run" \
-    --out "$OUT/submission.csv" --overlays "$OUT/overlays"
+    --out "$OUT/submission.csv" --overlays "$OUT/overlays" --resume
 
 step "5/6 validate the submission"
 $PY -m infer_gpu validate --submission "$OUT/submission.csv" \
