@@ -28,7 +28,7 @@ def test_segment_command_writes_label_maps_and_overlays(synthetic_small, tmp_pat
         truth = seg.load_labels(str(synthetic_small / "masks" / f"{image_id}_cells.png"))
         assert compare.match(truth, cells.astype(np.int32))["matched_fraction"] >= 0.8
         ov = cv2.imread(str(out / f"{image_id}_overlay.png"), cv2.IMREAD_COLOR)
-        assert ov.shape == (256, 256, 3)
+        assert ov.shape == (1024, 1024, 3)  # small images are enlarged 4x so the ids are legible
     assert sorted(p.name for p in out.iterdir()) == sorted(
         f"{i}_{k}.png" for i in ids for k in ("cells", "nuclei", "overlay"))
 
