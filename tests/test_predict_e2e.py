@@ -29,6 +29,7 @@ from common import metrics, submission
 from common.labels import NEGATIVE, NUM_CLASSES, multi_hot, parse_labels
 from common.preprocess import PREPROCESS_FILE, TileSpec
 from infer_gpu import pipeline, scoring
+from tests.notebooks import read_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 TILE = TileSpec(size=32)
@@ -433,12 +434,7 @@ def test_kaggle_notebook_cells_compile_and_its_predict_command_runs(syn, trained
 
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.chdir(ROOT)
-    nb = json.loads((ROOT / "notebooks" / "kaggle_inference.ipynb").read_text())
-    assert nb["nbformat"] == 4
-    code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
-    for src in code:
-        ast.parse(src)
-    markdown = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    code, markdown = read_notebook(ROOT / "notebooks" / "kaggle_inference.ipynb")
     assert "pip wheel . -r requirements.txt -w wheels/" in markdown and "www.proteinatlas.org" in markdown
     install = next(s for s in code if "--no-index" in s)
     assert "--find-links" in install and "hpa-scc" in install

@@ -14,6 +14,7 @@ import pytest
 
 from common import models, storage
 from common.preprocess import TileSpec
+from tests.notebooks import read_notebook
 from tests.train_shards import make_shards
 from train_tpu import data, history
 from train_tpu import train as trainlib
@@ -141,14 +142,7 @@ def test_cli_smoke_writes_a_complete_run_folder(shards, tmp_path):
 def test_notebook_trains_from_its_settings_cell(shards, tmp_path):
     """notebooks/train_tpu.ipynb: valid cells; the settings + train + history cells run the
     trainer (local shards and the smoke preset stand in for gs:// and a TPU)."""
-    import ast
-
-    nb = json.loads((ROOT / "notebooks" / "train_tpu.ipynb").read_text())
-    assert nb["nbformat"] == 4
-    code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
-    for src in code:
-        ast.parse(src)
-    markdown = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    code, markdown = read_notebook(ROOT / "notebooks" / "train_tpu.ipynb")
     assert "www.proteinatlas.org" in markdown and "--resume" in markdown
 
     def sh(*cmd):

@@ -65,23 +65,15 @@ def _describe_load_error(task: Task, err: Exception) -> str:
 
 
 def _read_label_map(path: str, required: bool) -> np.ndarray | None:
-    """A PNG label map (uint8/uint16, 0 = background) -> `HxW int32`, or None when absent and optional."""
-    import cv2
-
-    from common import storage
+    """`common.segmentation.load_labels`, or None when an optional map is absent."""
+    from common.segmentation import load_labels
 
     try:
-        data = storage.read_bytes(path)
+        return load_labels(path)
     except FileNotFoundError:
         if required:
             raise ValueError(f"{path}: cell mask not found") from None
         return None
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if arr is None:
-        raise ValueError(f"{path}: corrupt or unreadable label map")
-    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{path}: a label map must be a 1-channel integer PNG, got {arr.shape} {arr.dtype}")
-    return arr.astype(np.int32)
 
 
 def label_maps(task: Task, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:

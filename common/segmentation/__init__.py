@@ -155,7 +155,10 @@ def save_labels(path: str, label_map: np.ndarray) -> None:
 
 
 def load_labels(path: str) -> np.ndarray:
-    """Read a label-map PNG (8- or 16-bit, one channel) as `HxW int32`."""
+    """Read a label-map PNG (8- or 16-bit, one channel; local or `gs://`) as `HxW int32`.
+
+    Raises FileNotFoundError when absent, ValueError naming the file when it is not a label map.
+    """
     import cv2
 
     from common import storage
@@ -163,7 +166,7 @@ def load_labels(path: str) -> np.ndarray:
     data = storage.read_bytes(path)
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if arr is None:
-        raise ValueError(f"{path}: not a readable PNG label map")
-    if arr.ndim != 2:
-        raise ValueError(f"{path}: a label map must have one channel, got shape {arr.shape}")
+        raise ValueError(f"{path}: corrupt or unreadable label map")
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{path}: a label map must be a 1-channel integer PNG, got {arr.shape} {arr.dtype}")
     return arr.astype(np.int32)
