@@ -136,3 +136,48 @@ def test_registry_covers_v1_and_v2():
     assert {"efficientnetv2_b0", "efficientnetv2_b3", "efficientnetv2_s", "efficientnetv2_l"} <= set(models.BACKBONES)
     for bb in models.BACKBONES.values():
         assert hasattr(keras.applications, bb.keras_fn)
+
+
+def test_bn_momentum_and_prior_head_bias_are_set_and_saved(tmp_path):
+    prior = np.linspace(0.01, 0.5, NUM_CLASSES)
+    model = models.build_model("efficientnet_b0", SIZE, dropout=0.0, bn_momentum=0.9,
+                               head_bias=models.prior_logits(prior))
+    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(bns) > 40 and {layer.momentum for layer in bns} == {0.9}
+    # with a zero kernel the output is the bias alone: the model starts at the class prior
+    dense = model.get_layer("logits")
+    dense.kernel.assign(np.zeros(dense.kernel.shape, "float32"))
+    x = np.random.default_rng(3).uniform(0, 255, (2, SIZE, SIZE, 4)).astype("float32")
+    np.testing.assert_allclose(model.predict(x, verbose=0), np.tile(prior, (2, 1)), rtol=1e-5)
+    # the momentum is layer configuration: it survives a save and load
+    models.save_model(model, str(tmp_path / models.MODEL_FILE))
+    again = models.load_model(str(tmp_path))
+    assert {layer.momentum for layer in again.layers
+            if isinstance(layer, keras.layers.BatchNormalization)} == {0.9}
+    # defaults: Keras' momentum, zero bias
+    plain = models.build_model("efficientnet_b0", SIZE)
+    assert {layer.momentum for layer in plain.layers
+            if isinstance(layer, keras.layers.BatchNormalization)} == {0.99}
+    assert not np.any(plain.get_layer("logits").bias.numpy())
+    # a class absent from the data gets a low but finite logit
+    assert np.isfinite(models.prior_logits([0.0, 1.0])).all()
+    with pytest.raises(ValueError, match="head_bias: expected 19 finite values"):
+        models.build_model("efficientnet_b0", SIZE, head_bias=[0.0, 1.0])
+    with pytest.raises(ValueError, match="bn_momentum must be in"):
+        models.build_model("efficientnet_b0", SIZE, bn_momentum=1.0)
+
+
+@pytest.mark.parametrize("momentum, low, high", [(0.9, 4.0, 5.0), (0.99, 0.5, 1.5)])
+def test_bn_momentum_set_after_building_takes_effect_in_training(momentum, low, high):
+    """The moving mean after 20 training steps on data of mean 5: 0.9 follows it (5 * (1 -
+    0.9^20) = 4.4), Keras' 0.99 still trails far behind (0.9). This is the statistic the
+    exported model uses at inference."""
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.BatchNormalization()(inputs)))
+    assert models.set_bn_momentum(model, momentum) == 1
+    model.compile("sgd", "mse")
+    x = np.full((32, 4), 5.0, np.float32) + np.random.default_rng(0).normal(0, 1, (32, 4)).astype("float32")
+    for _ in range(20):
+        model.train_on_batch(x, np.zeros((32, 1), np.float32))
+    moving = model.layers[1].moving_mean.numpy()
+    assert np.all((moving > low) & (moving < high)), moving

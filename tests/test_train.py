@@ -15,7 +15,7 @@ import pytest
 from common import models, storage
 from common.preprocess import TileSpec
 from tests.notebooks import read_notebook
-from tests.train_shards import make_shards
+from tests.train_shards import make_shards, write_manifest
 from train_tpu import data, history
 from train_tpu import train as trainlib
 from train_tpu.config import make_config
@@ -43,6 +43,32 @@ def test_loss_falls_over_a_few_steps(shards):
     losses = model.fit(ds, epochs=8, steps_per_epoch=1, verbose=0).history["loss"]
     assert all(np.isfinite(losses))
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_run_starts_from_the_class_prior_with_the_configured_bn_momentum(shards, tmp_path):
+    """With a manifest, the head's bias starts at the training folds' class frequencies; the
+    checkpoint's BatchNorm layers use the configured momentum."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for f in Path(shards).iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    write_manifest(folder, sorted(folder.glob("fold*.tfrec")))
+    cfg = make_config("smoke", data=str(folder), out=str(tmp_path / "run"), epochs=1,
+                      steps_per_epoch=1, learning_rate=1e-4, bn_momentum=0.9)
+    trainlib.train(cfg)
+    ckpt = models.load_model(str(tmp_path / "run" / "checkpoints" / "epoch_001.keras"))
+    split = data.find_split(str(folder), cfg.val_fold)
+    prior = data.eval_labels(split.train_files, split.train_examples).mean(0)
+    # one AdamW step of 1e-4 moves each bias by about 1e-4
+    np.testing.assert_allclose(ckpt.get_layer("logits").bias.numpy(), models.prior_logits(prior),
+                               atol=1e-3)
+    assert {layer.momentum for layer in ckpt.layers
+            if isinstance(layer, keras.layers.BatchNormalization)} == {0.9}
+    # prior_bias off: zero bias (plus one step)
+    off = cfg.replace(out=str(tmp_path / "run_off"), prior_bias=False)
+    trainlib.train(off)
+    bias = models.load_model(str(tmp_path / "run_off" / "checkpoints" / "epoch_001.keras"))
+    assert np.abs(bias.get_layer("logits").bias.numpy()).max() < 1e-3
 
 
 class _Interrupted(Exception):

@@ -10,7 +10,7 @@ import pytest
 from common import features
 from common.labels import NUM_CLASSES
 from common.preprocess import TileSpec
-from tests.train_shards import make_shards
+from tests.train_shards import make_shards, write_manifest
 from train_tpu import data, history
 from train_tpu.config import PRESETS, TrainConfig, make_config
 
@@ -44,6 +44,34 @@ def test_split_uses_manifest_counts(shards, tmp_path):
         {"name": n, "examples": 1000 + i} for i, n in enumerate(names)]}))
     split = data.find_split(str(tmp_path), val_fold=0)
     assert split.val_examples == sum(1000 + i for i, n in enumerate(names) if n.startswith("fold0-"))
+
+
+def _copy_with_manifest(made, dst, class_counts: bool = True):
+    """The shards copied to `dst`, with a builder-style manifest of their own counts."""
+    for f in made["files"]:
+        (dst / f.rsplit("/", 1)[-1]).write_bytes(open(f, "rb").read())
+    (dst / "preprocess.json").write_text(made["spec"].to_json())
+    write_manifest(dst, sorted(dst.glob("fold*.tfrec")), class_counts=class_counts)
+    return dst
+
+
+def test_class_prior_is_the_label_frequency_of_the_training_folds(shards, tmp_path):
+    out, made = shards
+    folder = _copy_with_manifest(made, tmp_path)
+    split = data.find_split(str(folder), val_fold=1)
+    prior = data.class_prior(str(folder), split.train_files)
+    want = data.eval_labels(split.train_files, split.train_examples).mean(0)
+    np.testing.assert_allclose(prior, want)
+    assert prior.shape == (NUM_CLASSES,) and prior.max() > 0
+    # the validation fold does not leak into it
+    other = data.find_split(str(folder), val_fold=0)
+    assert not np.allclose(data.class_prior(str(folder), other.train_files), prior)
+    # no manifest, or one without class counts: None (the head starts at zero bias)
+    assert data.class_prior(str(out), split.train_files) is None
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    _copy_with_manifest(made, bare, class_counts=False)
+    assert data.class_prior(str(bare), data.find_split(str(bare), 1).train_files) is None
 
 
 def test_split_errors_name_the_problem(shards, tmp_path):

@@ -53,3 +53,21 @@ def make_shards(synthetic_dir, out_dir, size: int = 32, folds: int = 2, mode: st
             files.append(path)
     spec.save(os.path.join(out_dir, PREPROCESS_FILE))
     return {"spec": spec, "counts": {k: len(v) for k, v in per_fold.items()}, "files": files}
+
+
+def write_manifest(out_dir, files, class_counts: bool = True) -> None:
+    """A builder-style `manifest.json` for `files` (in `out_dir`), with each shard's own
+    counts: examples and, unless `class_counts=False`, positives per class."""
+    import json
+
+    from train_tpu import data
+
+    rows = []
+    for f in files:
+        labels = data.eval_labels([str(f)], data.count_records([str(f)]))
+        row = {"name": str(f).rsplit("/", 1)[-1], "examples": len(labels)}
+        if class_counts:
+            row["class_examples"] = labels.sum(0).astype(int).tolist()
+        rows.append(row)
+    with open(os.path.join(str(out_dir), "manifest.json"), "w") as fh:
+        json.dump({"shards": rows}, fh)

@@ -40,6 +40,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     dropout: float = 0.2  # before the classifier
     drop_connect_rate: float = 0.2  # stochastic depth inside the backbone
+    bn_momentum: float = 0.0  # BatchNorm moving-average momentum; 0 = the backbone's (0.99)
+    prior_bias: bool = True  # start the head's bias at the training class frequencies (manifest)
     flip: bool = True  # random horizontal and vertical flips
     rotate: bool = True  # random 90-degree rotations
     scale: float = 0.1  # random zoom in [1 - scale, 1 + scale]
@@ -67,6 +69,7 @@ class TrainConfig:
             "brightness": 0 <= self.brightness < 1,
             "dropout": 0 <= self.dropout < 1,
             "drop_connect_rate": 0 <= self.drop_connect_rate < 1,
+            "bn_momentum": 0 <= self.bn_momentum < 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:

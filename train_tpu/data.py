@@ -81,6 +81,30 @@ def _manifest_counts(data_dir: str) -> dict[str, int]:
         return {}
 
 
+def class_prior(data_dir: str, train_files) -> "np.ndarray | None":
+    """Per-class frequency of positive labels over the training shards, `float64 [19]`, from
+    the manifest's per-shard `class_examples` (no data is read); None when the manifest is
+    missing or does not cover every training shard."""
+    import numpy as np
+
+    path = storage.join(data_dir, MANIFEST_FILE)
+    try:
+        shards = {s["name"]: s for s in json.loads(storage.read_text(path)).get("shards", [])}
+        names = [f.rsplit("/", 1)[-1] for f in train_files]
+        if not names or any(n not in shards for n in names):
+            return None
+        counts = np.sum([np.asarray(shards[n]["class_examples"], np.float64) for n in names], axis=0)
+        total = float(sum(int(shards[n]["examples"]) for n in names))
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as err:
+        log.warning("%s: no class counts (%s); the head starts at zero bias", path, err)
+        return None
+    if counts.shape != (NUM_CLASSES,) or total <= 0:
+        return None
+    return counts / total
+
+
 def count_records(files) -> int:
     """Records in TFRecord files, by reading them (when no manifest gives the count)."""
     tf = _tf()

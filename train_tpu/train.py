@@ -230,6 +230,15 @@ def train(cfg, resume: bool = False, callbacks=()) -> dict:
     val_ds = data.eval_dataset(split.val_files, tile_size, model_size, cfg.batch_size, val_count)
     val_labels = data.eval_labels(split.val_files, val_count)
 
+    head_bias = None
+    if cfg.prior_bias and not ckpt:
+        prior = data.class_prior(cfg.data, split.train_files)
+        if prior is None:
+            log.info("no class counts in the manifest: the head starts at zero bias")
+        else:
+            head_bias = models.prior_logits(prior)
+            log.info("head bias from the training class frequencies (%.3f..%.3f)",
+                     prior.min(), prior.max())
     with strategy.scope():
         if ckpt:
             log.info("resuming from %s (epoch %d of %d)", ckpt, start_epoch, cfg.epochs)
@@ -238,7 +247,8 @@ def train(cfg, resume: bool = False, callbacks=()) -> dict:
         else:
             model = models.build_model(cfg.backbone, model_size, weights=cfg.weights,
                                        dropout=cfg.dropout, drop_connect_rate=cfg.drop_connect_rate,
-                                       dtype_policy=policy)
+                                       dtype_policy=policy, bn_momentum=cfg.bn_momentum or None,
+                                       head_bias=head_bias)
             optimizer = make_optimizer(cfg, steps)
         compile_model(model, cfg, optimizer, spe)
 
