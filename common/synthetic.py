@@ -487,6 +487,16 @@ def image_labels(cell_labels: Sequence[Sequence[int]]) -> list[int]:
     return union or [NEGATIVE]
 
 
+def read_cell_labels(data_dir: str) -> dict[tuple[str, int], list[int]]:
+    """`DIR/cell_labels.csv` -> `{(image ID, cell id): [classes]}` (the cell-level truth)."""
+    from common.labels import parse_labels
+
+    path = storage.join(data_dir, "cell_labels.csv")
+    rows = csv.DictReader(io.StringIO(storage.read_text(path)))
+    return {(r["ID"], int(r["cell"])): parse_labels(r["Label"], f"{path} row {i} (ID {r['ID']})")
+            for i, r in enumerate(rows, start=2)}
+
+
 def _to_uint8(x: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
 

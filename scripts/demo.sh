@@ -9,12 +9,13 @@ mkdir -p "$OUT"
 step() { printf '\n== %s\n' "$*"; }
 
 step "1/6 synthetic data: training images and a held-out test set"
-$PY -m common.synthetic --out "$OUT/train_data" --n 48 --size 256 --seed 0
-$PY -m common.synthetic --out "$OUT/test_data" --n 8 --size 256 --seed 1
+# 190 images: every class is the main one of 10 images; 19 test images: of one image each
+$PY -m common.synthetic --out "$OUT/train_data" --n 190 --size 256 --seed 0
+$PY -m common.synthetic --out "$OUT/test_data" --n 19 --size 256 --seed 1
 
 step "2/6 TFRecord shards (cell tiles, 3 folds)"
 $PY -m tfrecords_builder --images "$OUT/train_data/images" --labels "$OUT/train_data/train.csv" \
-    --out "$OUT/shards" --mode cell --masks "$OUT/train_data/masks" --size 64 --folds 3 --workers 2
+    --out "$OUT/shards" --mode cell --masks "$OUT/train_data/masks" --size 48 --folds 3 --workers 2
 
 step "3/6 short CPU training (preset demo)"
 $PY -m train_tpu --data "$OUT/shards" --mode cell --out "$OUT/run" --preset demo --strategy cpu --resume

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import metrics, submission
-from common.labels import NEGATIVE, NUM_CLASSES, multi_hot, parse_labels
+from common import metrics, submission, synthetic
+from common.labels import NEGATIVE, NUM_CLASSES, multi_hot
 from common.preprocess import PREPROCESS_FILE, TileSpec
 from infer_gpu import pipeline, scoring
 from tests.notebooks import read_notebook
@@ -38,8 +38,7 @@ pytestmark = pytest.mark.timeout(900)
 
 # --- helpers -------------------------------------------------------------------------------------
 def _cell_labels(data: Path) -> dict[tuple[str, int], list[int]]:
-    with open(data / "cell_labels.csv") as fh:
-        return {(r["ID"], int(r["cell"])): parse_labels(r["Label"]) for r in csv.DictReader(fh)}
+    return synthetic.read_cell_labels(str(data))
 
 
 def _segment(image):

@@ -1,0 +1,57 @@
+"""The trainer learns the synthetic task (issue #5's "done when"), checked against the truth
+the trainer never sees: the cell-level labels of the validation fold.
+
+Tiles inherit their image's labels, so the trainer's own validation AUC (against image labels)
+has a ceiling well below 1 (a perfect cell model scores ~0.77 on this data). The cell-level AUC
+of the exported model is what inference relies on. A short run of the `demo` preset on the CPU
+(5 of its 12 epochs: about 2 minutes) must lift it far above an untrained model's ~0.5.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common import features, models, synthetic
+from common.labels import NUM_CLASSES
+from tests.train_shards import make_shards, write_manifest
+from train_tpu import data, history
+from train_tpu import train as trainlib
+from train_tpu.config import make_config
+
+tf = pytest.importorskip("tensorflow")
+pytestmark = pytest.mark.timeout(900)
+
+
+def _val_cell_truth(data_dir: str, split, truth) -> np.ndarray:
+    """Multi-hot TRUE cell labels of the validation tiles, in `eval_dataset`'s order."""
+    spec = {features.IMAGE_ID: tf.io.FixedLenFeature([], tf.string),
+            features.CELL_INDEX: tf.io.FixedLenFeature([], tf.int64)}
+    out = np.zeros((split.val_examples, NUM_CLASSES), np.float32)
+    for i, rec in enumerate(data._val_records(split.val_files, split.val_examples)):
+        ex = tf.io.parse_single_example(rec, spec)
+        out[i, truth[(ex[features.IMAGE_ID].numpy().decode(), int(ex[features.CELL_INDEX]))]] = 1
+    return out
+
+
+def test_demo_preset_learns_cell_labels_from_image_labels(tmp_path):
+    syn = tmp_path / "syn"
+    synthetic.generate(str(syn), n=57, size=256, seed=3)  # every class the primary of 3 images
+    shards = tmp_path / "shards"
+    made = make_shards(syn, shards, size=48, folds=3)
+    write_manifest(shards, made["files"])
+    cfg = make_config("demo", data=str(shards), out=str(tmp_path / "run"), epochs=5)
+    trainlib.train(cfg)
+
+    split = data.find_split(str(shards), cfg.val_fold)
+    x = data.eval_dataset(split.val_files, 48, 48, cfg.batch_size, split.val_examples)
+    cells = _val_cell_truth(str(shards), split, synthetic.read_cell_labels(str(syn)))
+    untrained = models.build_model(cfg.backbone, 48)
+    trained = models.load_model(str(tmp_path / "run"))
+    before = history.validation_metrics(cells, untrained.predict(x, verbose=0)[:len(cells)])
+    after = history.validation_metrics(cells, trained.predict(x, verbose=0)[:len(cells)])
+    print(f"cell-level macro AUC {before['val_macro_auc']:.3f} untrained -> "
+          f"{after['val_macro_auc']:.3f} trained; mAP {before['val_map']:.3f} -> {after['val_map']:.3f}")
+    assert abs(before["val_macro_auc"] - 0.5) < 0.1
+    # measured: 0.53 -> 0.75 (AUC), 0.11 -> 0.33 (mAP) after these 200 steps
+    assert after["val_macro_auc"] > 0.68
+    assert after["val_map"] > before["val_map"] + 0.12
