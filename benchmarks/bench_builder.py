@@ -31,9 +31,11 @@ def decode_only(folder: str, ids: list[str]) -> float:
     import cv2
     import numpy as np
 
+    from common.images import CHANNELS
+
     start = time.perf_counter()
     for image_id in ids:
-        for channel in ("red", "green", "blue", "yellow"):
+        for channel in CHANNELS:
             with open(os.path.join(folder, f"{image_id}_{channel}.png"), "rb") as fh:
                 arr = cv2.imdecode(np.frombuffer(fh.read(), np.uint8), cv2.IMREAD_UNCHANGED)
             assert arr is not None

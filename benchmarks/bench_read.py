@@ -23,21 +23,11 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def files_dataset(files: list[str]):
-    import tensorflow as tf
-
-    return tf.data.Dataset.from_tensor_slices(files)
-
-
-def interleave_records(files_ds, cycle: int):
-    import tensorflow as tf
-
-    return files_ds.interleave(tf.data.TFRecordDataset, cycle_length=cycle,
-                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-
-
 def raw_pipeline(files: list[str], repeat: int, cycle: int):
-    return interleave_records(files_dataset(files).repeat(repeat), cycle)
+    """The trainer's own file listing and interleaved reads (`train_tpu.data`), nothing else."""
+    from train_tpu import data
+
+    return data.interleave_records(data.list_files(files, False, 0).repeat(repeat), cycle, deterministic=False)
 
 
 def full_pipeline(files: list[str], repeat: int, cycle: int, tile: int, batch: int):
@@ -48,7 +38,7 @@ def full_pipeline(files: list[str], repeat: int, cycle: int, tile: int, batch: i
     def parse(serialized):
         return features.parse(serialized, tile_size=tile)
 
-    ds = interleave_records(files_dataset(files).repeat(repeat), cycle)
+    ds = raw_pipeline(files, repeat, cycle)
     ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
     return ds.batch(batch).prefetch(tf.data.AUTOTUNE)
 
@@ -75,7 +65,7 @@ def main(argv=None) -> int:
 
     import tensorflow as tf
 
-    from common import synthetic
+    from common import features, synthetic
     from tfrecords_builder import build as buildlib
     from tfrecords_builder.config import make_config
 
@@ -86,7 +76,7 @@ def main(argv=None) -> int:
                           masks=os.path.join(data, "masks"), out=os.path.join(tmp, "shards"), mode="cell",
                           size=args.tile, folds=4, shard_mb=0.5, workers=2)
         result = buildlib.build(cfg, progress=False, log=lambda s: None)
-        files = sorted(glob.glob(os.path.join(cfg.out, "fold*-*.tfrec")))
+        files = sorted(glob.glob(os.path.join(cfg.out, features.SHARD_GLOB)))
         cycle = min(len(files), 8)
         mb = sum(os.path.getsize(f) for f in files) / 1e6
 

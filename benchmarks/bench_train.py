@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
 
-    from common import synthetic
+    from common import features, synthetic
     from tfrecords_builder import build as buildlib
     from tfrecords_builder.config import make_config as builder_config
 
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
                                  masks=os.path.join(src, "masks"), out=out, mode="cell", size=size,
                                  folds=2, shard_mb=0.5, workers=1)
             buildlib.build(cfg, progress=False, log=lambda s: None)
-            files = sorted(glob.glob(os.path.join(out, "fold*-*.tfrec")))
+            files = sorted(glob.glob(os.path.join(out, features.SHARD_GLOB)))
             pipe = pipeline_examples_per_s(files, size, args.batch, args.batches)
             model = model_examples_per_s(size, args.batch, args.steps)
             rows.append((size, model, pipe))

@@ -28,6 +28,10 @@ CELL_AREA = "cell_area"  # int64: pixels at full resolution (0 for whole images)
 
 WHOLE_IMAGE = -1
 
+# A dataset folder: shards named by `shard_name`, found by this glob, and the builder's manifest.
+SHARD_GLOB = "fold*-*.tfrec"
+MANIFEST_FILE = "manifest.json"
+
 
 def _varint(value: int) -> bytes:
     value &= 0xFFFFFFFFFFFFFFFF  # int64 negatives are 10-byte two's complement varints
@@ -158,14 +162,28 @@ def parse(serialized, tile_size: int | None = None) -> dict:
     image = tf.io.decode_png(ex[IMAGE], channels=4)
     if tile_size is not None:
         image = tf.ensure_shape(image, [tile_size, tile_size, 4])
-    label_ids = tf.sparse.to_dense(ex[LABELS])
-    # sum-then-clip: an empty label list gives zeros (reduce_max would give -inf)
-    labels = tf.minimum(tf.reduce_sum(tf.one_hot(label_ids, NUM_CLASSES, dtype=tf.float32), axis=0), 1.0)
-    labels = tf.ensure_shape(labels, [NUM_CLASSES])
     out = {k: v for k, v in ex.items() if k not in (IMAGE, LABELS)}
     out[IMAGE] = image
-    out[LABELS] = labels
+    out[LABELS] = multi_hot_ids(ex[LABELS])
     return out
+
+
+def parse_labels(serialized):
+    """Serialized example -> `labels float32 [19]` only, without decoding the PNG (cheap)."""
+    import tensorflow as tf
+
+    spec = {LABELS: feature_spec()[LABELS]}
+    return multi_hot_ids(tf.io.parse_single_example(serialized, spec)[LABELS])
+
+
+def multi_hot_ids(label_ids):
+    """Parsed label ids (a sparse int64 tensor) -> `float32 [19]` multi-hot."""
+    import tensorflow as tf
+
+    ids = tf.sparse.to_dense(label_ids)
+    # sum-then-clip: an empty label list gives zeros (reduce_max would give -inf)
+    hot = tf.minimum(tf.reduce_sum(tf.one_hot(ids, NUM_CLASSES, dtype=tf.float32), axis=0), 1.0)
+    return tf.ensure_shape(hot, [NUM_CLASSES])
 
 
 def shard_name(split: str, index: int, count: int) -> str:

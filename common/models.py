@@ -335,27 +335,33 @@ def _join(base: str, name: str) -> str:
     return storage.join(base, name)
 
 
-def load_model(path: str, compile: bool = False):
+def load_model(path: str, compile: bool = False, data: bytes | None = None):
     """Load a `model.keras` (or a run folder holding one), local or `gs://`.
 
     compile=True also restores the optimizer state (for resuming training).
+    data: the file's bytes when the caller has already read them (no second read or download).
     """
     from common import storage
 
-    keras = _keras()
     path = model_path(path)
-    if storage.is_gcs(path):
+    if data is None and storage.is_gcs(path):
+        data = storage.read_bytes(path)
+    if data is not None:
         with tempfile.TemporaryDirectory() as tmp:
             local = os.path.join(tmp, os.path.basename(path))
             with open(local, "wb") as fh:
-                fh.write(storage.read_bytes(path))
-            return keras.saving.load_model(local, compile=compile)
+                fh.write(data)
+            return _load_keras_file(local, path, compile)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such model file")
+    return _load_keras_file(path, path, compile)
+
+
+def _load_keras_file(local: str, name: str, compile: bool):
     try:
-        return keras.saving.load_model(path, compile=compile)
+        return _keras().saving.load_model(local, compile=compile)
     except Exception as err:  # Keras raises many types; name the file either way
-        raise ValueError(f"{path}: cannot load the model: {err}") from err
+        raise ValueError(f"{name}: cannot load the model: {err}") from err
 
 
 def save_model(model, path: str) -> None:

@@ -115,7 +115,7 @@ def write_bytes(path: str, data: bytes) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -131,6 +131,11 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# Read once: os.umask can only be read by setting it, process-wide, and writer threads would
+# create files in that window with the wrong permissions.
+_UMASK = _umask()
 
 
 def write_text(path: str, text: str) -> None:
@@ -190,11 +195,6 @@ def listdir(prefix: str) -> list[str]:
     if not os.path.isdir(prefix):
         return []
     return sorted(os.listdir(prefix))
-
-
-def list_prefix(prefix: str) -> list[str]:
-    """Full paths of all files under a folder or `gs://` prefix (recursive), sorted."""
-    return sorted(iter_files(prefix))
 
 
 def iter_files(prefix: str) -> Iterator[str]:

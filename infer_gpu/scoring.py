@@ -189,10 +189,10 @@ def load_run(run_dir: str, expect_mode: str | None = None) -> RunDir:
     path = storage.join(run_dir, MODEL_FILE)
     if not storage.exists(path):
         raise FileNotFoundError(f"{path}: missing; a run directory needs {MODEL_FILE} and {PREPROCESS_FILE}")
-    data = storage.read_bytes(path)
+    data = storage.read_bytes(path)  # read once: fingerprinted, then loaded from these bytes
     fingerprint = f"crc32:{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+    model = models.load_model(path, data=data)
     del data
-    model = models.load_model(path)  # also handles gs:// (copies the file down first)
     shape = tuple(model.input_shape)
     if len(shape) != 4 or shape[-1] != 4:
         raise ValueError(f"{path}: model input {shape}, expected [B, N, N, 4]")

@@ -22,10 +22,9 @@ tf = pytest.importorskip("tensorflow")
 pytestmark = pytest.mark.timeout(900)
 
 
-def _val_cell_truth(data_dir: str, split, truth) -> np.ndarray:
+def _val_cell_truth(split, truth) -> np.ndarray:
     """Multi-hot TRUE cell labels of the validation tiles, in `eval_dataset`'s order."""
-    spec = {features.IMAGE_ID: tf.io.FixedLenFeature([], tf.string),
-            features.CELL_INDEX: tf.io.FixedLenFeature([], tf.int64)}
+    spec = features.feature_spec()  # the common schema; the PNGs are not decoded
     out = np.zeros((split.val_examples, NUM_CLASSES), np.float32)
     for i, rec in enumerate(data._val_records(split.val_files, split.val_examples)):
         ex = tf.io.parse_single_example(rec, spec)
@@ -44,7 +43,7 @@ def test_demo_preset_learns_cell_labels_from_image_labels(tmp_path):
 
     split = data.find_split(str(shards), cfg.val_fold)
     x = data.eval_dataset(split.val_files, 48, 48, cfg.batch_size, split.val_examples)
-    cells = _val_cell_truth(str(shards), split, synthetic.read_cell_labels(str(syn)))
+    cells = _val_cell_truth(split, synthetic.read_cell_labels(str(syn)))
     untrained = models.build_model(cfg.backbone, 48)
     trained = models.load_model(str(tmp_path / "run"))
     before = history.validation_metrics(cells, untrained.predict(x, verbose=0)[:len(cells)])

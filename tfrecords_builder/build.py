@@ -49,7 +49,6 @@ class BuildResult:
     manifest: dict
     shards_built: int  # in this run
     shards_reused: int  # finished by an earlier, interrupted run (or all, if already complete)
-    plan_s: float = 0.0  # seconds spent planning in this run (labels, folds, pilot, worker start)
     write_s: float = 0.0  # seconds spent decoding and writing shards in this run
     images_written: int = 0  # images decoded in the write phase of this run (skipped ones included)
 
@@ -221,7 +220,6 @@ def build(cfg: BuildConfig, progress: bool = True, log: Callable[[str], None] = 
 
     from tqdm import tqdm
 
-    start = time.perf_counter()
     finished = _load_finished(cfg)
     if finished is not None:
         log(f"{cfg.out}: already complete")
@@ -258,7 +256,7 @@ def build(cfg: BuildConfig, progress: bool = True, log: Callable[[str], None] = 
         storage.delete(path)
     if not storage.is_gcs(cfg.out):
         shutil.rmtree(state, ignore_errors=True)
-    return BuildResult(cfg.out, manifest, len(todo), len(plan.shards) - len(todo), plan_s=planned - start,
+    return BuildResult(cfg.out, manifest, len(todo), len(plan.shards) - len(todo),
                        write_s=written - planned, images_written=decoded)
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 import json
 
 from common import config as cfglib
+from common.features import MANIFEST_FILE  # noqa: F401  (re-exported: manifestlib.MANIFEST_FILE)
 from common.labels import CLASS_NAMES, NUM_CLASSES
 from tfrecords_builder.config import BuildConfig
 from tfrecords_builder.plan import Plan
 
-MANIFEST_FILE = "manifest.json"
 FORMAT = "hpa-scc-tfrecords"
 VERSION = 1
 

@@ -15,12 +15,6 @@ from common.models import BACKBONES
 from train_tpu.config import PRESETS, TrainConfig, make_config
 from train_tpu.strategy import HardwareNotFoundError
 
-# option -> TrainConfig field, for the options that override the preset
-_OVERRIDES = ("data", "out", "mode", "backbone", "size", "epochs", "batch_size", "val_fold",
-              "weights", "strategy", "tpu", "steps_per_epoch", "val_steps", "learning_rate",
-              "loss", "precision", "steps_per_execution", "cpu_replicas", "seed",
-              "keep_checkpoints")
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -73,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args) -> TrainConfig:
-    overrides = {k: getattr(args, k) for k in _OVERRIDES}
+    # every option named like a TrainConfig field overrides the preset (None = not given)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if hasattr(args, f.name)}
     cfg = make_config(args.preset, **overrides)
     extra = {}
     for item in args.set:

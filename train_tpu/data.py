@@ -13,12 +13,13 @@ from dataclasses import dataclass
 
 from common import features, storage
 from common.labels import NUM_CLASSES
-from common.preprocess import PREPROCESS_FILE, TileSpec
+from common.models import CHANNELS
+from common.preprocess import PREPROCESS_FILE, TileSpec, resize_tiles, to_model_input
 
 log = logging.getLogger("train_tpu")
 
-SHARD_GLOB = "fold*-*.tfrec"
-MANIFEST_FILE = "manifest.json"
+SHARD_GLOB = features.SHARD_GLOB
+MANIFEST_FILE = features.MANIFEST_FILE
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,7 @@ def _tf():
 
 
 def _fold_of(path: str) -> int:
-    name = path.rstrip("/").rsplit("/", 1)[-1]
-    head = name.split("-", 1)[0]  # "fold3"
+    head = _shard_name(path).split("-", 1)[0]  # "fold3"
     try:
         return int(head[len("fold"):])
     except ValueError:
@@ -69,37 +69,36 @@ def model_spec(data_spec: TileSpec, size: int, mode: str, where: str = "") -> Ti
     return data_spec.replace(model_size=0 if size == data_spec.size else size)
 
 
-def _manifest_counts(data_dir: str) -> dict[str, int]:
+def _shard_name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _manifest_shards(data_dir: str) -> dict[str, dict]:
+    """The manifest's shard entries by file name (`examples`, `class_examples`, ...); empty
+    when the dataset has no manifest, or an unreadable one (with a warning)."""
     path = storage.join(data_dir, MANIFEST_FILE)
     try:
-        manifest = json.loads(storage.read_text(path))
-        return {s["name"]: int(s["examples"]) for s in manifest.get("shards", [])}
+        return {s["name"]: s for s in json.loads(storage.read_text(path)).get("shards", [])}
     except FileNotFoundError:
         return {}
-    except (ValueError, KeyError, TypeError) as err:
-        log.warning("%s: unreadable (%s); counting records instead", path, err)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        log.warning("%s: unreadable (%s); records are counted, the head starts at zero bias",
+                    path, err)
         return {}
 
 
 def class_prior(data_dir: str, train_files) -> "np.ndarray | None":
     """Per-class frequency of positive labels over the training shards, `float64 [19]`, from
     the manifest's per-shard `class_examples` (no data is read); None when the manifest is
-    missing or does not cover every training shard."""
+    missing or does not give class counts for every training shard."""
     import numpy as np
 
-    path = storage.join(data_dir, MANIFEST_FILE)
-    try:
-        shards = {s["name"]: s for s in json.loads(storage.read_text(path)).get("shards", [])}
-        names = [f.rsplit("/", 1)[-1] for f in train_files]
-        if not names or any(n not in shards for n in names):
-            return None
-        counts = np.sum([np.asarray(shards[n]["class_examples"], np.float64) for n in names], axis=0)
-        total = float(sum(int(shards[n]["examples"]) for n in names))
-    except FileNotFoundError:
+    shards = _manifest_shards(data_dir)
+    rows = [shards.get(_shard_name(f), {}) for f in train_files]
+    if not rows or not all("class_examples" in r and "examples" in r for r in rows):
         return None
-    except (ValueError, KeyError, TypeError) as err:
-        log.warning("%s: no class counts (%s); the head starts at zero bias", path, err)
-        return None
+    counts = np.sum([np.asarray(r["class_examples"], np.float64) for r in rows], axis=0)
+    total = float(sum(int(r["examples"]) for r in rows))
     if counts.shape != (NUM_CLASSES,) or total <= 0:
         return None
     return counts / total
@@ -128,12 +127,12 @@ def find_split(data_dir: str, val_fold: int) -> Split:
         raise ValueError(f"{data_dir}: no shards for --val-fold {val_fold}; folds present: {folds}")
     if not train:
         raise ValueError(f"{data_dir}: only fold {val_fold} present, nothing left to train on")
-    counts = _manifest_counts(data_dir)
+    shards = _manifest_shards(data_dir)
 
     def total(group):
-        names = [f.rsplit("/", 1)[-1] for f in group]
-        if counts and all(n in counts for n in names):
-            return sum(counts[n] for n in names)
+        rows = [shards.get(_shard_name(f), {}) for f in group]
+        if all("examples" in r for r in rows):
+            return sum(int(r["examples"]) for r in rows)
         return count_records(group)
 
     return Split(train, val, total(train), total(val))
@@ -164,27 +163,16 @@ def parse_example(serialized, tile_size: int):
     return ex[features.IMAGE], ex[features.LABELS]
 
 
-def parse_labels(serialized):
-    """Serialized example -> `labels float32 [19]`, without decoding the PNG (cheap)."""
-    tf = _tf()
-    spec = {features.LABELS: features.feature_spec()[features.LABELS]}
-    ids = tf.sparse.to_dense(tf.io.parse_single_example(serialized, spec)[features.LABELS])
-    # the same multi-hot rule as common.features.parse (a test checks they agree)
-    hot = tf.minimum(tf.reduce_sum(tf.one_hot(ids, NUM_CLASSES, dtype=tf.float32), axis=0), 1.0)
-    return tf.ensure_shape(hot, [NUM_CLASSES])
+parse_labels = features.parse_labels  # labels only, the PNG is not decoded
 
 
 def resize(image, labels, size: int):
     """The model's input side: the same TF op inference uses (`common.preprocess.resize_tiles`)."""
-    from common.preprocess import resize_tiles
-
     return resize_tiles(image, size), labels
 
 
 def to_float(image, labels):
     """uint8 -> float32 in [0, 255] (`common.preprocess.to_model_input`)."""
-    from common.preprocess import to_model_input
-
     return to_model_input(image), labels
 
 
@@ -273,7 +261,7 @@ def eval_dataset(files, tile_size: int, model_size: int, global_batch: int, coun
     ds = ds.map(lambda x, y: to_float(x, y)[0], num_parallel_calls=tf.data.AUTOTUNE)
     pad = (-count) % global_batch
     if pad:
-        zeros = tf.zeros([model_size, model_size, 4], tf.float32)
+        zeros = tf.zeros([model_size, model_size, CHANNELS], tf.float32)
         ds = ds.concatenate(tf.data.Dataset.from_tensors(zeros).repeat(pad))
     ds = ds.batch(global_batch, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE)

@@ -32,13 +32,18 @@ def checkpoint_name(epoch: int) -> str:
     return f"epoch_{epoch:03d}.keras"
 
 
+def _checkpoint_epochs(out: str) -> list[int]:
+    """The epochs with a checkpoint in a run folder, ascending."""
+    folder = storage.join(out, CHECKPOINTS)
+    return sorted(int(m.group(1)) for m in map(_CKPT.match, storage.listdir(folder)) if m)
+
+
 def last_checkpoint(out: str) -> tuple[int, str | None]:
     """`(epoch, path)` of the newest finished-epoch checkpoint in a run folder, or `(0, None)`."""
-    folder = storage.join(out, CHECKPOINTS)
-    epochs = [int(m.group(1)) for m in map(_CKPT.match, storage.listdir(folder)) if m]
+    epochs = _checkpoint_epochs(out)
     if not epochs:
         return 0, None
-    return max(epochs), storage.join(folder, checkpoint_name(max(epochs)))
+    return epochs[-1], storage.join(out, CHECKPOINTS, checkpoint_name(epochs[-1]))
 
 
 def resolve_precision(precision: str, kind: str) -> str:
@@ -155,10 +160,8 @@ def _epoch_end_callback():
 def _prune_checkpoints(out: str, keep: int) -> None:
     if keep <= 0:
         return
-    folder = storage.join(out, CHECKPOINTS)
-    epochs = sorted(int(m.group(1)) for m in map(_CKPT.match, storage.listdir(folder)) if m)
-    for e in epochs[:-keep]:
-        storage.delete(storage.join(folder, checkpoint_name(e)))
+    for e in _checkpoint_epochs(out)[:-keep]:
+        storage.delete(storage.join(out, CHECKPOINTS, checkpoint_name(e)))
 
 
 class _Run:
