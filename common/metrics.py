@@ -9,19 +9,27 @@ A re-implementation of the rules of tensorflow/models `research/object_detection
    with several labels is one instance per label. The classes "verified" for an image are the
    classes of its truth masks plus any image-level labels given (`image_labels`).
 2. Detections of a class not verified for their image are ignored (neither TP nor FP), and so
-   are all detections on an image absent from the truth (the OID challenge rule).
-3. Per image and class: detections ordered by `np.argsort(scores)[::-1]` (the reference's
+   are all detections on an image absent from the truth (the OID challenge rule). A detection
+   whose mask is empty is dropped too: the reference gives it the box [0, 0, 0, 0], and
+   `PerImageEvaluation._remove_invalid_boxes` removes every box with ymin >= ymax or
+   xmin >= xmax before matching.
+3. Images are visited in sorted ImageID order (the reference's `groupby('ImageID')`), whatever
+   the order of the submission's rows; within an image, detections keep their order in the
+   PredictionString (one CSV row each in the reference's input, kept in order by groupby).
+   Tied confidences therefore end up exactly where the reference puts them: every sort below
+   is numpy's default `argsort` applied to the same array, in the same order, as there.
+4. Per image and class: detections ordered by `np.argsort(scores)[::-1]` (the reference's
    sort: descending, ties in numpy's default unstable order), at most 10000 kept; the mask IoU
    matrix in float32 as `np_mask_ops.iou`; each detection, in that order, looks only at the
    ground truth with the largest IoU (`argmax`, first on ties): a TP if that IoU >= 0.6 and
    that ground truth is not matched yet, else a FP (a second detection on a matched cell is
    a FP even if another cell overlaps it enough).
-4. Per class: the per-image scores and TP flags concatenated in image order, sorted again
+5. Per class: the per-image scores and TP flags concatenated in image order, sorted again
    by `np.argsort(scores)[::-1]`; precision = cumTP / (cumTP + cumFP), recall = cumTP / num_gt;
    precision made non-increasing from the right, AP = sum over recall steps of
    (recall step) * precision. A class with ground truth but no detection has AP 0; a class
    with no ground truth has no AP and is left out of the mean.
-5. mAP = mean of the per-class APs that exist.
+6. mAP = mean of the per-class APs that exist.
 
 Mask IoUs come from pycocotools' RLE `iou` (bounding-box pre-check, run-length
 intersection; no full frames), turned back into exact pixel counts and divided in float32.
@@ -56,6 +64,7 @@ class Result:
     num_tp: dict[int, int] = field(default_factory=dict)
     num_images: int = 0
     ignored_detections: int = 0
+    empty_detections: int = 0
 
     def lines(self) -> list[str]:
         """Human-readable report: one line per class, then `mAP 0.xxxx` as the last line."""
@@ -72,7 +81,8 @@ class Result:
             f"images {self.num_images}; classes with ground truth "
             f"{sum(ap is not None for ap in self.per_class_ap.values())}; "
             f"IoU threshold {self.iou_threshold}; ignored detections "
-            f"{self.ignored_detections} (class not in the image's truth)"
+            f"{self.ignored_detections} (class not in the image's truth); dropped empty "
+            f"masks {self.empty_detections}"
         )
         out.append(f"mAP {self.mAP:.4f}")
         return out
@@ -157,18 +167,20 @@ class _RleCache:
     def __init__(self, row: ImageRow, source: str):
         self.row, self.source, self.cache = row, source, {}
 
-    def get(self, k: int, mask: str, allow_empty: bool) -> dict:
+    def get(self, k: int, mask: str, allow_empty: bool) -> dict | None:
+        """The RLE, or None for an empty mask where `allow_empty` (a detection to drop)."""
         if mask not in self.cache:
             where = f"{self.source} row {self.row.row} (ID {self.row.image_id}) prediction {k + 1}"
             try:
                 rle = masks.coco_rle(mask, self.row.height, self.row.width)
             except masks.MaskCodecError as err:
                 raise SubmissionError(f"{where}: {err}") from None
-            if not allow_empty:
-                from pycocotools import mask as coco_mask
+            from pycocotools import mask as coco_mask
 
-                if int(coco_mask.area(rle)) == 0:
+            if int(coco_mask.area(rle)) == 0:
+                if not allow_empty:
                     raise SubmissionError(f"{where}: truth mask is empty (no pixel set)")
+                rle = None
             self.cache[mask] = rle
         return self.cache[mask]
 
@@ -221,8 +233,9 @@ def evaluate(
 
     scores_per_class: list[list[np.ndarray]] = [[] for _ in range(NUM_CLASSES)]
     tp_per_class: list[list[np.ndarray]] = [[] for _ in range(NUM_CLASSES)]
-    ignored = 0
-    items = list(subm.values())
+    ignored = empty = 0
+    # sorted ImageID order, as the reference's groupby: tied scores depend on it
+    items = [subm[i] for i in sorted(subm)]
     if progress:
         from tqdm import tqdm
 
@@ -248,9 +261,13 @@ def evaluate(
             if p.label not in verified:
                 ignored += 1
                 continue
+            rle = rles.get(k, p.mask, allow_empty=True)
+            if rle is None:  # the reference's box [0,0,0,0]: removed as invalid
+                empty += 1
+                continue
             s, m = by_class.setdefault(p.label, ([], []))
             s.append(p.confidence)
-            m.append(rles.get(k, p.mask, allow_empty=True))
+            m.append(rle)
         for c in sorted(by_class):
             s, m = by_class[c]
             scores, tp = match_image_class(np.asarray(s, dtype=float), m, gts.get(c, []), iou_threshold)
@@ -280,6 +297,7 @@ def evaluate(
         num_tp=n_tp,
         num_images=len(truth),
         ignored_detections=ignored,
+        empty_detections=empty,
     )
 
 
