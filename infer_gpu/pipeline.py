@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from common import storage
-from common.labels import CLASS_NAMES, NUM_CLASSES
+from common.labels import NUM_CLASSES
 from common.preprocess import TileSpec
 from infer_gpu.parts import PartStore
 from infer_gpu.scoring import CombineRule, combine, detections
@@ -271,12 +271,13 @@ def prediction_triples(prepared: Prepared, scores: np.ndarray, min_score: float)
     return triples
 
 
-def overlay_texts(cell_ids, scores: np.ndarray, top: int = 2) -> dict[int, str]:
-    """`{cell id: 'Cytosol 0.81\nNucleoplasm 0.40'}`: each cell's `top` classes, one per line."""
+def overlay_texts(cell_ids, scores: np.ndarray, top: int = 2, min_score: float = 0.25) -> dict[int, list]:
+    """`{cell id: [(16, 0.81), (0, 0.40)]}`: each cell's best class, then up to `top - 1` more
+    scoring at least `min_score`; common.overlay tints the cell and names the classes."""
     texts = {}
     for cid, row in zip(cell_ids, scores):
         best = np.argsort(-row, kind="stable")[:top]
-        texts[int(cid)] = "\n".join(f"{CLASS_NAMES[c]} {row[c]:.2f}" for c in best)
+        texts[int(cid)] = [(int(c), float(row[c])) for k, c in enumerate(best) if k == 0 or row[c] >= min_score]
     return texts
 
 

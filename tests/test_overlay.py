@@ -77,3 +77,61 @@ def test_small_images_are_enlarged_for_legible_labels():
     plain = overlay.draw_overlay(image, labels, texts={}, credit=False)
     # away from outlines, each source pixel becomes a 3x3 block of the same colour
     assert np.array_equal(big[::3, ::3][~overlay.outlines(labels, 2)], plain[~overlay.outlines(labels, 2)])
+
+
+def _crowded(side=1024, seed=0):
+    """A Voronoi-like label map of ~60 irregular cells of very different sizes, filling the frame."""
+    rng = np.random.default_rng(seed)
+    n = 60
+    centres = rng.random((n, 2)) * side
+    weights = rng.uniform(0.3, 1.0, n)  # weighted distances: cells from slivers to large
+    yy, xx = np.mgrid[0:side:4, 0:side:4]
+    d = ((yy[..., None] - centres[:, 0]) ** 2 + (xx[..., None] - centres[:, 1]) ** 2) * weights
+    small = (np.argmin(d, axis=-1) + 1).astype(np.int32)
+    labels = np.repeat(np.repeat(small, 4, axis=0), 4, axis=1)
+    texts = {i: [(int(rng.integers(19)), float(rng.random())), (int(rng.integers(19)), float(rng.random()))]
+             for i in range(1, n + 1)}
+    return labels, texts
+
+
+def _disjoint(a, b):
+    return a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+
+
+@pytest.mark.parametrize("side", [512, 2048])
+def test_label_texts_never_overlap_on_a_crowded_image(side):
+    labels, texts = _crowded(side)
+    reserved = [(0, side - 40, side // 2, side)]
+    placed = overlay.layout_labels(labels, texts, reserved=reserved)
+    boxes = [v[0] for v in placed.values()]
+    for k, a in enumerate(boxes + reserved):
+        assert 0 <= a[0] < a[2] <= side and 0 <= a[1] < a[3] <= side
+        for b in (boxes + reserved)[k + 1:]:
+            assert _disjoint(a, b), (a, b)
+    # most cells keep a text, and the text grows with the cell
+    assert len(placed) >= 0.8 * len(texts), len(placed)
+    area = {i: int((labels == i).sum()) for i in placed}
+    big, small = max(area, key=area.get), min(area, key=area.get)
+    assert placed[big][2] > placed[small][2]
+    # each text is at least `side/120` px high (readable when the picture is shown whole)
+    for box, lines, scale in placed.values():
+        assert (box[3] - box[1]) / len(lines) >= 1.4 * max(9, side / 120) - 1
+        assert lines[0].split(":")[0].isdigit()  # the class code comes first
+
+
+def test_predictions_tint_cells_in_their_class_colour_and_get_a_legend():
+    image, labels = _image_and_labels()
+    plain = overlay.draw_overlay(image, labels, texts={}, credit=False)
+    texts = {1: [(16, 0.81), (0, 0.4)], 2: [(3, 0.5)], 5: [(16, 0.3)]}
+    rgb = overlay.draw_overlay(image, labels, texts=texts, credit=False)
+    assert rgb.shape[0] == 300 and rgb.shape[1] > 400 + 100  # the legend panel on the right
+    cell, legend = rgb[:, :400], rgb[:, 400:]
+    for i, c in ((1, 16), (2, 3), (5, 16)):
+        ys, xs = np.nonzero(labels == i)
+        y, x = ys.min() + 3, xs.min() + 3  # inside, clear of the outline and the text
+        want = (plain[y, x].astype(int) * 7 + np.array(overlay.CLASS_COLORS[c]) * 3) // 10
+        assert (cell[y, x] == want).all(), (i, cell[y, x], want)
+    for c in (16, 3, 0):  # one swatch per class shown
+        assert (legend == overlay.CLASS_COLORS[c]).all(-1).sum() > 20, c
+    assert not (legend == overlay.CLASS_COLORS[7]).all(-1).any()  # and none for the others
+    assert overlay.draw_overlay(image, labels, texts=texts, credit=False, legend=False).shape == (300, 400, 3)

@@ -179,9 +179,10 @@ def test_prediction_triples_repeat_each_cell_mask_per_label():
 
 
 def test_overlay_texts_name_the_top_classes():
-    scores = np.zeros((1, NUM_CLASSES), np.float32)
-    scores[0, 16], scores[0, 0] = 0.81, 0.4
-    assert P.overlay_texts([7], scores) == {7: "Cytosol 0.81\nNucleoplasm 0.40"}
+    scores = np.zeros((2, NUM_CLASSES), np.float32)
+    scores[0, 16], scores[0, 0], scores[1, 3], scores[1, 4] = 0.81, 0.4, 0.3, 0.2
+    assert P.overlay_texts([7, 9], scores) == {7: [(16, pytest.approx(0.81)), (0, pytest.approx(0.4))],
+                                               9: [(3, pytest.approx(0.3))]}  # 0.2 < min_score
 
 
 # --- prefetch ----------------------------------------------------------------------------------
