@@ -181,3 +181,53 @@ def test_bn_momentum_set_after_building_takes_effect_in_training(momentum, low, 
         model.train_on_batch(x, np.zeros((32, 1), np.float32))
     moving = model.layers[1].moving_mean.numpy()
     assert np.all((moving > low) & (moving < high)), moving
+
+
+def _write_keras2_h5(model, path: str) -> None:
+    """`model`'s weights in the legacy Keras 2 HDF5 layout of the files Keras downloads
+    (`efficientnetb0_notop.h5`): root attributes `layer_names`, `backend`, `keras_version`
+    2.x; one group per layer with a `weight_names` attribute (`{layer}/{weight}:0`) and one
+    dataset per weight, in the layer's own order (trainable, then non-trainable)."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = np.array([l.name.encode() for l in model.layers])
+        f.attrs["backend"] = b"tensorflow"
+        f.attrs["keras_version"] = b"2.4.0"
+        for layer in model.layers:
+            g = f.create_group(layer.name)
+            weights = list(layer.trainable_weights) + list(layer.non_trainable_weights)
+            names = [f"{layer.name}/{w.name.split('/')[-1]}:0".encode() for w in weights]
+            g.attrs["weight_names"] = np.array(names, dtype="S") if names else np.array([], dtype="S1")
+            for name, w in zip(names, weights):
+                g.create_dataset(name.decode(), data=np.asarray(w))
+
+
+def test_legacy_keras2_imagenet_h5_file_loads_and_matches_on_rgb(tmp_path):
+    """`--weights efficientnetb0_notop.h5` (the README's offline file): a Keras 2 HDF5 file
+    as Keras' download holds it, ImageNet mean and std in the Normalization layer (the std in
+    the variance slot, as Keras' files have it). The 4-channel model must give, on RGB input,
+    what Keras' own weights="imagenet" model gives: (x/255 - mean) / std into the same network."""
+    import h5py
+
+    rng = np.random.default_rng(3)
+    src = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
+    _randomise_statistics(src, rng)
+    norm = [l for l in src.layers if isinstance(l, keras.layers.Normalization)][0]
+    norm.adapt_mean.assign(models.IMAGENET_MEAN)
+    norm.adapt_variance.assign(models.IMAGENET_STD)
+    norm.finalize_state()
+    path = str(tmp_path / "efficientnetb0_notop.h5")
+    _write_keras2_h5(src, path)
+    with h5py.File(path) as f:  # the legacy layout, not Keras 3's `.weights.h5`
+        assert str(f.attrs["keras_version"]).lstrip("b'").startswith("2.") and "stem_conv" in f
+        assert [bytes(n) for n in f["stem_conv"].attrs["weight_names"]] == [b"stem_conv/kernel:0"]
+    model = models.build_model("efficientnet_b0", SIZE, weights=path, drop_connect_rate=0.0)
+    x = rng.uniform(0, 255, (3, SIZE, SIZE, 4)).astype("float32")
+    mean, std = np.array(models.IMAGENET_MEAN), np.array(models.IMAGENET_STD)
+    # src normalises by sqrt(std); feed it the input whose result is (x/255 - mean) / std
+    x_src = (255 * (mean + (x[..., :3] / 255 - mean) / np.sqrt(std))).astype("float32")
+    want = np.asarray(src(x_src, training=False))
+    got = np.asarray(_features(model)(x, training=False))
+    assert np.abs(want).max() > 1e-3
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
