@@ -178,6 +178,40 @@ def test_prediction_triples_repeat_each_cell_mask_per_label():
         (5, pytest.approx(0.7), "MASK1"), (2, pytest.approx(0.3), "MASK1"), (9, 0.5, "MASK2")]
 
 
+def _orientation_sensitive_model(size: int, seed: int = 0):
+    """A tiny real Keras model whose output changes under every flip and rotation (a dense
+    layer over the flattened feature map sees where things are)."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    L = keras.layers
+    inputs = keras.Input((size, size, 4))
+    x = L.Rescaling(1 / 255.0)(inputs)
+    x = L.Conv2D(4, 3, padding="same", activation="relu")(x)
+    x = L.Flatten()(x)
+    return keras.Model(inputs, L.Dense(NUM_CLASSES, activation="sigmoid")(x))
+
+
+def test_tta_8_is_the_mean_of_the_8_transformed_predictions():
+    from common.preprocess import TileSpec
+
+    n = 12
+    model = _orientation_sensitive_model(n)
+    tiles = np.random.default_rng(0).integers(0, 256, (5, n, n, 4), dtype=np.uint8)
+    x = tiles.astype(np.float32)
+    by_hand = [x, x[:, :, ::-1], x[:, ::-1], np.rot90(x, 2, axes=(1, 2)),  # the 8 symmetries,
+               np.transpose(x, (0, 2, 1, 3)), np.rot90(x, 1, axes=(1, 2)),  # written out with numpy
+               np.rot90(x, 3, axes=(1, 2)), np.rot90(np.transpose(x, (0, 2, 1, 3)), 2, axes=(1, 2))]
+    preds = [np.asarray(model(np.ascontiguousarray(v), training=False)) for v in by_hand]
+    assert len({p.tobytes() for p in preds}) == 8  # every transform changes the output
+    spec = TileSpec(size=n, mode="cell")
+    got = S.ModelGroup(spec, [model], tta=8, batch_size=4).predict(tiles)  # 2 batches, one padded
+    np.testing.assert_allclose(got, np.mean(preds, axis=0), rtol=1e-5, atol=1e-6)
+    one = S.ModelGroup(spec, [model], tta=1, batch_size=4).predict(tiles)
+    np.testing.assert_allclose(one, preds[0], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(one, got, atol=1e-4)
+
+
 def test_overlay_texts_name_the_top_classes():
     scores = np.zeros((2, NUM_CLASSES), np.float32)
     scores[0, 16], scores[0, 0], scores[1, 3], scores[1, 4] = 0.81, 0.4, 0.3, 0.2
