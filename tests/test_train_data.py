@@ -55,22 +55,50 @@ def _copy_with_manifest(made, dst, class_counts: bool = True):
     return dst
 
 
-def test_class_prior_is_the_label_frequency_of_the_training_folds(shards, tmp_path):
-    out, made = shards
-    folder = _copy_with_manifest(made, tmp_path)
-    split = data.find_split(str(folder), val_fold=1)
-    prior = data.class_prior(str(folder), split.train_files)
-    want = data.eval_labels(split.train_files, split.train_examples).mean(0)
+@pytest.fixture(scope="module")
+def built(synthetic_small, tmp_path_factory):
+    """Cell shards made by the real TFRecord builder (several shards per fold) and its manifest."""
+    from tfrecords_builder import build as buildlib
+    from tfrecords_builder.config import make_config
+
+    out = tmp_path_factory.mktemp("built")
+    data = synthetic_small
+    cfg = make_config(images=str(data / "images"), labels=str(data / "train.csv"), out=str(out),
+                      mode="cell", size=32, folds=3, shard_mb=0.02, workers=0, masks=str(data / "masks"))
+    assert buildlib.build(cfg, progress=False, log=lambda s: None).exit_code == 0
+    return out, json.loads((out / "manifest.json").read_text())
+
+
+def _labels_in(path) -> np.ndarray:
+    """`[n, 19]` labels of every record of one shard file, read back through the schema."""
+    ds = tf.data.TFRecordDataset([str(path)]).map(features.parse)
+    return np.array([ex["labels"].numpy() for ex in ds]).reshape(-1, NUM_CLASSES)
+
+
+def test_builder_class_counts_are_the_labels_in_its_shards_and_give_the_prior(built, tmp_path):
+    out, manifest = built
+    shards = manifest["shards"]
+    assert len(shards) > 3  # several per fold: a count attributed to the wrong shard would show
+    for shard in shards:
+        labels = _labels_in(out / shard["name"])
+        assert len(labels) == shard["examples"] > 0, shard["name"]
+        assert labels.sum(0).astype(int).tolist() == shard["class_examples"], shard["name"]
+    assert sum(np.count_nonzero(s["class_examples"]) for s in shards) > len(shards)
+    split = data.find_split(str(out), val_fold=1)
+    prior = data.class_prior(str(out), split.train_files)
+    want = np.concatenate([_labels_in(f) for f in split.train_files]).mean(0)
     np.testing.assert_allclose(prior, want)
-    assert prior.shape == (NUM_CLASSES,) and prior.max() > 0
     # the validation fold does not leak into it
-    other = data.find_split(str(folder), val_fold=0)
-    assert not np.allclose(data.class_prior(str(folder), other.train_files), prior)
+    other = data.find_split(str(out), val_fold=0)
+    assert not np.allclose(data.class_prior(str(out), other.train_files), prior)
+
+
+def test_class_prior_needs_the_manifests_class_counts(shards, tmp_path):
+    out, made = shards
     # no manifest, or one without class counts: None (the head starts at zero bias)
+    split = data.find_split(str(out), val_fold=1)
     assert data.class_prior(str(out), split.train_files) is None
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    _copy_with_manifest(made, bare, class_counts=False)
+    bare = _copy_with_manifest(made, tmp_path, class_counts=False)
     assert data.class_prior(str(bare), data.find_split(str(bare), 1).train_files) is None
 
 
