@@ -313,7 +313,15 @@ def test_non_finite_model_outputs_are_reported_and_scored_zero(syn, tmp_path):
                           runs=[stand_in_run(TableModel({}, sometimes_nan))])
     assert summary.complete
     assert summary.errors and all("non-finite model outputs, scored 0" in e["error"] for e in summary.errors)
-    assert check(out, syn) > 0  # still a valid file with every image's cells
+    check(out, syn)  # still a valid file with every image's cells
+
+    def sometimes_zero(tile):  # the same scores, with 0 where the other model gave NaN
+        return np.nan_to_num(sometimes_nan(tile), nan=0.0)
+
+    zeros = tmp_path / "zeros.csv"
+    assert run_predict(syn / "images", syn / "sample_submission.csv", zeros,
+                       runs=[stand_in_run(TableModel({}, sometimes_zero))]).errors == []
+    assert _rows(out) == _rows(zeros)  # "scored 0" exactly
 
 
 def _many_images(syn: Path, dst: Path, copies: int) -> Path:
@@ -448,7 +456,16 @@ def test_kaggle_notebook_cells_compile_and_its_predict_command_runs(syn, trained
                BATCH_SIZE=16, WORKERS=2)
     for marker in ('"infer_gpu", "predict"', '"infer_gpu", "validate"', "SHOW_OVERLAYS:"):
         exec(next(s for s in code if marker in s), env)
-    assert check(tmp_path / "submission.csv", syn) > 0
+    # the notebook's predict is the library's predict with the notebook's settings
+    direct = tmp_path / "direct.csv"
+    assert run_predict(syn / "images", syn / "sample_submission.csv", direct, models=[str(trained_run)],
+                       tta=env["TTA"], batch_size=16, workers=2).complete
+    got = {(r.image_id, p.mask, p.label): p.confidence for r in _rows(tmp_path / "submission.csv").values()
+           for p in r.predictions}
+    want = {(r.image_id, p.mask, p.label): p.confidence for r in _rows(direct).values() for p in r.predictions}
+    assert got.keys() == want.keys() and len(got) > 100
+    assert max(abs(got[k] - want[k]) for k in got) <= 2e-6
+    assert check(tmp_path / "submission.csv", syn) == pytest.approx(check(direct, syn), abs=1e-3)
     pngs = sorted(p.name for p in (tmp_path / "ov").glob("*.png"))
     assert pngs == [f"syn_{i:04d}.png" for i in range(6)]
 
