@@ -370,7 +370,9 @@ def test_resume_after_kill_and_after_limit_gives_the_same_file(syn, trained_run,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"({n_done} from an earlier run)" in resumed.stdout
-    assert killed.read_bytes() == full.read_bytes()
+    # Same rows; a resumed run batches tiles differently, which can move a TF model's output
+    # by a float ulp (and a printed confidence's last digit), so confidences get a tolerance.
+    _assert_same_rows(killed, full)
 
     # 2) --limit stops early without the CSV; --resume with other options is refused
     sliced = tmp_path / "sliced.csv"
@@ -384,7 +386,7 @@ def test_resume_after_kill_and_after_limit_gives_the_same_file(syn, trained_run,
                           capture_output=True, text=True)  # batch size does not change results
     assert rest.returncode == 0, rest.stderr[-3000:]
     assert "(7 from an earlier run)" in rest.stdout
-    assert sliced.read_bytes() == full.read_bytes()
+    _assert_same_rows(sliced, full)
 
 
 def _merge(sources: dict[str, Path], dst: Path) -> Path:
