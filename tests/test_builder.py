@@ -351,3 +351,112 @@ def test_real_hpa_image_as_png_and_as_public_tif_gz(shared_data, tmp_path):
         assert tuple(ex["bbox"]) == (0, 0, 1728, 1728)
         np.testing.assert_array_equal(ex["labels"], multi_hot([13, 16]))
     assert result.manifest["images"]["1_A1_1"]["origin"].endswith("public.csv row 1")
+
+
+def _image_build(images_dir, labels, out, **overrides):
+    args = dict(images=str(images_dir), labels=str(labels), out=str(out), mode="image", size=32, folds=2,
+                shard_mb=0.005, workers=0)
+    return make_config(**{**args, **overrides})
+
+
+def test_skipped_images_are_tried_again_until_the_build_equals_a_clean_one(synthetic_small, tmp_path, monkeypatch):
+    """A corrupt file (later replaced) and a read that keeps failing with EIO (a flaky disk,
+    later fine) are skips; the same command again retries them, and once they read, the
+    shards equal a build that never failed."""
+    import errno
+
+    from common import retry, storage
+
+    monkeypatch.setenv(retry.BACKOFF_ENV, "0")
+    monkeypatch.setenv(retry.TRIES_ENV, "2")
+    imgs = tmp_path / "images"
+    shutil.copytree(synthetic_small / "images", imgs)
+    labels = synthetic_small / "train.csv"
+    ids = [i for i, _ in read_labels_csv(str(labels))]
+    ref = buildlib.build(_image_build(imgs, labels, tmp_path / "ref"), progress=False, log=lambda s: None)
+    assert ref.exit_code == 0 and len(shard_files(tmp_path / "ref")) >= 3
+
+    corrupt = imgs / f"{ids[1]}_green.png"
+    good = corrupt.read_bytes()
+    corrupt.write_bytes(good[:200])
+    real_read, calls = storage.read_bytes, []
+
+    def read_bytes(path):
+        if Path(path).name == f"{ids[4]}_red.png":
+            calls.append(path)
+            raise OSError(errno.EIO, "Input/output error", path)
+        return real_read(path)
+
+    monkeypatch.setattr(storage, "read_bytes", read_bytes)
+    out = tmp_path / "out"
+    cfg = _image_build(imgs, labels, out)
+    logs: list[str] = []
+    first = buildlib.build(cfg, progress=False, log=logs.append)
+    assert first.exit_code == 2 and len(calls) == 2  # HPA_IO_TRIES reads, then a skip
+    reasons = {s["id"]: s["reason"] for s in first.skipped}
+    assert set(reasons) == {ids[1], ids[4]} and "Input/output error" in reasons[ids[4]]
+    assert (out / buildlib.STATE_DIR / buildlib.PLAN_FILE).exists()  # kept for the retry
+
+    monkeypatch.setattr(storage, "read_bytes", real_read)  # the disk is fine again
+    still = buildlib.build(cfg, progress=False, log=logs.append)  # the file is still corrupt
+    assert "trying again 2 image(s) skipped by an earlier run" in "\n".join(logs)
+    assert [s["id"] for s in still.skipped] == [ids[1]] and still.exit_code == 2
+
+    corrupt.write_bytes(good)
+    last = buildlib.build(cfg, progress=False, log=logs.append)
+    assert last.exit_code == 0 and last.shards_reused >= 1
+    assert [p.name for p in shard_files(out)] == [p.name for p in shard_files(tmp_path / "ref")]
+    for a, b in zip(shard_files(out), shard_files(tmp_path / "ref")):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    # The shard plan is fixed by the first run's pilot (8 images decoded to estimate sizes),
+    # which here lacked the two failed images: only that estimate differs from the clean build.
+    got, want = without_paths(last.manifest), without_paths(ref.manifest)
+    assert (got.pop("estimate"), want.pop("estimate")) == ("mean of 4 pilot images", "mean of 6 pilot images")
+    got.pop("bytes_per_image_estimate"), want.pop("bytes_per_image_estimate")
+    assert got == want
+    assert not (out / buildlib.STATE_DIR).exists()
+    logs.clear()
+    buildlib.build(cfg, progress=False, log=logs.append)
+    assert logs == [f"{out}: already complete"]
+
+
+def test_an_error_in_the_code_stops_the_build_instead_of_skipping_images(synthetic_small, tmp_path, monkeypatch):
+    from common import preprocess as preprocesslib
+    from tfrecords_builder.worker import ImageCodeError
+
+    def broken(image, spec):
+        raise TypeError("a bug in image_tile")
+
+    monkeypatch.setattr(preprocesslib, "image_tile", broken)
+    out = tmp_path / "out"
+    with pytest.raises(ImageCodeError, match="syn_0000.*TypeError: a bug in image_tile") as info:
+        buildlib.build(_image_build(synthetic_small / "images", synthetic_small / "train.csv", out),
+                       progress=False, log=lambda s: None)
+    assert isinstance(info.value.__cause__, TypeError)
+    assert not (out / "manifest.json").exists()
+
+
+def test_hpa_segmenter_refuses_at_once_naming_what_is_missing(synthetic_small, tmp_path, capsys):
+    import importlib.util
+
+    base = ["--images", str(synthetic_small / "images"), "--labels", str(synthetic_small / "train.csv"),
+            "--mode", "cell", "--segmenter", "hpa", "--size", "32", "--no-progress"]
+    rc = cli_main([*base, "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--nuclei-model and --cell-model" in err
+    assert not (tmp_path / "a").exists()  # refused before any image (no plan, no pilot)
+
+    nuc, cell = tmp_path / "nuclei.pth", tmp_path / "cell.pth"
+    nuc.write_bytes(b"x")
+    rc = cli_main([*base, "--out", str(tmp_path / "b"), "--nuclei-model", str(nuc), "--cell-model", str(cell)])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"not found: {cell}" in err
+    cell.write_bytes(b"x")
+    rc = cli_main([*base, "--out", str(tmp_path / "c"), "--nuclei-model", str(nuc), "--cell-model", str(cell)])
+    assert rc == 1 and "--trust-model-files" in capsys.readouterr().err
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("hpacellseg") is None:
+        rc = cli_main([*base, "--out", str(tmp_path / "d"), "--nuclei-model", str(nuc), "--cell-model", str(cell),
+                       "--trust-model-files"])
+        err = capsys.readouterr().err
+        assert rc == 1 and "needs" in err and ("torch" in err or "hpacellseg" in err)
+    assert not any((tmp_path / d).exists() for d in "bcd")
