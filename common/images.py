@@ -242,6 +242,10 @@ def read_channel_raw(path: str, channel: str | None = None) -> np.ndarray:
     except FileNotFoundError as err:
         raise ImageLoadError(f"{path}: no such file", path=path) from err
     except OSError as err:
+        from common import retry
+
+        if retry.is_transient(err):  # not the file's fault: the caller may try again
+            raise
         raise ImageLoadError(f"{path}: cannot read ({err})", path=path) from err
     return decode_channel(data, path, channel)
 

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import base64
 import functools
+import logging
 import os
 import shutil
 import tempfile
+import threading
 from typing import Iterator
 
 GCS_PREFIX = "gs://"
+PARTIAL_SUFFIX = ".partial"  # ends the temporary name of a local copy in progress (put_file)
+log = logging.getLogger("hpa.storage")
 
 
 def is_gcs(path: str) -> bool:
@@ -125,6 +129,7 @@ def write_bytes(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(folder)
 
 
 def _umask() -> int:
@@ -163,22 +168,62 @@ def _upload(blob, data: bytes | None = None, filename: str | None = None) -> Non
     else:
         blob.upload_from_filename(filename, retry=_retry(), checksum="crc32c")
     blob.reload(retry=_retry())
-    if blob.crc32c is not None and blob.crc32c != expected:
+    if blob.crc32c is None:
+        _warn_unchecked(blob)
+    elif blob.crc32c != expected:
         raise IOError(
             f"gs://{blob.bucket.name}/{blob.name}: integrity check failed "
             f"(stored crc32c {blob.crc32c}, local {expected})"
         )
 
 
+_unchecked_warned = threading.Event()
+
+
+def _warn_unchecked(blob) -> None:
+    """The server stored the object but sent no CRC32C: say once per run that nothing was checked."""
+    if not _unchecked_warned.is_set():
+        _unchecked_warned.set()
+        log.warning("gs://%s/%s: the storage server sent no CRC32C, so this upload (and any later "
+                    "one without it in this run) was NOT checked for integrity",
+                    blob.bucket.name, blob.name)
+
+
 def put_file(local_path: str, dest: str) -> None:
-    """Move/copy a finished local file to its final name, atomically (local) or by upload (GCS)."""
+    """Copy a finished local file to its final name, atomically (local) or by upload (GCS).
+
+    Local: a uniquely named temporary file in the destination's folder (so two writers never
+    share one), fsync, `os.replace`, then fsync of the folder, so the new name survives a crash.
+    """
     if is_gcs(dest):
         _upload(_blob(dest), filename=local_path)
         return
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    tmp = dest + ".partial"
-    shutil.copyfile(local_path, tmp)
-    os.replace(tmp, dest)
+    folder = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(dest) + PARTIAL_SUFFIX)
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "wb") as fh, open(local_path, "rb") as src:
+            shutil.copyfileobj(src, fh, 1 << 22)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make a rename in `folder` durable (POSIX; a no-op where folders cannot be opened)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def listdir(prefix: str) -> list[str]:

@@ -2,8 +2,10 @@
 
 `OUT.parts/` (beside `OUT`, local or `gs://`) holds `settings.json` (what decides the results:
 models, combine rule, TTA, segmentation) and `{ID}.json` per image with its row, or its error.
-A kill leaves at most a `.tmp-*` file behind, which is ignored; `--resume` skips every image
-with a part and refuses parts made with other settings. The final CSV is assembled from the
+A part is a success, or a failure (`"failed": true`, an empty row: bad data, a transient I/O
+error that outlasted the retries). A kill leaves at most a `.tmp-*` file behind, which is
+ignored; `--resume` skips every image with a successful part, tries the failed ones again, and
+refuses parts made with other settings. The final CSV is assembled from the
 parts in the sample submission's order, so a resumed run writes the same file as an
 uninterrupted one.
 """
@@ -17,6 +19,14 @@ from common import storage
 
 SETTINGS_FILE = "settings.json"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,150}$")
+
+
+def part_failed(record: dict) -> bool:
+    """True for the part of an image that failed (to be tried again on `--resume`). Parts
+    written before the flag existed count as failed when they carry an error and no row."""
+    if "failed" in record:
+        return bool(record["failed"])
+    return bool(record.get("error")) and not record.get("prediction")
 
 
 class ResumeError(ValueError):
@@ -77,7 +87,7 @@ class PartStore:
         return {}
 
     def put(self, record: dict) -> None:
-        """Store one image's record (`id`, `width`, `height`, `prediction`, `error`) atomically."""
+        """Store one image's record (`id`, `width`, `height`, `prediction`, `error`, `failed`) atomically."""
         storage.write_text(self._path(part_name(record["id"])), json.dumps(record, sort_keys=True))
 
     def read_all(self) -> dict[str, dict]:

@@ -11,6 +11,12 @@ Shape of a run (memory stays bounded by the prefetch depth and the batcher's ima
       [writer thread: overlay PNG, then the part, atomically]
     --assemble--> the final CSV in sample order, written atomically, plus a JSON report.
 
+Failures: an image whose data is bad (`common.images.ImageLoadError`: missing, corrupt,
+wrong size) or that met a transient I/O error on every try (`common.retry`), or ran out of
+memory, gets a part marked `failed` with an empty row; `--resume` tries it again. Any other
+exception (a bug, models that do not fit the tiles) stops the run as `RunStopped`, with the
+original traceback, instead of writing empty rows for every image that follows.
+
 Masks are encoded once per cell from its bounding-box crop (`common.masks.encode_cell`), in
 the reader, and the string is repeated for each of the cell's labels.
 """
@@ -33,11 +39,26 @@ import numpy as np
 from common import storage
 from common.labels import NUM_CLASSES
 from common.preprocess import TileSpec
-from infer_gpu.parts import PartStore
+from infer_gpu.parts import PartStore, part_failed
 from infer_gpu.scoring import CombineRule, combine, detections
 
 STAGES = ("decode", "segment", "tiles", "encode")
 REPORT_SUFFIX = ".report.json"
+EXIT_FAILED_IMAGES = 3  # CLI exit status: the CSV is written, but some images failed (empty rows)
+
+
+class RunStopped(Exception):
+    """An error that is not about one image's data (a bug, models that do not fit the tiles):
+    the run stops; the parts written so far stay for `--resume`."""
+
+
+def image_failure(err: BaseException) -> bool:
+    """True for what makes ONE image fail while the run goes on: bad image data, a transient
+    I/O error that outlasted the retries, or memory running out on this image."""
+    from common import retry
+    from common.images import ImageLoadError
+
+    return isinstance(err, (ImageLoadError, MemoryError)) or retry.is_transient(err)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,7 +70,7 @@ class Prepared:
     image_id: str
     width: int
     height: int
-    error: str | None = None  # "stage: message" when the image could not be used
+    error: str | None = None  # "stage: message" when the image could not be used (it failed)
     cell_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     touches_border: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     has_nucleus: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
@@ -67,11 +88,14 @@ def prepare_image(task: tuple, source: str, specs: Sequence[TileSpec], backend: 
                   seg_options: dict | None = None, keep_image: bool = False) -> Prepared:
     """Load, segment, cut tiles for every spec and encode every cell mask of one image.
 
-    task: `(image_id, width, height)` from the sample submission. Never raises for a bad
-    image: the failure is returned in `Prepared.error` as `"stage: message"`, so a run goes on.
+    task: `(image_id, width, height)` from the sample submission. A bad image (see
+    `image_failure`) does not raise: the failure is returned in `Prepared.error` as
+    `"stage: message"`, so a run goes on. Transient read errors are retried first
+    (`common.retry`). Anything else raises RunStopped naming the image.
     """
     from common import masks as masklib
-    from common.images import load_image
+    from common import retry
+    from common.images import ImageLoadError, load_image
     from common.preprocess import cell_tiles, image_tile
     from common.segmentation import segment
 
@@ -87,9 +111,9 @@ def prepare_image(task: tuple, source: str, specs: Sequence[TileSpec], backend: 
         t = now
 
     try:
-        image = load_image(source, image_id)
+        image = retry.call(load_image, source, image_id, what=f"image {image_id}")
         if image.shape[:2] != (height, width):
-            raise ValueError(f"image is {image.shape[1]}x{image.shape[0]} (WxH) but the sample "
+            raise ImageLoadError(f"image is {image.shape[1]}x{image.shape[0]} (WxH) but the sample "
                              f"submission says {width}x{height}")
         lap("decode")
         stage = "segment"
@@ -117,7 +141,10 @@ def prepare_image(task: tuple, source: str, specs: Sequence[TileSpec], backend: 
         if keep_image:
             cells = seg.cells.astype(np.uint16) if seg.cells.max(initial=0) < 65536 else seg.cells
             out.overlay = (image, cells)  # uint16 halves what waiting overlays hold
-    except Exception as err:  # noqa: BLE001 - one bad image must not stop a 9-hour run
+    except Exception as err:  # noqa: BLE001 - sorted just below
+        if not image_failure(err):
+            raise RunStopped(f"image {image_id}, stage {stage}: {type(err).__name__}: {err} "
+                             "(not a problem of the image's data: see the traceback above)") from err
         out.error = f"{stage}: {type(err).__name__}: {err}"
         out.cell_ids = out.cell_ids[:0]
         out.touches_border, out.has_nucleus = out.touches_border[:0], out.has_nucleus[:0]
@@ -315,10 +342,12 @@ class Summary:
     complete: bool = False
     total: int = 0  # IDs in the sample submission
     resumed: int = 0  # done by an earlier run
+    retried: int = 0  # failed in an earlier run, tried again in this one
+    failed: int = 0  # images whose row is empty because they failed (see `errors`)
     processed: int = 0  # done by this run
     cells: int = 0
     detections: int = 0
-    errors: list = field(default_factory=list)  # [{"id", "error"}]
+    errors: list = field(default_factory=list)  # [{"id", "error", "failed"}]
     device: str = ""
     batches: int = 0
     seconds: dict = field(default_factory=dict)  # stage -> seconds, summed over images
@@ -413,8 +442,12 @@ def predict(images: str, sample_submission: str, models: Sequence[str], out: str
     weights = {k: len(members[k]) for k in members}
 
     store = PartStore(out)
-    done = store.start(_settings(sample, runs, image_runs, opts), resume=opts.resume)
+    earlier = store.start(_settings(sample, runs, image_runs, opts), resume=opts.resume)
+    done = {i for i, record in earlier.items() if not part_failed(record)}
     summary.resumed = sum(1 for i, _, _ in sample if i in done)
+    summary.retried = sum(1 for i, _, _ in sample if i in earlier and i not in done)
+    if summary.retried:
+        _log(f"predict: trying again {summary.retried} image(s) that failed in an earlier run")
     todo = [t for t in sample if t[0] not in done]
     if opts.limit:
         todo = todo[:opts.limit]
@@ -442,15 +475,16 @@ def predict(images: str, sample_submission: str, models: Sequence[str], out: str
     def finish(job: Job) -> None:
         p = job.prepared
         scores, prediction = None, ""
-        if p.error:
-            summary.errors.append({"id": p.image_id, "error": p.error})
-            _log(f"predict: {p.image_id}: {p.error} (empty row written, run goes on)")
+        failed = bool(p.error)
+        if failed:
+            summary.errors.append({"id": p.image_id, "error": p.error, "failed": True})
+            _log(f"predict: {p.image_id}: {p.error} (failed: empty row for now, run goes on)")
         elif p.n_cells:
             cell, image = cell_scores(job, roles, weights)
             bad = sum(int(np.size(a) - np.isfinite(a).sum()) for a in (cell, image) if a is not None)
             if bad:  # a model that overflowed: score those entries 0, say so, go on
                 note = f"score: {bad} non-finite model outputs, scored 0"
-                summary.errors.append({"id": p.image_id, "error": note})
+                summary.errors.append({"id": p.image_id, "error": note, "failed": False})
                 _log(f"predict: {p.image_id}: {note}")
                 p.error = note
                 cell = None if cell is None else np.nan_to_num(cell, nan=0.0, posinf=1.0, neginf=0.0)
@@ -463,7 +497,7 @@ def predict(images: str, sample_submission: str, models: Sequence[str], out: str
         for s in STAGES:
             stage_seconds[s] += p.seconds.get(s, 0.0)
         record = {"id": p.image_id, "width": p.width, "height": p.height,
-                  "prediction": prediction, "error": p.error}
+                  "prediction": prediction, "error": p.error, "failed": failed}
         written.append(writer.submit(write, p, record, scores))
         while len(written) > 4:  # bounded: the writer holds at most a few overlays
             written.popleft().result()
@@ -481,6 +515,11 @@ def predict(images: str, sample_submission: str, models: Sequence[str], out: str
             finish(job)
         while written:
             written.popleft().result()
+    except RunStopped:
+        raise
+    except Exception as err:  # scoring or writing: never one image's data
+        raise RunStopped(f"{type(err).__name__}: {err} (while scoring or writing; not a problem "
+                         "of an image's data: see the traceback above)") from err
     finally:
         reader.close()
         writer.shutdown(wait=True)
@@ -495,8 +534,10 @@ def predict(images: str, sample_submission: str, models: Sequence[str], out: str
     if summary.complete:
         rows = [(i, w, h, parts[i]["prediction"]) for i, w, h in sample]
         submission.write_submission(out, rows)
-        summary.errors = [{"id": i, "error": parts[i]["error"]} for i, _, _ in sample if parts[i].get("error")]
-        if not opts.keep_parts:
+        summary.errors = [{"id": i, "error": parts[i]["error"], "failed": part_failed(parts[i])}
+                          for i, _, _ in sample if parts[i].get("error")]
+        summary.failed = sum(1 for e in summary.errors if e["failed"])
+        if not opts.keep_parts and not summary.failed:  # kept, so --resume can retry the failed
             store.remove()
     storage.write_text(out + REPORT_SUFFIX, json.dumps(dataclasses.asdict(summary), indent=2) + "\n")
     return summary

@@ -19,10 +19,21 @@ combine rule, per cell and class (module infer_gpu.scoring):
   5. every (cell, class) with s >= --min-score becomes a detection (mAP rewards recall).
 
 Every ID of the sample submission is written once with its width and height; an image with
-no cells gets an empty PredictionString; an unreadable image is reported on stderr and in
-OUT.report.json, gets an empty row, and the run goes on. Results are kept per image in
+no cells gets an empty PredictionString. An image that fails (a missing, corrupt or wrongly
+sized file; a read that still fails after the retries of transient I/O errors, see
+HPA_IO_TRIES / HPA_IO_BACKOFF in README; memory running out) is reported on stderr and in
+OUT.report.json, gets an empty row, and the run goes on. Any other error (a bug, models that
+do not fit the tiles) stops the run with its traceback. Results are kept per image in
 OUT.parts/ until the final CSV is written (atomically), so --resume after a kill continues
-and gives the same file as an uninterrupted run.
+and gives the same file as an uninterrupted run; --resume also tries every failed image
+again (OUT.parts/ is kept while some image failed).
+
+exit status:
+  0  OUT written, every image done
+  1  the run stopped on an error that is not an image's data (traceback on stderr)
+  2  bad arguments or inputs (nothing predicted), or --resume refused
+  3  OUT written with every ID, but some images failed (empty rows; listed in
+     OUT.report.json): fix the files, or wait out the outage, and rerun with --resume
 """
 
 
@@ -105,8 +116,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlays", metavar="DIR",
                         help="also write DIR/{ID}.png: the composite with cell outlines and each cell's top labels")
     parser.add_argument("--resume", action="store_true",
-                        help="continue a killed run: skip the images already in OUT.parts/ "
-                             "(refused if they were made with other models or options)")
+                        help="continue a killed run: skip the images already done in OUT.parts/ and "
+                             "try the failed ones again (refused if they were made with other "
+                             "models or options)")
     parser.add_argument("--limit", type=_positive, default=None, metavar="N",
                         help="process at most N more images, then stop without the final CSV "
                              "(continue with --resume): for trials and for work in slices")
@@ -117,7 +129,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from infer_gpu.parts import ResumeError
-    from infer_gpu.pipeline import PredictOptions, predict
+    from infer_gpu.pipeline import EXIT_FAILED_IMAGES, PredictOptions, predict
     from infer_gpu.scoring import CombineRule
 
     if not args.model and not args.image_model:
@@ -140,7 +152,8 @@ def run(args) -> int:
         print(f"predict: {err}", file=sys.stderr)
         return 2
     s = summary
-    print(f"device {s.device}; {s.processed} images this run ({s.resumed} from an earlier run) in "
+    retried = f"; {s.retried} tried again after failing" if s.retried else ""
+    print(f"device {s.device}; {s.processed} images this run ({s.resumed} from an earlier run{retried}) in "
           f"{s.wall_seconds:.1f} s, {s.images_per_second:.2f} images/s; {s.cells} cells, "
           f"{s.detections} detections, {len(s.errors)} image(s) with errors")
     if s.errors:
@@ -149,7 +162,9 @@ def run(args) -> int:
         print(f"stopped before the end (--limit); {s.out} not written yet: rerun with --resume")
         return 0
     print(f"wrote {s.out}")
-    if s.total and len(s.errors) == s.total:
-        print("predict: every image failed; see the report", file=sys.stderr)
-        return 1
+    if s.failed:
+        every = "every image" if s.failed == s.total else f"{s.failed} of {s.total} images"
+        print(f"predict: {every} failed and got an empty row (see {s.out}.report.json); "
+              f"rerun with --resume to try them again (exit status {EXIT_FAILED_IMAGES})", file=sys.stderr)
+        return EXIT_FAILED_IMAGES
     return 0

@@ -3,6 +3,10 @@
 Writes, per image ID, into --out: `{ID}_cells.png` and `{ID}_nuclei.png` (16-bit label maps,
 0 = background, a cell and its nucleus share the id) and `{ID}_overlay.png` (cell outlines
 and ids over the RGB composite, nuclei outlined in cyan).
+
+An image that cannot be read (a missing channel, a corrupt file; transient read errors are
+retried first, see common.retry) is reported on stderr and skipped; every other image is still
+written, and the command then exits 1 naming how many failed.
 """
 from __future__ import annotations
 
@@ -61,7 +65,7 @@ def run(args) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from common import images, overlay, storage
+    from common import images, overlay, retry, storage
     from common import segmentation as seg
 
     ids = args.ids or find_ids(args.images)
@@ -90,13 +94,23 @@ def run(args) -> int:
     total_cells = 0
     # Images are read one batch at a time, so the U-Nets see full batches and memory stays bounded.
     batch = args.batch_size if args.backend == "hpa" else 1
+    failed: list[str] = []
     with tqdm(total=len(ids), desc="segment", unit="img") as bar:
-        for part in _chunks(ids, batch):
-            try:
-                loaded = [images.load_image(args.images, i, channels) for i in part]
-            except images.ImageLoadError as err:
-                print(f"error: {err}", file=sys.stderr)
-                return 1
+        for chunk in _chunks(ids, batch):
+            part, loaded = [], []
+            for image_id in chunk:
+                try:
+                    loaded.append(retry.call(images.load_image, args.images, image_id, channels,
+                                             what=f"image {image_id}"))
+                    part.append(image_id)
+                except Exception as err:  # noqa: BLE001 - only image-data and I/O errors pass
+                    if not (isinstance(err, images.ImageLoadError) or retry.is_transient(err)):
+                        raise
+                    failed.append(image_id)
+                    tqdm.write(f"error: {image_id}: {err} (skipped)", file=sys.stderr)
+                    bar.update(1)
+            if not loaded:
+                continue
             if args.nuclei_only:
                 # A 4-channel frame with only blue filled, so overlays use the usual composite.
                 full = []
@@ -115,7 +129,11 @@ def run(args) -> int:
                 total_cells += s.num_cells
                 bar.set_postfix(cells=s.num_cells)
                 bar.update(1)
-    print(f"segmented {len(ids)} images, {total_cells} cells -> {args.out}")
+    print(f"segmented {len(ids) - len(failed)} images, {total_cells} cells -> {args.out}")
+    if failed:
+        print(f"error: {len(failed)} of {len(ids)} image(s) could not be read: {', '.join(failed)}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -378,7 +378,9 @@ def test_resume_after_kill_and_after_limit_gives_the_same_file(syn, trained_run,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"({n_done} from an earlier run)" in resumed.stdout
-    assert killed.read_bytes() == full.read_bytes()
+    # Same rows; a resumed run batches tiles differently, which can move a TF model's output
+    # by a float ulp (and a printed confidence's last digit), so confidences get a tolerance.
+    _assert_same_rows(killed, full)
 
     # 2) --limit stops early without the CSV; --resume with other options is refused
     sliced = tmp_path / "sliced.csv"
@@ -392,7 +394,7 @@ def test_resume_after_kill_and_after_limit_gives_the_same_file(syn, trained_run,
                           capture_output=True, text=True)  # batch size does not change results
     assert rest.returncode == 0, rest.stderr[-3000:]
     assert "(7 from an earlier run)" in rest.stdout
-    assert sliced.read_bytes() == full.read_bytes()
+    _assert_same_rows(sliced, full)
 
 
 def _merge(sources: dict[str, Path], dst: Path) -> Path:
@@ -434,9 +436,11 @@ def test_competition_sizes_and_a_non_square_image_in_one_run(tmp_path):
     assert check(out, data) >= 0.9
 
 
-def test_kaggle_notebook_cells_compile_and_its_predict_command_runs(syn, trained_run, tmp_path, monkeypatch):
+def test_kaggle_notebook_cells_compile_and_its_predict_command_runs(syn, trained_run, tmp_path, monkeypatch,
+                                                                   capfd):
     """The notebook's own settings, predict, validate and display cells, run here with local
-    paths swapped in (the install cell is skipped: nothing can be installed offline here)."""
+    paths swapped in (the install cell is skipped: nothing can be installed offline here).
+    One image is corrupt: predict exits 3, and the notebook says so and keeps the file."""
     import ast
 
     monkeypatch.setenv("MPLBACKEND", "Agg")
@@ -449,25 +453,31 @@ def test_kaggle_notebook_cells_compile_and_its_predict_command_runs(syn, trained
     def sh(*cmd):
         subprocess.run([str(c) for c in cmd], check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
 
-    env = {"sh": sh, "sys": sys, "os": os}
+    images = tmp_path / "images"
+    _copy_images(syn / "images", images, [f"syn_{i:04d}" for i in range(6)])
+    _corrupt(images / "syn_0005_green.png")
+    env = {"sh": sh, "sys": sys, "os": os, "subprocess": subprocess}
     exec(next(s for s in code if s.lstrip().startswith("# --- where things are")), env)
-    env.update(TEST_IMAGES=str(syn / "images"), SAMPLE_SUBMISSION=str(syn / "sample_submission.csv"),
+    env.update(TEST_IMAGES=str(images), SAMPLE_SUBMISSION=str(syn / "sample_submission.csv"),
                OUT=str(tmp_path / "submission.csv"), MODELS=[str(trained_run)], OVERLAYS=str(tmp_path / "ov"),
                BATCH_SIZE=16, WORKERS=2)
     for marker in ('"infer_gpu", "predict"', '"infer_gpu", "validate"', "SHOW_OVERLAYS:"):
         exec(next(s for s in code if marker in s), env)
+    printed = capfd.readouterr().out
+    assert "some images failed" in printed and "is complete and kept" in printed
+    assert _rows(tmp_path / "submission.csv")["syn_0005"].predictions == []
     # the notebook's predict is the library's predict with the notebook's settings
     direct = tmp_path / "direct.csv"
-    assert run_predict(syn / "images", syn / "sample_submission.csv", direct, models=[str(trained_run)],
-                       tta=env["TTA"], batch_size=16, workers=2).complete
+    run_predict(images, syn / "sample_submission.csv", direct, models=[str(trained_run)],
+                tta=env["TTA"], batch_size=16, workers=2)
     got = {(r.image_id, p.mask, p.label): p.confidence for r in _rows(tmp_path / "submission.csv").values()
            for p in r.predictions}
     want = {(r.image_id, p.mask, p.label): p.confidence for r in _rows(direct).values() for p in r.predictions}
     assert got.keys() == want.keys() and len(got) > 100
-    assert max(abs(got[k] - want[k]) for k in got) <= 2e-6
+    assert max(abs(got[k] - want[k]) for k in got) <= 1e-5
     assert check(tmp_path / "submission.csv", syn) == pytest.approx(check(direct, syn), abs=1e-3)
     pngs = sorted(p.name for p in (tmp_path / "ov").glob("*.png"))
-    assert pngs == [f"syn_{i:04d}.png" for i in range(6)]
+    assert pngs == [f"syn_{i:04d}.png" for i in range(5)]
 
 
 def test_real_hpa_image_and_an_incomplete_one(shared_data, trained_run, tmp_path):
@@ -486,3 +496,126 @@ def test_real_hpa_image_and_an_incomplete_one(shared_data, trained_run, tmp_path
     cells = {p.mask for p in rows["57_F11_1"].predictions}
     assert 8 <= len(cells) <= 18, len(cells)  # about a dozen cells, some cut by the border
     assert (tmp_path / "ov" / "57_F11_1.png").is_file() and not (tmp_path / "ov" / "383_D2_1.png").exists()
+
+
+# --- failures that must not stick --------------------------------------------------------------
+def _corrupt(path: Path) -> bytes:
+    """Truncate a PNG (as a failed copy would); returns the original bytes to restore it."""
+    data = path.read_bytes()
+    path.write_bytes(data[:200])
+    return data
+
+
+def _assert_same_rows(a: Path, b: Path, tol: float = 1e-5) -> None:
+    """Same IDs, sizes, masks and labels in the same order; confidences equal within `tol`
+    (a TensorFlow model's outputs can move by one float ulp with the batch they are in)."""
+    ra, rb = submission.read_submission(str(a)), submission.read_submission(str(b))
+    assert [(r.image_id, r.width, r.height) for r in ra] == [(r.image_id, r.width, r.height) for r in rb]
+    for x, y in zip(ra, rb):
+        assert [(p.label, p.mask) for p in x.predictions] == [(p.label, p.mask) for p in y.predictions], x.image_id
+        assert np.allclose([p.confidence for p in x.predictions], [p.confidence for p in y.predictions],
+                           atol=tol, rtol=0), x.image_id
+
+
+def test_a_failed_image_is_tried_again_by_resume_cli(syn, trained_run, tmp_path):
+    """The issue's reproduction, through the CLI: `--limit 4` with a corrupt channel file,
+    then `--resume` (still corrupt: exit 3, every ID written), then the file is restored and
+    `--resume` again gives exactly the uninterrupted run's CSV."""
+    ids = [f"syn_{i:04d}" for i in range(6)]
+    images = tmp_path / "images"
+    _copy_images(syn / "images", images, ids)
+    sample = syn / "sample_submission.csv"
+    ref = tmp_path / "ref.csv"
+    assert run_predict(images, sample, ref, models=[str(trained_run)], batch_size=8).failed == 0
+
+    good = _corrupt(images / "syn_0001_green.png")
+    out = tmp_path / "submission.csv"
+    parts = Path(str(out) + ".parts")
+    common = ["--images", images, "--sample-submission", sample, "--model", trained_run, "--out", out,
+              "--batch-size", "8", "--workers", "2", "--no-progress"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    first = subprocess.run(_cli(*common, "--limit", "4"), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert not out.exists() and json.loads((parts / "syn_0001.json").read_text())["failed"] is True
+    assert json.loads((parts / "syn_0000.json").read_text())["failed"] is False
+
+    second = subprocess.run(_cli(*common, "--resume"), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert second.returncode == pipeline.EXIT_FAILED_IMAGES, second.stderr[-3000:]
+    assert "1 of 6 images failed" in second.stderr and "--resume" in second.stderr
+    assert "(3 from an earlier run; 1 tried again after failing)" in second.stdout
+    rows = _rows(out)
+    assert list(rows) == ids and rows["syn_0001"].predictions == []  # every ID, even so
+    assert parts.is_dir()  # kept: the failed image can still be tried again
+
+    (images / "syn_0001_green.png").write_bytes(good)
+    third = subprocess.run(_cli(*common, "--resume"), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "(5 from an earlier run; 1 tried again after failing)" in third.stdout
+    _assert_same_rows(out, ref)  # the retried image is scored in a batch of its own: float noise
+    assert not parts.exists()
+
+
+def test_transient_read_errors_are_retried_then_count_as_failures(syn, tmp_path, monkeypatch):
+    """EIO on reads: a single one is retried away; one that persists makes the image fail
+    (not the run), and --resume tries it again once the device is back."""
+    import errno
+
+    from common import retry, storage
+
+    monkeypatch.setenv(retry.BACKOFF_ENV, "0")
+    monkeypatch.setenv(retry.TRIES_ENV, "3")
+    real_read = storage.read_bytes
+    state = {"flaky": set(), "broken": set(), "calls": 0}
+
+    def read_bytes(path):
+        name = Path(path).name
+        if name in state["broken"] or (name in state["flaky"] and not state["flaky"].remove(name)):
+            state["calls"] += 1
+            raise OSError(errno.EIO, "Input/output error", path)
+        return real_read(path)
+
+    monkeypatch.setattr(storage, "read_bytes", read_bytes)
+    model = stand_in_run(TableModel({}, _random_scores))
+    sample = syn / "sample_submission.csv"
+    ref = tmp_path / "ref.csv"
+    assert run_predict(syn / "images", sample, ref, runs=[model]).errors == []
+
+    state["flaky"] = {"syn_0002_red.png", "syn_0004_blue.png"}  # fail once each
+    once = tmp_path / "once.csv"
+    summary = run_predict(syn / "images", sample, once, runs=[model])
+    assert state["calls"] == 2 and not state["flaky"]
+    assert summary.errors == [] and once.read_bytes() == ref.read_bytes()
+
+    state["broken"], state["calls"] = {"syn_0003_yellow.png"}, 0  # every try fails
+    out = tmp_path / "out.csv"
+    summary = run_predict(syn / "images", sample, out, runs=[model])
+    assert state["calls"] == 3  # HPA_IO_TRIES
+    assert summary.complete and summary.failed == 1
+    assert summary.errors[0]["id"] == "syn_0003" and "Input/output error" in summary.errors[0]["error"]
+    assert _rows(out)["syn_0003"].predictions == []
+    state["broken"] = set()  # the device is back
+    summary = run_predict(syn / "images", sample, out, runs=[model], resume=True)
+    assert (summary.resumed, summary.retried, summary.processed, summary.failed) == (5, 1, 1, 0)
+    assert out.read_bytes() == ref.read_bytes()
+
+
+def test_errors_that_are_not_the_images_stop_the_run(syn, tmp_path):
+    """A bug in the reader, or a model that does not fit the tiles, stops the run with the
+    original error; it never becomes a row of empty predictions per image."""
+    sample = syn / "sample_submission.csv"
+    model = stand_in_run(TableModel({}, _random_scores))
+    out = tmp_path / "a.csv"
+    with pytest.raises(pipeline.RunStopped, match="syn_0000.*segment") as info:
+        run_predict(syn / "images", sample, out, runs=[model], seg_options=(("no_such_option", 1),))
+    assert isinstance(info.value.__cause__, TypeError)  # the original error, traceback kept
+    assert not out.exists() and _finished_parts(Path(str(out) + ".parts")) == 0
+
+    def five_classes(x, training=False):
+        import tensorflow as tf
+
+        return tf.zeros([tf.shape(x)[0], 5])
+
+    out = tmp_path / "b.csv"
+    with pytest.raises(pipeline.RunStopped, match="while scoring"):
+        run_predict(syn / "images", sample, out, runs=[stand_in_run(five_classes)])
+    assert not out.exists() and _finished_parts(Path(str(out) + ".parts")) == 0

@@ -38,6 +38,20 @@ def test_ids_default_to_every_image_in_the_folder(synthetic_small):
     assert ids == [f"syn_{i:04d}" for i in range(6)]
 
 
+def test_bad_images_are_reported_and_the_others_still_written(synthetic_small, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    shutil.copytree(synthetic_small / "images", folder)
+    (folder / "syn_0001_red.png").unlink()  # a missing channel, early in the list
+    (folder / "syn_0003_green.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # a corrupt file
+    out = tmp_path / "o"
+    rc = cli.main(["segment", "--images", str(folder), "--out", str(out), "--no-overlay"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "syn_0001" in err and "red" in err and "syn_0003" in err and "2 of 6 image(s)" in err
+    written = sorted(p.name for p in out.iterdir())
+    assert written == sorted(f"syn_{i:04d}_{k}.png" for i in (0, 2, 4, 5) for k in ("cells", "nuclei"))
+
+
 def test_missing_channel_is_a_clear_error_but_nuclei_only_needs_blue(synthetic_small, tmp_path, capsys):
     folder = tmp_path / "blue_only"
     folder.mkdir()

@@ -185,3 +185,46 @@ def test_notebook_trains_from_its_settings_cell(shards, tmp_path):
     exec(next(s for s in code if "history.png" in s), env)
     assert (out / "model.keras").exists()
     assert [r["epoch"] for r in history.read_history(str(out / "history.csv"))] == [1]
+
+
+def test_sigkilled_run_resumes_with_the_data_order_of_an_uninterrupted_run(shards, tmp_path):
+    """A real SIGKILL from outside once epoch 1's checkpoint is on disk; the resumed run must see
+    epochs 2.. in the uninterrupted run's data order (it used to replay epoch 1's). With the
+    random augmentations off, CPU training is deterministic, so the per-epoch losses match."""
+    import signal
+    import time
+
+    args = ["--data", shards, "--mode", "cell", "--preset", "smoke", "--epochs", "4",
+            "--steps-per-epoch", "3", "--seed", "3", "--set", "flip=false", "--set", "rotate=false",
+            "--set", "scale=0", "--set", "brightness=0"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+    def cli(*extra):
+        return [sys.executable, "-m", "train_tpu", *args, *map(str, extra)]
+
+    ref = tmp_path / "ref"
+    done = subprocess.run(cli("--out", ref), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    first = out / trainlib.CHECKPOINTS / trainlib.checkpoint_name(1)
+    proc = subprocess.Popen(cli("--out", out), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not first.exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    start, _ = trainlib.last_checkpoint(str(out))
+    assert 1 <= start < 4
+    resumed = subprocess.run(cli("--out", out, "--resume"), cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    want = history.read_history(str(ref / history.HISTORY_CSV))
+    got = history.read_history(str(out / history.HISTORY_CSV))
+    assert [r["epoch"] for r in got] == [r["epoch"] for r in want] == [1, 2, 3, 4]
+    for a, b in zip(got, want):
+        for key in ("loss", "val_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["epoch"], key)

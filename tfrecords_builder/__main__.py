@@ -1,6 +1,7 @@
 """`python -m tfrecords_builder ...`: images + labels -> fold-split TFRecord shards + manifest.json.
 
-Exit status: 0 all images built, 2 some images skipped (reasons in manifest.json), 1 error.
+Exit status: 0 all images built, 2 some images skipped (reasons in manifest.json; the same
+command again tries them once more), 1 error (an error in the code prints its traceback).
 """
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build multilabel-stratified, fold-split TFRecord shards (local folder or gs://) "
         "from HPA images and label lists, with a manifest.json of what went in. Run the same "
         "command again after an interruption to finish only what is missing.",
-        epilog="Exit status: 0 = every image built, 2 = some skipped (see manifest.json), 1 = error.",
+        epilog="Exit status: 0 = every image built, 2 = some skipped (see manifest.json; the same "
+        "command again tries them once more), 1 = error (an error in the code, not in an image, "
+        "stops the build with its traceback). Transient read errors are retried first "
+        "(HPA_IO_TRIES, HPA_IO_BACKOFF: see README).",
     )
     p.add_argument("--images", action="append", required=True, metavar="DIR_or_gs",
                    help="folder or gs:// prefix of {ID}_{red,green,blue,yellow}.{png,tif.gz,jpg,...}; "
@@ -39,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoding processes; 0 decodes in the main process (default: 1)")
     p.add_argument("--segmenter", choices=("default", "hpa"), default=None,
                    help="cell mode without --masks: common.segmentation backend (default: default)")
+    p.add_argument("--nuclei-model", default=None,
+                   help="--segmenter hpa: hpacellseg nucleus model file (.pth), as for predict")
+    p.add_argument("--cell-model", default=None,
+                   help="--segmenter hpa: hpacellseg 3-channel cell model file (.pth)")
+    p.add_argument("--trust-model-files", action="store_true",
+                   help="--segmenter hpa: allow loading the .pth files, which are pickled PyTorch "
+                   "modules (loading runs code from them): only for files you trust")
     p.add_argument("--masks", default=None, metavar="DIR_or_gs",
                    help="cell mode: use precomputed label maps {ID}_cells.png (+ optional "
                    "{ID}_nuclei.png, same ids) instead of segmenting")
@@ -67,6 +78,8 @@ def main(argv=None) -> int:
             args.preset, images=tuple(args.images), labels=tuple(args.labels), out=args.out,
             mode=args.mode, size=args.size, folds=args.folds, shard_mb=args.shard_mb,
             workers=args.workers, segmenter=args.segmenter, masks=args.masks, limit=args.limit,
+            nuclei_model=args.nuclei_model, cell_model=args.cell_model,
+            trust_model_files=args.trust_model_files or None,
             seed=args.seed, margin=args.margin, interpolation=args.interpolation,
             mask_outside=False if args.keep_outside else None,
         )

@@ -6,16 +6,21 @@ Output folder (local or gs://):
     manifest.json            written last: its presence means the build is complete
     _build/plan.json         state while building: config, folds, each shard's image list
     _build/done/{shard}.json one per published shard: its counts and skipped images
-A resume (the same command again) reads the plan, skips every shard with a `done` record and
-rebuilds the others; records are deterministic, so the result equals an uninterrupted run's.
-`_build/` is removed once the manifest is written.
+A resume (the same command again) reads the plan, keeps every shard whose `done` record has
+no skipped image and rebuilds the others, so an image that failed (a read error, a corrupt file
+since replaced) is tried again; records are deterministic, so the result equals an
+uninterrupted run's. `_build/` is removed once the manifest is written with no image skipped
+at decode time; otherwise it stays, and the same command again retries those shards (the
+manifest is removed while it does, so its presence still means "complete").
+
+An error that is not an image's data (worker.ImageCodeError: a bug) stops the build with its
+traceback; the shards finished so far are kept for the resume.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import signal
 import tempfile
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -34,9 +39,6 @@ STATE_DIR = "_build"
 PLAN_FILE = "plan.json"
 DONE_DIR = "done"
 PILOT_IMAGES = 8  # images decoded up front to estimate bytes per image (shard planning)
-# Test hook: SIGKILL this process right after the K-th shard of this run is published and before
-# its `done` record is written (the worst moment to die).
-KILL_ENV = "HPA_BUILDER_KILL_AFTER_SHARDS"
 
 
 class BuildError(Exception):
@@ -126,7 +128,34 @@ class Runner:
 def _job(cfg: BuildConfig) -> Job:
     from common import config as cfglib
 
-    return Job(mode=cfg.mode, spec=cfglib.to_dict(cfg.tile_spec()), masks=cfg.masks, segmenter=cfg.segmenter)
+    return Job(mode=cfg.mode, spec=cfglib.to_dict(cfg.tile_spec()), masks=cfg.masks, segmenter=cfg.segmenter,
+               nuclei_model=cfg.nuclei_model, cell_model=cfg.cell_model,
+               trust_model_files=cfg.trust_model_files)
+
+
+def check_segmenter(cfg: BuildConfig) -> None:
+    """Refuse at once (before any image is read) a segmenter that cannot run: the hpa backend
+    without its model files, the permission to load them, PyTorch or hpacellseg."""
+    import importlib.util
+
+    if cfg.mode != "cell" or cfg.masks or cfg.segmenter != "hpa":
+        return
+    missing = [flag for flag, value in (("--nuclei-model", cfg.nuclei_model), ("--cell-model", cfg.cell_model))
+               if not value]
+    if missing:
+        raise BuildError(f"--segmenter hpa needs hpacellseg's model files: give {' and '.join(missing)} "
+                         "(dpn_unet_nuclei_v1.pth, dpn_unet_cell_3ch_v1.pth; see common/segmentation/hpa.py)")
+    absent = [path for path in (cfg.nuclei_model, cfg.cell_model) if not os.path.isfile(path)]
+    if absent:
+        raise BuildError(f"--segmenter hpa: model file(s) not found: {', '.join(absent)}")
+    if not cfg.trust_model_files:
+        raise BuildError("--segmenter hpa: the model files are pickled PyTorch modules and loading "
+                         "them runs code from them; pass --trust-model-files if you trust "
+                         f"{cfg.nuclei_model} and {cfg.cell_model}")
+    modules = [name for name in ("torch", "hpacellseg") if importlib.util.find_spec(name) is None]
+    if modules:
+        raise BuildError(f"--segmenter hpa needs {' and '.join(modules)}, not installed here; "
+                         "see common/segmentation/hpa.py for how to install them")
 
 
 def _diff(a: dict, b: dict) -> str:
@@ -181,6 +210,8 @@ def _load_finished(cfg: BuildConfig) -> BuildResult | None:
             f"({_diff(_content(manifest.get('config', {})), cfg.content_dict())}); "
             "choose another --out or delete it"
         )
+    if storage.exists(storage.join(cfg.out, STATE_DIR, PLAN_FILE)):
+        return None  # finished with skipped images, whose state was kept to try them again
     return BuildResult(cfg.out, manifest, 0, len(manifest["shards"]))
 
 
@@ -224,15 +255,27 @@ def build(cfg: BuildConfig, progress: bool = True, log: Callable[[str], None] = 
     if finished is not None:
         log(f"{cfg.out}: already complete")
         return finished
+    check_segmenter(cfg)
     state = storage.join(cfg.out, STATE_DIR)
     done_dir = storage.join(state, DONE_DIR)
+    manifest_path = storage.join(cfg.out, manifestlib.MANIFEST_FILE)
     with Runner(cfg.workers) as runner:
         pilot: dict[str, Result] = {}  # results decoded while planning, used once
         plan = _load_or_make_plan(cfg, runner, log, pilot)
-        done = {n[: -len(".json")] for n in storage.listdir(done_dir) if n.endswith(".json")}
+        if storage.exists(manifest_path):  # retrying the skipped images of a finished build
+            storage.delete(manifest_path)
+        records = {n[: -len(".json")]: json.loads(storage.read_text(storage.join(done_dir, n)))
+                   for n in storage.listdir(done_dir) if n.endswith(".json") and not n.startswith(".tmp-")}
+        # A shard with a skipped image is built again: the image may read now (a transient error,
+        # a file since replaced), and the shard's bytes depend on which images went in.
+        done = {name for name, rec in records.items() if not rec.get("skipped")}
+        retried = sum(len(rec["skipped"]) for name, rec in records.items() if name not in done)
         todo = [s for s in plan.shards if s["name"] not in done]
-        if done:
+        if records:
             log(f"resuming: {len(plan.shards) - len(todo)} of {len(plan.shards)} shards already done")
+        if retried:
+            log(f"trying again {retried} image(s) skipped by an earlier run "
+                f"({len(records) - len(done)} shard(s) rebuilt)")
         if not storage.is_gcs(cfg.out):  # leftovers of a copy killed halfway (never a final name)
             for name in storage.listdir(cfg.out):
                 if name.endswith(".partial"):
@@ -251,11 +294,15 @@ def build(cfg: BuildConfig, progress: bool = True, log: Callable[[str], None] = 
         s["name"]: json.loads(storage.read_text(storage.join(done_dir, s["name"] + ".json"))) for s in plan.shards
     }
     manifest = manifestlib.build_manifest(cfg, plan, shard_records)
-    storage.write_text(storage.join(cfg.out, manifestlib.MANIFEST_FILE), manifestlib.dumps(manifest))
-    for path in list(storage.iter_files(state)):
-        storage.delete(path)
-    if not storage.is_gcs(cfg.out):
-        shutil.rmtree(state, ignore_errors=True)
+    storage.write_text(manifest_path, manifestlib.dumps(manifest))
+    decode_skips = sum(len(rec["skipped"]) for rec in shard_records.values())
+    if decode_skips:
+        log(f"kept {state} so that the same command tries the {decode_skips} skipped image(s) again")
+    else:
+        for path in list(storage.iter_files(state)):
+            storage.delete(path)
+        if not storage.is_gcs(cfg.out):
+            shutil.rmtree(state, ignore_errors=True)
     return BuildResult(cfg.out, manifest, len(todo), len(plan.shards) - len(todo),
                        write_s=written - planned, images_written=decoded)
 
@@ -264,8 +311,6 @@ def _write_shards(cfg, plan, todo, runner, tmp_dir, done_dir, progress, tqdm, pi
     """Decode and write the `todo` shards; returns how many images were decoded here (not in the pilot)."""
     by_id = plan.by_id()
     job = _job(cfg)
-    kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
-    published = [0]
     cached = set(pilot)  # fixed up front: the task generator runs ahead of the loop below
 
     def tasks():
@@ -279,9 +324,6 @@ def _write_shards(cfg, plan, todo, runner, tmp_dir, done_dir, progress, tqdm, pi
     def finish(shard, writer: ShardWriter, examples: dict, skipped: list) -> None:
         # Runs in one background thread, so an upload overlaps the decoding of the next shard.
         writer.publish(storage.join(cfg.out, shard["name"]))
-        published[0] += 1
-        if kill_after and published[0] >= kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
         record = manifestlib.shard_record(shard, by_id, examples, skipped, writer.nbytes, writer.crc32c)
         storage.write_text(storage.join(done_dir, shard["name"] + ".json"), json.dumps(record, sort_keys=True))
 

@@ -10,7 +10,7 @@ from common.preprocess import TileSpec
 DEFAULT_SIZE = {"image": 512, "cell": 224}  # tile side (px) when --size is not given
 
 # Fields that change how fast a build runs, not what it writes: a resume may change them.
-RUNTIME_FIELDS = ("workers",)
+RUNTIME_FIELDS = ("workers", "trust_model_files")
 
 PRESETS: dict[str, dict] = {
     # The full competition build: 512 px images or 224 px cells, 5 folds, ~100 MB shards.
@@ -33,6 +33,9 @@ class BuildConfig:
     shard_mb: float = 100.0  # target shard size, MB (10^6 bytes)
     workers: int = 1  # decoding processes; 0 = decode in the main process
     segmenter: str = "default"  # cell mode without --masks: common.segmentation backend
+    nuclei_model: str = ""  # segmenter "hpa": hpacellseg's nucleus model file (.pth)
+    cell_model: str = ""  # segmenter "hpa": hpacellseg's 3-channel cell model file (.pth)
+    trust_model_files: bool = False  # segmenter "hpa": allow unpickling those files
     masks: str = ""  # cell mode: folder of `{ID}_cells.png` (+ `{ID}_nuclei.png`); skips segmenting
     limit: int = 0  # use only the first N usable images (0 = all)
     seed: int = 0  # fold assignment and shard order

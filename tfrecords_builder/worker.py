@@ -1,10 +1,18 @@
 """One image -> its serialized examples. Runs in worker processes: no TensorFlow here.
 
 Everything a worker needs travels in the `Task` (a few hundred bytes), so workers hold no
-global state and the same function runs in the main process when `workers == 0`.
+global state (but the HPA networks, loaded once per process) and the same function runs in the
+main process when `workers == 0`.
+
+What stops a build and what skips one image: an image whose data is bad (missing or corrupt
+channel files, a bad label map, no cells), or whose reads still fail after the retries of
+transient I/O errors (`common.retry`), or that runs out of memory, is skipped with its reason.
+Any other exception is a bug (or a misconfiguration) and raises ImageCodeError, which stops
+the build with the original traceback: it must not turn into a skip for every image.
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -23,6 +31,17 @@ class Job:
     spec: dict  # TileSpec as a dict
     masks: str = ""  # folder of precomputed `{ID}_cells.png` / `{ID}_nuclei.png`, or ""
     segmenter: str = "default"
+    nuclei_model: str = ""  # segmenter "hpa": hpacellseg's model files (.pth)
+    cell_model: str = ""
+    trust_model_files: bool = False
+
+
+class SkipImage(ValueError):
+    """This image's own data cannot be used (a bad label map, no cells, sizes that disagree)."""
+
+
+class ImageCodeError(RuntimeError):
+    """An error that is not about the image's data: the build stops (its traceback is chained)."""
 
 
 @dataclass(frozen=True)
@@ -66,14 +85,32 @@ def _describe_load_error(task: Task, err: Exception) -> str:
 
 def _read_label_map(path: str, required: bool) -> np.ndarray | None:
     """`common.segmentation.load_labels`, or None when an optional map is absent."""
+    from common import retry
     from common.segmentation import load_labels
 
     try:
-        return load_labels(path)
+        return retry.call(load_labels, path, what=path)
     except FileNotFoundError:
         if required:
-            raise ValueError(f"{path}: cell mask not found") from None
+            raise SkipImage(f"{path}: cell mask not found") from None
         return None
+    except ValueError as err:  # load_labels: not a label map
+        raise SkipImage(str(err)) from err
+
+
+@functools.lru_cache(maxsize=2)
+def _hpa_networks(nuclei_model: str, cell_model: str, trust_model_files: bool):
+    """The HPA U-Nets, loaded once per process (every image of a worker uses them)."""
+    from common.segmentation import hpa
+
+    return hpa.load_networks(nuclei_model, cell_model, trust_model_files=trust_model_files)
+
+
+def segment_options(job: Job) -> dict:
+    """Keyword options of `common.segmentation.segment` for the job's segmenter."""
+    if job.segmenter == "hpa":
+        return {"networks": _hpa_networks(job.nuclei_model, job.cell_model, job.trust_model_files)}
+    return {}
 
 
 def label_maps(task: Task, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -91,11 +128,11 @@ def label_maps(task: Task, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | 
     else:
         from common import segmentation
 
-        seg = segmentation.segment(image, backend=job.segmenter)
+        seg = segmentation.segment(image, backend=job.segmenter, **segment_options(job))
         cells, nuclei = np.asarray(seg.cells), np.asarray(seg.nuclei)
     for name, arr in (("cell", cells), ("nucleus", nuclei)):
         if arr is not None and arr.shape != image.shape[:2]:
-            raise ValueError(
+            raise SkipImage(
                 f"{name} label map is {arr.shape[0]}x{arr.shape[1]} but image {task.image_id} is "
                 f"{image.shape[0]}x{image.shape[1]}"
             )
@@ -112,7 +149,7 @@ def cell_examples(task: Task, image: np.ndarray, spec) -> list[bytes]:
     # (the schema's default), which is what passing the cells as their own nuclei gives.
     info = Segmentation(cells=cells, nuclei=cells if nuclei is None else nuclei).cell_info()
     if not info:
-        raise ValueError("no cells in the label map")
+        raise SkipImage("no cells in the label map")
     tiles, ids, _ = preprocess.cell_tiles(image, cells, spec, cell_ids=[c.id for c in info])
     h, w = image.shape[:2]
     return [
@@ -125,35 +162,55 @@ def cell_examples(task: Task, image: np.ndarray, spec) -> list[bytes]:
     ]
 
 
+def image_failure(err: BaseException) -> bool:
+    """True for what skips ONE image (see the module docstring), False for a code error."""
+    from common import images, retry
+
+    return isinstance(err, (images.ImageLoadError, SkipImage, MemoryError)) or retry.is_transient(err)
+
+
 def process(task: Task) -> Result:
-    """Load, tile and serialize one image. Never raises for bad input: the error goes in the Result."""
-    from common import images, preprocess
+    """Load, tile and serialize one image. Bad input does not raise: the reason goes in the
+    Result. Transient read errors are retried first. Any other error raises ImageCodeError."""
+    from common import images, retry
 
     result = Result(task.image_id)
     try:
-        image = images.load_image(task.source, task.image_id)
+        image = retry.call(images.load_image, task.source, task.image_id, what=f"image {task.image_id}")
     except images.ImageLoadError as err:
         result.error = _describe_load_error(task, err)
         return result
-    except Exception as err:  # noqa: BLE001 - a build of days must not die on one image
+    except Exception as err:  # noqa: BLE001 - sorted by image_failure
+        if not image_failure(err):
+            raise ImageCodeError(f"image {task.image_id}: loading raised {type(err).__name__}: {err} "
+                                 "(not a problem of the image's data)") from err
         result.error = f"cannot load image: {type(err).__name__}: {err}"
         return result
     result.source_size = (int(image.shape[0]), int(image.shape[1]))
     try:
-        spec = preprocess.TileSpec(**task.job.spec)
-        if task.job.mode == "image":
-            result.records = [features.serialize(
-                preprocess.image_tile(image, spec),
-                image_id=task.image_id, labels=task.labels,
-                source_size=result.source_size, fold=task.fold,
-            )]
-        else:
-            result.records = cell_examples(task, image, spec)
-    except Exception as err:  # noqa: BLE001 - recorded in the manifest with the image's ID
+        _tile(task, image, result)
+    except Exception as err:  # noqa: BLE001 - sorted by image_failure
+        if not image_failure(err):
+            raise ImageCodeError(f"image {task.image_id}: tiling raised {type(err).__name__}: {err} "
+                                 "(not a problem of the image's data)") from err
         result.error = f"{type(err).__name__}: {err}"
         result.records = []
     return result
 
+
+def _tile(task: Task, image: np.ndarray, result: Result) -> None:
+    """The image's records into `result.records`."""
+    from common import preprocess
+
+    spec = preprocess.TileSpec(**task.job.spec)
+    if task.job.mode == "image":
+        result.records = [features.serialize(
+            preprocess.image_tile(image, spec),
+            image_id=task.image_id, labels=task.labels,
+            source_size=result.source_size, fold=task.fold,
+        )]
+    else:
+        result.records = cell_examples(task, image, spec)
 
 
 def init_worker(parent_pid: int) -> None:

@@ -218,21 +218,44 @@ def augment(image, labels, cfg):
 
 
 # ------------------------------------------------------------------ the two pipelines
-def train_dataset(files, cfg, tile_size: int, model_size: int, global_batch: int):
-    """The endless training stream: `(float32 [B, s, s, 4], float32 [B, 19])`, B = global batch."""
+def epoch_seed(seed: int, epoch):
+    """The shuffle seed of one epoch (0-based): a different order every epoch, the same one
+    every time that epoch is run, so a resumed run continues the uninterrupted run's order."""
     tf = _tf()
-    ds = list_files(files, shuffle=True, seed=cfg.seed)
-    ds = ds.repeat()
-    ds = interleave_records(ds, cycle_length=min(16, len(files)), deterministic=False)
-    ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed)
-    ds = ds.map(lambda s: parse_example(s, tile_size), num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=False)
+    return tf.cast(seed, tf.int64) * 100_003 + tf.cast(epoch, tf.int64) + 1
+
+
+def epoch_records(files, seed: int, shuffle_buffer: int, epoch, count: int):
+    """The serialized records of one epoch: `count` of them (steps * global batch), the file
+    order and the shuffle buffer seeded by `epoch_seed`, read in a deterministic interleave."""
+    s = epoch_seed(seed, epoch)
+    ds = list_files(files, shuffle=True, seed=s).repeat()  # reshuffled (from s) on each pass
+    ds = interleave_records(ds, cycle_length=min(16, len(files)), deterministic=True)
+    return ds.shuffle(shuffle_buffer, seed=s).take(count)
+
+
+def train_dataset(files, cfg, tile_size: int, model_size: int, global_batch: int,
+                  steps_per_epoch: int = 0, start_epoch: int = 0):
+    """The training stream from epoch `start_epoch` (0-based) on: `(float32 [B, s, s, 4],
+    float32 [B, 19])`, B = global batch, `steps_per_epoch` batches per epoch.
+
+    Each epoch's records are drawn by `epoch_records` (seeded by the epoch), so a run resumed
+    at epoch E sees what the uninterrupted run saw from epoch E on, in the same order; the
+    element order is deterministic throughout. (Augmentation draws are random, not replayed.)
+    steps_per_epoch 0: one pass over the files per epoch's stream, without epoch seeding.
+    """
+    tf = _tf()
+    if steps_per_epoch:
+        count = steps_per_epoch * global_batch
+        ds = tf.data.Dataset.range(start_epoch, 1 << 40).flat_map(
+            lambda e: epoch_records(files, cfg.seed, cfg.shuffle_buffer, e, count))
+    else:
+        ds = epoch_records(files, cfg.seed, cfg.shuffle_buffer, start_epoch, -1)
+    ds = ds.map(lambda s: parse_example(s, tile_size), num_parallel_calls=tf.data.AUTOTUNE)
     if model_size != tile_size:
-        ds = ds.map(lambda x, y: resize(x, y, model_size), num_parallel_calls=tf.data.AUTOTUNE,
-                    deterministic=False)
-    ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-    ds = ds.map(lambda x, y: augment(x, y, cfg), num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=False)
+        ds = ds.map(lambda x, y: resize(x, y, model_size), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda x, y: augment(x, y, cfg), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(global_batch, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 

@@ -229,7 +229,8 @@ def train(cfg, resume: bool = False, callbacks=()) -> dict:
     cfgmod.save(cfg, storage.join(out, cfgmod.CONFIG_FILE))
     spec.save(storage.join(out, PREPROCESS_FILE))
 
-    train_ds = data.train_dataset(split.train_files, cfg, tile_size, model_size, cfg.batch_size)
+    train_ds = data.train_dataset(split.train_files, cfg, tile_size, model_size, cfg.batch_size,
+                                  steps_per_epoch=steps, start_epoch=start_epoch)
     val_ds = data.eval_dataset(split.val_files, tile_size, model_size, cfg.batch_size, val_count)
     val_labels = data.eval_labels(split.val_files, val_count)
 
@@ -248,6 +249,9 @@ def train(cfg, resume: bool = False, callbacks=()) -> dict:
             model = models.load_model(ckpt, compile=True)
             optimizer = model.optimizer  # its variables (moments, step count) come from the file
         else:
+            import keras
+
+            keras.utils.set_random_seed(cfg.seed)  # the initial weights follow --seed too
             model = models.build_model(cfg.backbone, model_size, weights=cfg.weights,
                                        dropout=cfg.dropout, drop_connect_rate=cfg.drop_connect_rate,
                                        dtype_policy=policy, bn_momentum=cfg.bn_momentum or None,
