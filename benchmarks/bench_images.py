@@ -99,7 +99,7 @@ def _baseline_tif_gz(path: str) -> np.ndarray:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=5, help="timed runs per loader (best is kept)")
+    parser.add_argument("--repeat", type=int, default=10, help="timed runs per loader (best is kept)")
     parser.add_argument("--synthetic", type=int, default=4, help="synthetic images generated for timing")
     parser.add_argument("--size", type=int, default=512, help="synthetic image side, px")
     args = parser.parse_args(argv)
