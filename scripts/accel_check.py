@@ -730,6 +730,8 @@ def main(argv=None) -> int:
                 report.line(status, name, f"not run: {why}")
             report.notes.append(f"TensorFlow checks not run ({why}); figures from the Keras backend "
                                 "section")
+            if args.device == "cpu":
+                os.environ["JAX_PLATFORMS"] = "cpu"  # before jax is imported: keep it off the GPU
             hint = "gpu" if args.device == "gpu" or _backend_gpu_guess() else "cpu"
             sz = sizes(args, hint)
             backend_checks(report, args, sz, work, tf_present=False if not args.backend_only else _tf_importable())
@@ -753,7 +755,7 @@ def _tf_importable() -> bool:
 
     try:
         return importlib.util.find_spec("tensorflow") is not None
-    except ValueError:  # sys.modules["tensorflow"] is None: import blocked
+    except (ImportError, ValueError):  # an import hook refuses it, or sys.modules holds None
         return False
 
 
