@@ -66,6 +66,7 @@ BUILTIN_MIX = {(2048, 2048): 462, (1728, 1728): 68, (3072, 3072): 29}
 # multiplies by factors <= 1, so confidences differ by well under 0.02. Segmentation and mask
 # encoding run on the CPU in both runs, so IDs and masks must match exactly.
 TOLERANCE = 0.02
+GPU_PLATFORMS = ("gpu", "cuda", "rocm")  # jax reports CUDA devices as "gpu"; accept the plugin names
 STAGES = ("decode", "segment", "tiles", "score", "encode")
 
 # Sizes per (device, smallest): the GPU ones fit the 10-minute limit with TF start-up.
@@ -460,7 +461,7 @@ def backend_device(backend: str, want: str):
         import jax
 
         devs = jax.devices()
-        gpus = [d for d in devs if d.platform == "gpu"]
+        gpus = [d for d in devs if d.platform in GPU_PLATFORMS]
         desc = f"jax {jax.__version__}: " + ", ".join(f"{d.platform}:{d.id} {getattr(d, 'device_kind', '')}".strip() for d in devs)
         if gpus and want != "cpu":
             def peak():
@@ -766,7 +767,7 @@ def _backend_gpu_guess() -> bool:
         if backend in ("", "jax"):
             import jax
 
-            return any(d.platform == "gpu" for d in jax.devices())
+            return any(d.platform in GPU_PLATFORMS for d in jax.devices())
         if backend == "torch":
             import torch
 
