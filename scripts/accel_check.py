@@ -315,6 +315,10 @@ def compare_submissions(a: Path, b: Path, tolerance: float, min_score: float = 0
     below min_score + tolerance). Returns (ok, message)."""
     from common.submission import read_submission
 
+    # A 2048 px image's row (~20 cells x 19 labels x ~300-char masks) passes the csv module's
+    # default 128 KiB field limit, which common.submission does not raise (reported); here,
+    # in this process, lift it so the comparison can read what predict wrote.
+    csv.field_size_limit(2**31 - 1)
     ra, rb = read_submission(str(a)), read_submission(str(b))
     ids_a, ids_b = [r.image_id for r in ra], [r.image_id for r in rb]
     if ids_a != ids_b:

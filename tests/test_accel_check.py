@@ -166,3 +166,35 @@ def test_without_tensorflow_runs_the_jax_backend_section():
     assert "via jax" in m["device"] and float(m["train"]) > 0
     assert float(m["predict"]) == pytest.approx(sum(per.values()), abs=0.005)
     assert "model time from the jax backend + CPU stages" in result(lines, "projection")[1]
+
+
+def _submission(path, rows):
+    lines = ["ID,ImageWidth,ImageHeight,PredictionString"]
+    lines += [f"{image_id},64,64," + " ".join(f"{k} {c:.6f} {m}" for k, c, m in triples)
+              for image_id, triples in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_gpu_cpu_comparison_rule(tmp_path):
+    # the rule the GPU run applies to its CPU rerun: same IDs and masks, confidences within the
+    # tolerance; a detection on one side only is fine just above the 0.01 threshold
+    sys.path.insert(0, str(SCRIPT.parent))
+    import accel_check
+    from common import masks
+
+    import numpy as np
+
+    m1 = masks.encode_cell(np.ones((4, 5), bool), (0, 0, 4, 5), (64, 64))
+    m2 = masks.encode_cell(np.ones((6, 3), bool), (10, 10, 16, 13), (64, 64))
+    a = _submission(tmp_path / "a.csv", [("x", [(0, 0.5, m1), (3, 0.2, m2)]), ("y", [])])
+    ok, msg = accel_check.compare_submissions(
+        a, _submission(tmp_path / "b.csv", [("x", [(0, 0.505, m1), (3, 0.2, m2), (5, 0.011, m2)]), ("y", [])]), 0.02)
+    assert ok, msg
+    assert "max |GPU - CPU| = 5.00e-03" in msg
+    assert not accel_check.compare_submissions(
+        a, _submission(tmp_path / "c.csv", [("x", [(0, 0.55, m1), (3, 0.2, m2)]), ("y", [])]), 0.02)[0]
+    assert not accel_check.compare_submissions(
+        a, _submission(tmp_path / "d.csv", [("x", [(0, 0.5, m1)]), ("y", [])]), 0.02)[0]
+    assert not accel_check.compare_submissions(
+        a, _submission(tmp_path / "e.csv", [("x", [(0, 0.5, m1), (3, 0.2, m2)]), ("z", [])]), 0.02)[0]
