@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench accel-check clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+# proves and measures the GPU/CPU training and predict paths; e.g. ACCEL_ARGS=--smallest
+accel-check: $(STAMP)
+	$(PY) scripts/accel_check.py $(ACCEL_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_out bench_out
