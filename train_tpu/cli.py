@@ -93,7 +93,8 @@ def main(argv=None) -> int:
                         datefmt="%H:%M:%S")
     try:
         cfg = config_from_args(args)
-        backend_lib.select(cfg.backend)  # before train_tpu.train (or anything) imports Keras
+        # before train_tpu.train (or anything) imports Keras; auto is resolved (and logged) once
+        cfg = cfg.replace(backend=backend_lib.select(cfg.backend))
         from train_tpu.train import train
 
         summary = train(cfg, resume=args.resume)
