@@ -42,6 +42,30 @@ def test_gpu_requested_without_gpu_is_a_clear_error():
         strategy_lib.get_strategy("gpu")
 
 
+def test_backend_choice(monkeypatch):
+    """auto: KERAS_BACKEND when set, else jax only on a TPU VM with JAX, else tensorflow; once
+    Keras runs (here on TensorFlow), asking for the other backend is an error, not ignored."""
+    import keras
+
+    from train_tpu import backend as backend_lib
+
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    assert backend_lib.resolve("auto") == ("jax", "KERAS_BACKEND is set")
+    monkeypatch.delenv("KERAS_BACKEND")
+    for var in ("TPU_NAME", "COLAB_TPU_ADDR", "TPU_ACCELERATOR_TYPE"):
+        monkeypatch.delenv(var, raising=False)
+    if not strategy_lib._on_tpu_vm():
+        assert backend_lib.resolve("auto")[0] == "tensorflow"
+    assert backend_lib.resolve("jax") == ("jax", "asked for")
+    with pytest.raises(ValueError, match="auto, tensorflow, jax"):
+        backend_lib.resolve("torch")
+    current = keras.backend.backend()
+    assert backend_lib.select("auto") == current
+    other = "jax" if current == "tensorflow" else "tensorflow"
+    with pytest.raises(ValueError, match=f"--backend {other}: Keras is already running on {current}"):
+        backend_lib.select(other)
+
+
 def test_unknown_strategy_name():
     with pytest.raises(ValueError, match="auto, tpu, gpu, cpu"):
         strategy_lib.get_strategy("quantum")

@@ -178,6 +178,8 @@ def test_notebook_trains_from_its_settings_cell(shards, tmp_path):
     env = {"sh": sh, "sys": sys, "os": os}
     exec(next(s for s in code if s.lstrip().startswith("# --- the project")), env)
     assert env["DATA"].startswith("gs://") and env["PRESET"] in ("b0_cell_224",)
+    # JAX on TPU VM runtimes: the install cell adds jax[tpu] there, the trainer gets --backend
+    assert env["BACKEND"] == "auto" and any('"jax[tpu]"' in s for s in code)
     out = tmp_path / "nb_run"
     env.update(DATA=shards, OUT=str(out), PRESET="smoke", WEIGHTS="none", STRATEGY="cpu",
                EPOCHS=1, STEPS_PER_EPOCH=1)

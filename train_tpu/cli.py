@@ -1,7 +1,8 @@
 """`python -m train_tpu --data DIR_or_gs --mode cell|image --out RUN_DIR_or_gs [...]`.
 
-Parses arguments into a TrainConfig (preset, then the options given) and calls
-`train_tpu.train.train`. No TensorFlow at import time.
+Parses arguments into a TrainConfig (preset, then the options given), selects the Keras backend
+(before anything imports Keras) and calls `train_tpu.train.train`. No TensorFlow, JAX or Keras
+at import time.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 
 from common import config as cfglib
 from common.models import BACKBONES
+from train_tpu import backend as backend_lib
 from train_tpu.config import PRESETS, TrainConfig, make_config
 from train_tpu.strategy import HardwareNotFoundError
 
@@ -45,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--strategy", choices=("auto", "tpu", "gpu", "cpu"),
       help="hardware; auto picks TPU > GPUs > CPU and logs it; asking for missing hardware is "
       "an error")
+    a("--backend", choices=backend_lib.NAMES,
+      help="Keras backend: tensorflow (tf.distribute: TPUStrategy, MirroredStrategy) or jax "
+      "(keras.distribution.DataParallel over jax.devices(): TPU VMs, GPUs, CPU); auto (default) "
+      "takes KERAS_BACKEND if set, else jax on a TPU VM with JAX installed, else tensorflow, "
+      "and logs its choice")
     a("--tpu", help="TPU name or grpc address; default from the environment (Colab/Kaggle), "
       "'local' on a TPU VM")
     a("--resume", action="store_true",
@@ -86,6 +93,8 @@ def main(argv=None) -> int:
                         datefmt="%H:%M:%S")
     try:
         cfg = config_from_args(args)
+        # before train_tpu.train (or anything) imports Keras; auto is resolved (and logged) once
+        cfg = cfg.replace(backend=backend_lib.select(cfg.backend))
         from train_tpu.train import train
 
         summary = train(cfg, resume=args.resume)
@@ -95,7 +104,8 @@ def main(argv=None) -> int:
         return 2
     last = summary["last"]
     print(f"run {summary['out']}: {summary['epochs']} epochs x {summary['steps_per_epoch']} steps "
-          f"on {summary['strategy']} ({summary['replicas']} replicas, {summary['precision']})")
+          f"on {summary['strategy']} ({summary['replicas']} replicas, {summary['precision']}, "
+          f"{summary['backend']} backend)")
     if last:
         print(f"val_macro_auc {last.get('val_macro_auc', float('nan')):.4f}  "
               f"val_map {last.get('val_map', float('nan')):.4f}  "

@@ -26,6 +26,7 @@ class TrainConfig:
     val_fold: int = 0  # validate on fold{K}-*.tfrec, train on the other folds
     val_steps: int = 0  # 0 = the whole validation fold; else this many batches
     strategy: str = "auto"  # auto|tpu|gpu|cpu
+    backend: str = "auto"  # Keras backend: auto|tensorflow|jax; config.json records the one used
     tpu: str = ""  # TPU name/address; "" = from the environment, "local" = a TPU VM
     cpu_replicas: int = 1  # >1: split the CPU into logical devices (tests the multi-replica path)
     precision: str = "auto"  # auto (bf16 TPU, fp16 GPU, fp32 CPU)|float32|mixed_float16|mixed_bfloat16
@@ -55,6 +56,7 @@ class TrainConfig:
             "mode": self.mode in ("cell", "image"),
             "backbone": self.backbone in BACKBONES,
             "strategy": self.strategy in ("auto", "tpu", "gpu", "cpu"),
+            "backend": self.backend in ("auto", "tensorflow", "jax"),
             "precision": self.precision in ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
             "optimizer": self.optimizer in ("adamw", "sgd"),
             "loss": self.loss in ("bce", "focal"),
@@ -80,7 +82,7 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-_HINTS = (" (mode cell|image; strategy auto|tpu|gpu|cpu; precision auto|float32|mixed_float16|"
+_HINTS = (" (mode cell|image; strategy auto|tpu|gpu|cpu; backend auto|tensorflow|jax; precision auto|float32|mixed_float16|"
           "mixed_bfloat16; optimizer adamw|sgd; loss bce|focal; size 0 or >= 32; "
           "scale in [0, 0.5); backbones: " + ", ".join(BACKBONES) + ")")
 

@@ -16,6 +16,7 @@ from common import models, storage
 from common.labels import NUM_CLASSES
 from common.preprocess import PREPROCESS_FILE
 from train_tpu import config as cfgmod
+from train_tpu import backend as backend_lib
 from train_tpu import data, history
 from train_tpu import strategy as strategy_lib
 
@@ -194,6 +195,8 @@ def train(cfg, resume: bool = False, callbacks=()) -> dict:
     if not cfg.data or not cfg.out:
         raise ValueError("TrainConfig.data and TrainConfig.out are required (--data, --out)")
     out = cfg.out.rstrip("/")
+    # config.json records the backend that ran, not "auto"
+    cfg = cfg.replace(backend=backend_lib.select(cfg.backend))
     strategy_lib.configure_cpu_replicas(cfg.cpu_replicas)
     strategy = strategy_lib.get_strategy(cfg.strategy, cfg.tpu)
     kind = strategy_lib.device_kind(strategy)
@@ -275,6 +278,6 @@ def train(cfg, resume: bool = False, callbacks=()) -> dict:
     models.save_model(export, storage.join(out, models.MODEL_FILE))
     log.info("wrote %s", storage.join(out, models.MODEL_FILE))
     return {"out": out, "epochs": cfg.epochs, "steps_per_epoch": steps, "replicas": replicas,
-            "strategy": type(strategy).__name__, "precision": policy,
+            "strategy": type(strategy).__name__, "precision": policy, "backend": cfg.backend,
             "train_examples": split.train_examples, "val_examples": val_count,
             "last": rows[-1] if rows else {}}

@@ -1,0 +1,213 @@
+"""The trainer on Keras' JAX backend (issue #15), on the CPU.
+
+JAX runs in subprocesses (the backend is fixed per process): the real CLI, killed with SIGKILL
+after its first checkpoint and resumed over two host CPU devices; then ONE script process that
+runs the other JAX checks and writes their results to JSON, read here under TensorFlow:
+- the smoke preset's loss falls on JAX;
+- DataParallel over two CPU devices makes the same loss and the same update as one device;
+- the 3-to-4 channel weight transfer reproduces the 3-channel model on RGB input;
+- a JAX-trained model.keras predicts, under TensorFlow, what it predicts under JAX;
+- asking for a TPU that is not there is an error on JAX too.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from common import models
+from tests.jax_env import ROOT, jax_env
+from tests.train_shards import make_shards
+from train_tpu import history
+from train_tpu import config as cfgmod
+
+keras = pytest.importorskip("keras")
+pytestmark = pytest.mark.timeout(1800)
+
+_CHECKS = r"""
+import json, sys
+import numpy as np
+import jax, keras
+import tensorflow as tf
+from common import models
+from train_tpu import data, strategy as S, train as T
+from train_tpu.config import make_config
+from tests.test_models import SIZE, _features, _source_model
+
+shards, run, x_path, out_path, weights_path = sys.argv[1:6]
+res = {"backend": keras.backend.backend(), "devices": len(jax.devices())}
+
+# asking for missing hardware is an error on JAX too
+try:
+    S.get_strategy("tpu")
+    res["tpu_error"] = None
+except S.HardwareNotFoundError as err:
+    res["tpu_error"] = str(err)
+
+# the smoke preset's loss falls: one fixed batch from the real pipeline, seen 8 times
+cfg = make_config("smoke", data=shards, learning_rate=3e-3, warmup_epochs=0.0, min_lr_ratio=1.0)
+split = data.find_split(shards, 0)
+ds = data.train_dataset(split.train_files, cfg, 32, 32, 8).take(1).cache().repeat()
+m = models.build_model(cfg.backbone, 32, dropout=0.0, drop_connect_rate=0.0)
+T.compile_model(m, cfg, T.make_optimizer(cfg, 8))
+res["losses"] = [float(v) for v in m.fit(ds, epochs=8, steps_per_epoch=1, verbose=0).history["loss"]]
+
+# one SGD step on the same global batch over 2 devices and over 1 (each half of the batch is the
+# same 4 examples, so each device's BatchNorm sees the single device's batch statistics; SGD
+# moves the weights in proportion to the gradient, so a per-device loss scale shows as 2x)
+sgd = make_config("smoke", optimizer="sgd", learning_rate=0.05, warmup_epochs=0.0,
+                  min_lr_ratio=1.0, dropout=0.0, drop_connect_rate=0.0)
+rng = np.random.default_rng(0)
+half_x = rng.uniform(0, 255, (4, 32, 32, 4)).astype("float32")
+half_y = (rng.uniform(size=(4, 19)) < 0.3).astype("float32")
+bx, by = np.concatenate([half_x, half_x]), np.concatenate([half_y, half_y])
+w0 = models.build_model("efficientnet_b0", 32, dropout=0.0, drop_connect_rate=0.0).get_weights()
+
+def one_step(strategy):
+    with strategy.scope():
+        net = models.build_model("efficientnet_b0", 32, dropout=0.0, drop_connect_rate=0.0)
+        models.set_weights(net, w0)
+        T.compile_model(net, sgd, T.make_optimizer(sgd, 1))
+        before = np.concatenate([np.ravel(v) for v in net.trainable_weights])
+        loss = net.fit(tf.data.Dataset.from_tensors((bx, by)), epochs=1, steps_per_epoch=1,
+                       verbose=0).history["loss"][0]
+        after = np.concatenate([np.ravel(v) for v in net.trainable_weights])
+    return float(loss), after - before
+
+two = S.get_strategy("cpu")
+res["replicas"], res["kind"] = two.num_replicas_in_sync, S.device_kind(two)
+loss2, d2 = one_step(two)
+loss1, d1 = one_step(S.JaxStrategy(jax.devices("cpu")[:1], "cpu"))
+res.update(loss2=loss2, loss1=loss1, norm1=float(np.linalg.norm(d1)),
+           diff=float(np.linalg.norm(d2 - d1)))
+keras.distribution.set_distribution(None)
+
+# the 3-to-4 channel transfer reproduces the 3-channel model on RGB input
+rng = np.random.default_rng(0)
+src = _source_model("efficientnet_b0", rng)
+src.save_weights(weights_path)
+grown = models.build_model("efficientnet_b0", SIZE, weights=weights_path, drop_connect_rate=0.0)
+xt = rng.uniform(0, 255, (3, SIZE, SIZE, 4)).astype("float32")
+want = np.asarray(src(xt[..., :3], training=False))
+got = np.asarray(_features(grown)(xt, training=False))
+res["transfer_max_abs"] = float(np.abs(want).max())
+res["transfer_err"] = float(np.abs(got - want).max())
+
+# the CLI-trained run's model, for the TensorFlow side to compare with
+x = np.load(x_path)
+np.save(out_path, np.asarray(models.load_model(run).predict(x, verbose=0)))
+print(json.dumps(res))
+"""
+
+
+@pytest.fixture(scope="module")
+def shards(synthetic_small, tmp_path_factory):
+    out = tmp_path_factory.mktemp("jax_shards")
+    make_shards(synthetic_small, out, size=32, folds=2)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def jax_run(shards, tmp_path_factory):
+    """The CLI on JAX: started, SIGKILLed after its first checkpoint, resumed to the end over
+    two CPU devices. Returns `(run folder, killed CompletedProcess-like, resumed)`."""
+    env = jax_env(tmp_path_factory)
+    run = tmp_path_factory.mktemp("jax_run") / "run"
+    cmd = [sys.executable, "-m", "train_tpu", "--backend", "jax", "--data", shards,
+           "--mode", "cell", "--out", str(run), "--preset", "smoke", "--epochs", "4",
+           "--steps-per-epoch", "2", "--cpu-replicas", "2"]
+    logs = run.parent / "killed.log"
+    with open(logs, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        first = run / "checkpoints" / "epoch_001.keras"
+        deadline = time.time() + 1200
+        while not first.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)  # a real kill from outside: no cleanup runs
+        proc.wait()
+    killed = {"returncode": proc.returncode, "log": logs.read_text(),
+              "checkpoints": sorted(os.listdir(run / "checkpoints")) if run.exists() else [],
+              "model": (run / models.MODEL_FILE).exists()}
+    resumed = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=1200)
+    return run, killed, resumed
+
+
+@pytest.fixture(scope="module")
+def checks(jax_run, tmp_path_factory):
+    """The script's results (one JAX process over two CPU devices) and the inputs it scored."""
+    run = jax_run[0]
+    work = tmp_path_factory.mktemp("jax_checks")
+    x = np.random.default_rng(1).uniform(0, 255, (6, 32, 32, 4)).astype("float32")
+    np.save(work / "x.npy", x)
+    res = subprocess.run(
+        [sys.executable, "-c", _CHECKS, json.loads((run / "config.json").read_text())["data"],
+         str(run), str(work / "x.npy"), str(work / "probs.npy"), str(work / "src.weights.h5")],
+        cwd=ROOT, env=jax_env(tmp_path_factory, cpu_devices=2), capture_output=True, text=True,
+        timeout=1500)
+    assert res.returncode == 0, res.stderr[-4000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out["x"], out["probs"] = x, np.load(work / "probs.npy")
+    return out
+
+
+def test_cli_on_jax_resumes_after_sigkill_over_two_devices(jax_run):
+    run, killed, resumed = jax_run
+    assert killed["returncode"] == -signal.SIGKILL, "the run ended before it could be killed: " \
+        + killed["log"][-2000:]
+    assert "epoch_001.keras" in killed["checkpoints"] and not killed["model"]
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resuming from" in resumed.stderr
+    assert "DataParallel over 2 cpu devices, 2 replicas (JAX backend)" in resumed.stderr
+    assert "jax backend" in resumed.stdout
+    cfg = cfgmod.load(str(run / "config.json"))
+    assert cfg.backend == "jax" and cfg.cpu_replicas == 2
+    assert sorted(os.listdir(run / "checkpoints")) == [f"epoch_00{i}.keras" for i in (1, 2, 3, 4)]
+    rows = history.read_history(str(run / "history.csv"))
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) and 0 <= r["val_macro_auc"] <= 1 for r in rows)
+    assert rows[3]["lr"] < rows[1]["lr"] < rows[0]["lr"]  # the schedule went on where it stopped
+    # the optimizer state came back: its step count went on (a fresh optimizer would be at 6)
+    assert int(models.load_model(str(run / "checkpoints" / "epoch_004.keras"),
+                                 compile=True).optimizer.iterations) == 4 * 2
+    assert {"model.keras", "config.json", "preprocess.json", "history.csv",
+            "history.png"} <= set(os.listdir(run))
+
+
+def test_smoke_loss_falls_on_jax(checks):
+    assert checks["backend"] == "jax"
+    losses = checks["losses"]
+    assert all(np.isfinite(losses))
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_data_parallel_two_cpu_devices_match_one(checks):
+    assert checks["devices"] == 2 and checks["replicas"] == 2 and checks["kind"] == "cpu"
+    np.testing.assert_allclose(checks["loss2"], checks["loss1"], rtol=1e-4)
+    assert checks["norm1"] > 0  # the step did move the weights
+    # a loss scaled by the per-device batch would give twice the update
+    assert checks["diff"] <= 1e-2 * checks["norm1"], checks
+
+
+def test_tpu_requested_without_tpu_is_an_error_on_jax(checks):
+    assert checks["tpu_error"] and "--strategy tpu: no TPU found" in checks["tpu_error"]
+
+
+def test_weight_transfer_reproduces_the_3_channel_model_on_jax(checks):
+    assert checks["transfer_max_abs"] > 1e-3  # not zeros against zeros
+    assert checks["transfer_err"] <= 1e-5 + 1e-4 * checks["transfer_max_abs"], checks
+
+
+def test_jax_trained_model_predicts_the_same_under_tensorflow(checks, jax_run):
+    """The loader infer_gpu uses (common.models.load_model), on this TensorFlow process."""
+    assert keras.backend.backend() == "tensorflow"
+    model = models.load_model(str(jax_run[0]))
+    got = model.predict(checks["x"], verbose=0)
+    assert got.shape == (6, 19) and np.ptp(got) > 1e-4  # varied outputs, not a constant
+    np.testing.assert_allclose(got, checks["probs"], rtol=1e-4, atol=1e-5)
