@@ -2,7 +2,9 @@
 run as a Beam pipeline (DirectRunner on one machine, DataflowRunner on many).
 
     plan (made here, before the pipeline, by build.py's own functions; saved in _build/plan.json)
-      -> Create(one item per image still to build) -> Reshuffle
+      -> Create(names of the shards still to build)
+      -> ParDo(ExpandShard): one Item per planned image, from the saved plan (read once per worker)
+      -> Reshuffle (spreads the images of one shard over all workers)
       -> ParDo(ProcessImage): worker.process(task)  == the local engine's per-image function
            main output: records, keyed by planned shard;  tagged output "skipped": bad input
       -> CoGroupByKey(shard) -> ParDo(WriteShard): sort by planned position, write the shard to a
@@ -10,8 +12,10 @@ run as a Beam pipeline (DirectRunner on one machine, DataflowRunner on many).
            or upload with a CRC32C check), then its `_build/done/{shard}.json` record
     manifest.json from the done records (build.finish), as in the local engine.
 
-So shard names, contents (byte for byte), manifest and resume behaviour are those of the
-local engine, and a build interrupted under one engine can be finished by the other.
+The pipeline itself carries only shard names, so its size does not grow with the dataset (runners
+cap the size of a submitted job); the images' list travels in plan.json, which the workers read.
+Shard names, contents (byte for byte), manifest and resume behaviour are those of the local
+engine, and a build interrupted under one engine can be finished by the other.
 A Python exception from our code fails the pipeline; only bad input becomes a skip.
 """
 from __future__ import annotations
@@ -35,6 +39,9 @@ from tfrecords_builder.config import BuildConfig
 SKIPPED = "skipped"  # tag of ProcessImage's side output
 COUNTERS = ("images", "cells", "records", "skipped", "shards", "bytes")
 NAMESPACE = "tfrecords_builder"
+# Runners whose workers run on this machine and so see its files; any other needs gs:// paths.
+LOCAL_RUNNERS = ("DirectRunner", "direct", "SwitchingDirectRunner", "BundleBasedDirectRunner", "PrismRunner",
+                 "prism")
 
 
 @dataclass(frozen=True)
@@ -47,13 +54,47 @@ class Item:
     count: int  # images planned into this shard (the writer checks it got them all)
     origin: str  # label-list row, for the skip list
     task: worker.Task
-    done: worker.Result | None = None  # decoded while planning (pilot): not decoded again
+
+
+def shard_items(by_id: dict, shard: dict, job: worker.Job) -> list[Item]:
+    """One Item per planned image of `shard` ({"name", "fold", "images"}), in planned order;
+    `by_id` is `Plan.by_id()`."""
+    out = []
+    for pos, image_id in enumerate(shard["images"]):
+        e = by_id[image_id]
+        out.append(Item(shard["name"], shard["fold"], pos, len(shard["images"]), e.origin,
+                        worker.Task(image_id, e.source, tuple(e.labels), e.fold, job)))
+    return out
 
 
 def _counter(name: str):
     import apache_beam as beam
 
     return beam.metrics.Metrics.counter(NAMESPACE, name)
+
+
+def _expand_shard_fn():
+    import apache_beam as beam
+
+    class ExpandShard(beam.DoFn):
+        """Shard name -> its Items, from `OUT/_build/plan.json` (read once per worker, in setup)."""
+
+        def __init__(self, out: str, job: worker.Job):
+            self.out = out
+            self.job = job
+
+        def setup(self):
+            from tfrecords_builder import plan as planlib
+
+            plan = planlib.Plan.from_json(
+                storage.read_text(storage.join(self.out, buildlib.STATE_DIR, buildlib.PLAN_FILE)))
+            self.by_id = plan.by_id()
+            self.shards = {s["name"]: s for s in plan.shards}
+
+        def process(self, name: str):
+            yield from shard_items(self.by_id, self.shards[name], self.job)
+
+    return ExpandShard
 
 
 def _process_image_fn():
@@ -74,7 +115,7 @@ def _process_image_fn():
             self.skipped = _counter("skipped")
 
         def process(self, item: Item):
-            result = item.done if item.done is not None else worker.process(item.task)
+            result = worker.process(item.task)
             if result.image_id != item.task.image_id:  # a bug, never bad input
                 raise RuntimeError(f"result for {result.image_id} arrived where {item.task.image_id} was due")
             if result.error:
@@ -164,7 +205,7 @@ def pipeline_options(cfg: BuildConfig, beam_args: Sequence[str]):
     std = options.view_as(StandardOptions)
     if not std.runner:
         std.runner = "DirectRunner"
-    if std.runner in ("DirectRunner", "direct") and cfg.workers > 1 \
+    if std.runner in ("DirectRunner", "direct", "SwitchingDirectRunner") and cfg.workers > 1 \
             and not any(a.startswith("--direct_num_workers") for a in beam_args):
         direct = options.view_as(DirectOptions)
         direct.direct_num_workers = cfg.workers
@@ -172,29 +213,19 @@ def pipeline_options(cfg: BuildConfig, beam_args: Sequence[str]):
     return options
 
 
-def items(plan, todo: list[dict], job: worker.Job, pilot: dict) -> list[Item]:
-    """One Item per planned image of the `todo` shards, in plan order."""
-    by_id = plan.by_id()
-    out = []
-    for shard in todo:
-        for pos, image_id in enumerate(shard["images"]):
-            e = by_id[image_id]
-            out.append(Item(shard["name"], shard["fold"], pos, len(shard["images"]), e.origin,
-                            worker.Task(image_id, e.source, tuple(e.labels), e.fold, job),
-                            pilot.pop(image_id, None)))
-    return out
+def run_pipeline(cfg: BuildConfig, shards: list[str], options) -> dict[str, int]:
+    """Decode and write the named planned shards; returns the Beam counters (committed where known).
 
-
-def run_pipeline(cfg: BuildConfig, work: list[Item], beam_args: Sequence[str]) -> dict[str, int]:
-    """Decode and write the shards of `work`; returns the Beam counters (committed where known)."""
+    The plan must already be saved in the output's state folder (workers read it there).
+    """
     import apache_beam as beam
     from apache_beam.metrics.metric import MetricsFilter
 
-    options = pipeline_options(cfg, beam_args)
     p = beam.Pipeline(options=options)
     outputs = (
         p
-        | "Images" >> beam.Create(work, reshuffle=False)
+        | "Shards" >> beam.Create(shards)
+        | "Images" >> beam.ParDo(_expand_shard_fn()(cfg.out, buildlib._job(cfg)))
         | "Spread" >> beam.Reshuffle()
         | "Process" >> beam.ParDo(_process_image_fn()()).with_outputs(SKIPPED, main="records")
     )
@@ -219,14 +250,24 @@ def build_beam(cfg: BuildConfig, beam_args: Sequence[str] = (), progress: bool =
     beam_args: Beam pipeline options (`--runner DataflowRunner --project ...`); DirectRunner
     when no runner is given. Returns the BuildResult (`exit_code` 2 when images were skipped).
     """
+    from apache_beam.options.pipeline_options import StandardOptions
+
     del progress  # Beam reports progress itself (DirectRunner logs, the Dataflow job page)
+    options = pipeline_options(cfg, beam_args)
+    runner = options.view_as(StandardOptions).runner
+    if runner not in LOCAL_RUNNERS:
+        local = [p for p in (cfg.out, *cfg.images, cfg.masks) if p and not storage.is_gcs(p)]
+        if local:
+            raise buildlib.BuildError(f"{runner} workers cannot see this machine's files: give --out, "
+                                      f"--images and --masks as gs:// paths (not {local[0]})")
     finished = buildlib._load_finished(cfg)
     if finished is not None:
         log(f"{cfg.out}: already complete")
         return finished
-    pilot: dict[str, worker.Result] = {}
     with buildlib.Runner(0) as runner:  # the pilot decodes 8 images here, on the launching machine
-        plan = buildlib._load_or_make_plan(cfg, runner, log, pilot)
+        # The pilot's results are not reused (unlike the local engine's): the workers decode
+        # those 8 images again rather than receive their records inside the pipeline's definition.
+        plan = buildlib._load_or_make_plan(cfg, runner, log, {})
     done_dir = storage.join(cfg.out, buildlib.STATE_DIR, buildlib.DONE_DIR)
     done = {n[: -len(".json")] for n in storage.listdir(done_dir) if n.endswith(".json")}
     todo = [s for s in plan.shards if s["name"] not in done]
@@ -236,9 +277,8 @@ def build_beam(cfg: BuildConfig, beam_args: Sequence[str] = (), progress: bool =
         for name in storage.listdir(cfg.out):
             if name.endswith(".partial"):
                 os.unlink(os.path.join(cfg.out, name))
-    work = items(plan, todo, buildlib._job(cfg), pilot)
     start = time.perf_counter()
-    counts = run_pipeline(cfg, work, beam_args) if work else dict.fromkeys(COUNTERS, 0)
+    counts = run_pipeline(cfg, [s["name"] for s in todo], options) if todo else dict.fromkeys(COUNTERS, 0)
     write_s = time.perf_counter() - start
     log("beam counters: " + ", ".join(f"{k}={counts[k]}" for k in COUNTERS))
     missing = [s["name"] for s in todo
@@ -249,4 +289,4 @@ def build_beam(cfg: BuildConfig, beam_args: Sequence[str] = (), progress: bool =
     manifest = buildlib.finish(cfg, plan)
     return buildlib.BuildResult(cfg.out, manifest, len(todo), len(plan.shards) - len(todo),
                                 write_s=write_s,
-                                images_written=sum(1 for w in work if w.done is None))
+                                images_written=sum(len(s["images"]) for s in todo))
