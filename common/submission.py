@@ -183,6 +183,9 @@ def _scan(path: str, exact: bool = True) -> tuple[list[str], list[tuple[int, lis
     exact: the header must be `HEADER`; otherwise only its first three names are checked (a
     sample submission's placeholder PredictionString column may be there or not).
     """
+    # One image's PredictionString (tens of cells x several labels x a mask each) passes the csv
+    # module's default 128 KiB field limit; Kaggle's own reader has none.
+    csv.field_size_limit(2**31 - 1)
     reader = csv.reader(io.StringIO(storage.read_text(path), newline=""))
     header = next(reader, None)
     if header is None:

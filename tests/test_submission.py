@@ -119,3 +119,17 @@ def test_read_the_real_sample_submission(shared_data):
     assert len({r.image_id for r in rows}) == 559
     assert Counter(r.width for r in rows) == {2048: 462, 1728: 68, 3072: 29}
     assert all(r.width == r.height for r in rows)
+
+
+def test_a_row_longer_than_the_csv_default_field_limit_reads_back(tmp_path):
+    """A 2048 px image with ~30 cells x several labels writes a PredictionString past the csv
+    module's default 128 KiB field limit; read_submission must still read it."""
+    rng = np.random.default_rng(0)
+    preds = []
+    while sum(len(p.mask) for p in preds) < 200_000:
+        m = rng.random((256, 256)) > 0.5  # noisy masks encode long
+        preds.append(Prediction(len(preds) % 19, 0.5, masks.encode(m)))
+    path = str(tmp_path / "submission.csv")
+    write_submission(path, [ImageRow("big", 256, 256, preds)])
+    back = read_submission(path)
+    assert len(back) == 1 and back[0].predictions == preds

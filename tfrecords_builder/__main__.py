@@ -1,5 +1,6 @@
 """`python -m tfrecords_builder ...`: images + labels -> fold-split TFRecord shards + manifest.json.
 
+`--engine beam` runs the same build as an Apache Beam pipeline (DirectRunner, Dataflow).
 Exit status: 0 all images built, 2 some images skipped (reasons in manifest.json; the same
 command again tries them once more), 1 error (an error in the code prints its traceback).
 """
@@ -65,12 +66,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="named defaults: 'default' (full build) or 'smoke' (64 px, 2 folds, 8 images, "
                    "tiny shards; seconds on a CPU); explicit options override it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--engine", choices=("local", "beam"), default="local",
+                   help="local: this machine's worker processes; beam: an Apache Beam pipeline "
+                   "(pip install hpa-scc[beam]) over the same plan and per-image function, giving the "
+                   "same shards. With beam, options the builder does not know go to Beam, e.g. "
+                   "--runner DataflowRunner --project P --region R --temp_location gs://B/tmp "
+                   "--setup_file ./setup.py (default runner: DirectRunner, with --workers processes)")
     return p
 
 
+def _run(cfg, beam_args, progress: bool):
+    """The engine's build; Beam only imported when asked for."""
+    if cfg.engine == "beam":
+        try:
+            from tfrecords_builder.beam_engine import build_beam
+            import apache_beam  # noqa: F401
+        except ImportError as err:
+            raise ValueError(f"--engine beam needs Apache Beam ({err}): pip install 'hpa-scc[beam]' "
+                             "or pip install -r requirements-beam.txt") from None
+        return build_beam(cfg, beam_args, progress=progress)
+    from tfrecords_builder.build import build
+
+    return build(cfg, progress=progress)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from tfrecords_builder.build import BuildError, build
+    parser = build_parser()
+    args, beam_args = parser.parse_known_args(argv)
+    if beam_args and args.engine != "beam":
+        parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
+    from tfrecords_builder.build import BuildError
     from tfrecords_builder.config import make_config
 
     try:
@@ -81,9 +106,9 @@ def main(argv=None) -> int:
             nuclei_model=args.nuclei_model, cell_model=args.cell_model,
             trust_model_files=args.trust_model_files or None,
             seed=args.seed, margin=args.margin, interpolation=args.interpolation,
-            mask_outside=False if args.keep_outside else None,
+            mask_outside=False if args.keep_outside else None, engine=args.engine,
         )
-        result = build(cfg, progress=not args.no_progress)
+        result = _run(cfg, beam_args, progress=not args.no_progress)
     except (BuildError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

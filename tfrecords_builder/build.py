@@ -290,11 +290,23 @@ def build(cfg: BuildConfig, progress: bool = True, log: Callable[[str], None] = 
             shutil.rmtree(tmp_dir, ignore_errors=True)
         written = time.perf_counter()
 
+    manifest = finish(cfg, plan, log)
+    return BuildResult(cfg.out, manifest, len(todo), len(plan.shards) - len(todo),
+                       write_s=written - planned, images_written=decoded)
+
+
+def finish(cfg: BuildConfig, plan: planlib.Plan, log: Callable[[str], None] = print) -> dict:
+    """Every shard has its `done` record: write manifest.json from them, then remove `_build/`.
+
+    Shared by both engines (local and Beam); returns the manifest.
+    """
+    state = storage.join(cfg.out, STATE_DIR)
+    done_dir = storage.join(state, DONE_DIR)
     shard_records = {
         s["name"]: json.loads(storage.read_text(storage.join(done_dir, s["name"] + ".json"))) for s in plan.shards
     }
     manifest = manifestlib.build_manifest(cfg, plan, shard_records)
-    storage.write_text(manifest_path, manifestlib.dumps(manifest))
+    storage.write_text(storage.join(cfg.out, manifestlib.MANIFEST_FILE), manifestlib.dumps(manifest))
     decode_skips = sum(len(rec["skipped"]) for rec in shard_records.values())
     if decode_skips:
         log(f"kept {state} so that the same command tries the {decode_skips} skipped image(s) again")
@@ -303,8 +315,7 @@ def build(cfg: BuildConfig, progress: bool = True, log: Callable[[str], None] = 
             storage.delete(path)
         if not storage.is_gcs(cfg.out):
             shutil.rmtree(state, ignore_errors=True)
-    return BuildResult(cfg.out, manifest, len(todo), len(plan.shards) - len(todo),
-                       write_s=written - planned, images_written=decoded)
+    return manifest
 
 
 def _write_shards(cfg, plan, todo, runner, tmp_dir, done_dir, progress, tqdm, pilot: dict) -> int:

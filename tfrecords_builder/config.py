@@ -10,7 +10,7 @@ from common.preprocess import TileSpec
 DEFAULT_SIZE = {"image": 512, "cell": 224}  # tile side (px) when --size is not given
 
 # Fields that change how fast a build runs, not what it writes: a resume may change them.
-RUNTIME_FIELDS = ("workers", "trust_model_files")
+RUNTIME_FIELDS = ("workers", "trust_model_files", "engine")
 
 PRESETS: dict[str, dict] = {
     # The full competition build: 512 px images or 224 px cells, 5 folds, ~100 MB shards.
@@ -42,6 +42,7 @@ class BuildConfig:
     margin: float = 0.0  # cell mode: widen each box by this fraction of its longer side
     mask_outside: bool = True  # cell mode: zero pixels outside the cell
     interpolation: str = "area"  # resize: "area", "linear" or "nearest"
+    engine: str = "local"  # "local": this machine's processes; "beam": an Apache Beam pipeline
 
     def __post_init__(self):
         if self.mode not in DEFAULT_SIZE:
@@ -69,6 +70,8 @@ class BuildConfig:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if self.limit < 0:
             raise ValueError(f"limit must be >= 0, got {self.limit}")
+        if self.engine not in ("local", "beam"):
+            raise ValueError(f"engine must be 'local' or 'beam', got {self.engine!r}")
         if self.segmenter not in ("default", "hpa"):
             raise ValueError(f"segmenter must be 'default' or 'hpa', got {self.segmenter!r}")
         self.tile_spec()  # validates size, margin, interpolation

@@ -1,0 +1,292 @@
+"""The Apache Beam engine: the same plan, per-image function and shards as the local engine,
+run as a Beam pipeline (DirectRunner on one machine, DataflowRunner on many).
+
+    plan (made here, before the pipeline, by build.py's own functions; saved in _build/plan.json)
+      -> Create(names of the shards still to build)
+      -> ParDo(ExpandShard): one Item per planned image, from the saved plan (read once per worker)
+      -> Reshuffle (spreads the images of one shard over all workers)
+      -> ParDo(ProcessImage): worker.process(task)  == the local engine's per-image function
+           main output: records, keyed by planned shard;  tagged output "skipped": bad input
+      -> CoGroupByKey(shard) -> ParDo(WriteShard): sort by planned position, write the shard to a
+           local temp file, publish it under its final name (common.storage.put_file: atomic move,
+           or upload with a CRC32C check), then its `_build/done/{shard}.json` record
+    manifest.json from the done records (build.finish), as in the local engine.
+
+The pipeline itself carries only shard names, so its size does not grow with the dataset (runners
+cap the size of a submitted job); the images' list travels in plan.json, which the workers read.
+Shard names, contents (byte for byte), manifest and resume behaviour are those of the local
+engine, and a build interrupted under one engine can be finished by the other.
+A Python exception from our code fails the pipeline; only bad input becomes a skip.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable, Sequence
+
+from common import storage
+from tfrecords_builder import build as buildlib
+from tfrecords_builder import manifest as manifestlib
+from tfrecords_builder import worker
+from tfrecords_builder.config import BuildConfig
+
+SKIPPED = "skipped"  # tag of ProcessImage's side output
+COUNTERS = ("images", "cells", "records", "skipped", "shards", "bytes")
+NAMESPACE = "tfrecords_builder"
+# Runners whose workers run on this machine and so see its files; any other needs gs:// paths.
+LOCAL_RUNNERS = ("DirectRunner", "direct", "SwitchingDirectRunner", "BundleBasedDirectRunner", "PrismRunner",
+                 "prism")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of the plan, with where its records go: everything a worker needs, nothing big."""
+
+    shard: str  # planned shard name
+    fold: int
+    pos: int  # position in the shard's planned image list: the write order
+    count: int  # images planned into this shard (the writer checks it got them all)
+    origin: str  # label-list row, for the skip list
+    task: worker.Task
+
+
+def shard_items(by_id: dict, shard: dict, job: worker.Job) -> list[Item]:
+    """One Item per planned image of `shard` ({"name", "fold", "images"}), in planned order;
+    `by_id` is `Plan.by_id()`."""
+    out = []
+    for pos, image_id in enumerate(shard["images"]):
+        e = by_id[image_id]
+        out.append(Item(shard["name"], shard["fold"], pos, len(shard["images"]), e.origin,
+                        worker.Task(image_id, e.source, tuple(e.labels), e.fold, job)))
+    return out
+
+
+def _counter(name: str):
+    import apache_beam as beam
+
+    return beam.metrics.Metrics.counter(NAMESPACE, name)
+
+
+def _expand_shard_fn():
+    import apache_beam as beam
+
+    class ExpandShard(beam.DoFn):
+        """Shard name -> its Items, from `OUT/_build/plan.json` (read once per worker, in setup)."""
+
+        def __init__(self, out: str, job: worker.Job):
+            self.out = out
+            self.job = job
+
+        def setup(self):
+            from tfrecords_builder import plan as planlib
+
+            plan = planlib.Plan.from_json(
+                storage.read_text(storage.join(self.out, buildlib.STATE_DIR, buildlib.PLAN_FILE)))
+            self.by_id = plan.by_id()
+            self.shards = {s["name"]: s for s in plan.shards}
+
+        def process(self, name: str):
+            yield from shard_items(self.by_id, self.shards[name], self.job)
+
+    return ExpandShard
+
+
+def _process_image_fn():
+    """The DoFn class, made on first use so that importing this module needs no Beam."""
+    import apache_beam as beam
+
+    class ProcessImage(beam.DoFn):
+        """Item -> (shard, (pos, id, labels, records)) or, tagged SKIPPED, (shard, (pos, id, reason, origin))."""
+
+        def setup(self):
+            # The heavy, per-worker part: import the decoding/segmentation stack once, not per image.
+            # worker.process itself holds no state between images.
+            from common import images, preprocess, segmentation  # noqa: F401
+
+            self.images = _counter("images")
+            self.cells = _counter("cells")
+            self.records = _counter("records")
+            self.skipped = _counter("skipped")
+
+        def process(self, item: Item):
+            result = worker.process(item.task)
+            if result.image_id != item.task.image_id:  # a bug, never bad input
+                raise RuntimeError(f"result for {result.image_id} arrived where {item.task.image_id} was due")
+            if result.error:
+                self.skipped.inc()
+                yield beam.pvalue.TaggedOutput(
+                    SKIPPED, (item.shard, (item.pos, item.fold, item.count, item.task.image_id, result.error,
+                                           item.origin)))
+                return
+            self.images.inc()
+            self.records.inc(len(result.records))
+            if item.task.job.mode == "cell":
+                self.cells.inc(len(result.records))
+            yield (item.shard, (item.pos, item.fold, item.count, item.task.image_id,
+                                list(item.task.labels), result.records))
+
+    return ProcessImage
+
+
+def _write_shard_fn():
+    import apache_beam as beam
+
+    class WriteShard(beam.DoFn):
+        """(shard, {"records": [...], "skipped": [...]}) -> the published shard and its done record."""
+
+        def __init__(self, out: str):
+            self.out = out
+
+        def setup(self):
+            self.tmp = tempfile.mkdtemp(prefix="hpa-beam-shard-")
+            self.nbytes = _counter("bytes")
+            self.shards = _counter("shards")
+
+        def teardown(self):
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+        def process(self, element):
+            from tfrecords_builder.writer import ShardWriter
+
+            name, groups = element
+            good = sorted(groups["records"], key=lambda v: v[0])
+            bad = sorted(groups[SKIPPED], key=lambda v: v[0])
+            positions = sorted([v[0] for v in good] + [v[0] for v in bad])
+            count = (good or bad)[0][2]
+            fold = (good or bad)[0][1]
+            if positions != list(range(count)):  # every planned image exactly once, or it is our bug
+                raise RuntimeError(f"{name}: got images at positions {positions}, planned 0..{count - 1}")
+            writer = ShardWriter(os.path.join(self.tmp, name))
+            try:
+                examples: dict[str, int] = {}
+                labels: dict[str, SimpleNamespace] = {}
+                for _, _, _, image_id, image_labels, records in good:
+                    for rec in records:
+                        writer.write(rec)
+                    examples[image_id] = len(records)
+                    labels[image_id] = SimpleNamespace(labels=image_labels)
+                # In planned order, as the local engine lists them.
+                skipped = [{"id": image_id, "reason": reason, "origin": origin}
+                           for _, _, _, image_id, reason, origin in bad]
+                writer.publish(storage.join(self.out, name))
+            finally:
+                writer.discard()
+            record = manifestlib.shard_record({"name": name, "fold": fold}, labels, examples, skipped,
+                                              writer.nbytes, writer.crc32c)
+            storage.write_text(storage.join(self.out, buildlib.STATE_DIR, buildlib.DONE_DIR, name + ".json"),
+                               json.dumps(record, sort_keys=True))
+            self.nbytes.inc(writer.nbytes)
+            self.shards.inc()
+            yield name
+
+    return WriteShard
+
+
+def pipeline_options(cfg: BuildConfig, beam_args: Sequence[str]):
+    """Beam's PipelineOptions from the arguments the builder did not know.
+
+    Default runner DirectRunner. On DirectRunner, `--workers N` (N > 1) means N worker processes
+    (`--direct_num_workers N --direct_running_mode multi_processing`) unless those are given.
+    """
+    from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+
+    options = PipelineOptions(list(beam_args))
+    std = options.view_as(StandardOptions)
+    if not std.runner:
+        std.runner = "DirectRunner"
+    if std.runner in ("DirectRunner", "direct", "SwitchingDirectRunner") and cfg.workers > 1 \
+            and not any(a.startswith("--direct_num_workers") for a in beam_args):
+        direct = options.view_as(DirectOptions)
+        direct.direct_num_workers = cfg.workers
+        direct.direct_running_mode = "multi_processing"
+    return options
+
+
+def run_pipeline(cfg: BuildConfig, shards: list[str], options) -> dict[str, int]:
+    """Decode and write the named planned shards; returns the Beam counters (committed where known).
+
+    The plan must already be saved in the output's state folder (workers read it there).
+    """
+    import apache_beam as beam
+    from apache_beam.metrics.metric import MetricsFilter
+
+    p = beam.Pipeline(options=options)
+    outputs = (
+        p
+        | "Shards" >> beam.Create(shards)
+        | "Images" >> beam.ParDo(_expand_shard_fn()(cfg.out, buildlib._job(cfg)))
+        | "Spread" >> beam.Reshuffle()
+        | "Process" >> beam.ParDo(_process_image_fn()()).with_outputs(SKIPPED, main="records")
+    )
+    _ = (
+        {"records": outputs.records, SKIPPED: outputs[SKIPPED]}
+        | "ByShard" >> beam.CoGroupByKey()
+        | "WriteShards" >> beam.ParDo(_write_shard_fn()(cfg.out))
+    )
+    result = p.run()
+    result.wait_until_finish()
+    counts = dict.fromkeys(COUNTERS, 0)
+    for c in result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]:
+        value = c.committed if c.committed is not None else c.attempted
+        counts[c.key.metric.name] = counts.get(c.key.metric.name, 0) + int(value or 0)
+    return counts
+
+
+def build_beam(cfg: BuildConfig, beam_args: Sequence[str] = (), progress: bool = True,
+               log: Callable[[str], None] = print) -> buildlib.BuildResult:
+    """`build.build` on Apache Beam: same checks, plan, shards, manifest and resume.
+
+    beam_args: Beam pipeline options (`--runner DataflowRunner --project ...`); DirectRunner
+    when no runner is given. Returns the BuildResult (`exit_code` 2 when images were skipped).
+    """
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    del progress  # Beam reports progress itself (DirectRunner logs, the Dataflow job page)
+    options = pipeline_options(cfg, beam_args)
+    runner = options.view_as(StandardOptions).runner
+    if runner not in LOCAL_RUNNERS:
+        local = [p for p in (cfg.out, *cfg.images, cfg.masks) if p and not storage.is_gcs(p)]
+        if local:
+            raise buildlib.BuildError(f"{runner} workers cannot see this machine's files: give --out, "
+                                      f"--images and --masks as gs:// paths (not {local[0]})")
+    finished = buildlib._load_finished(cfg)
+    if finished is not None:
+        log(f"{cfg.out}: already complete")
+        return finished
+    with buildlib.Runner(0) as runner:  # the pilot decodes 8 images here, on the launching machine
+        # The pilot's results are not reused (unlike the local engine's): the workers decode
+        # those 8 images again rather than receive their records inside the pipeline's definition.
+        plan = buildlib._load_or_make_plan(cfg, runner, log, {})
+    done_dir = storage.join(cfg.out, buildlib.STATE_DIR, buildlib.DONE_DIR)
+    manifest_path = storage.join(cfg.out, manifestlib.MANIFEST_FILE)
+    if storage.exists(manifest_path):  # retrying the skipped images of a finished build
+        storage.delete(manifest_path)
+    records = {n[: -len(".json")]: json.loads(storage.read_text(storage.join(done_dir, n)))
+               for n in storage.listdir(done_dir) if n.endswith(".json") and not n.startswith(".tmp-")}
+    # As in the local engine: a shard with a skipped image is built again (the image may read now).
+    done = {name for name, rec in records.items() if not rec.get("skipped")}
+    todo = [s for s in plan.shards if s["name"] not in done]
+    if records:
+        log(f"resuming: {len(plan.shards) - len(todo)} of {len(plan.shards)} shards already done")
+    if not storage.is_gcs(cfg.out):  # leftovers of a copy killed halfway (never a final name)
+        for name in storage.listdir(cfg.out):
+            if name.endswith(".partial"):
+                os.unlink(os.path.join(cfg.out, name))
+    start = time.perf_counter()
+    counts = run_pipeline(cfg, [s["name"] for s in todo], options) if todo else dict.fromkeys(COUNTERS, 0)
+    write_s = time.perf_counter() - start
+    log("beam counters: " + ", ".join(f"{k}={counts[k]}" for k in COUNTERS))
+    missing = [s["name"] for s in todo
+               if not storage.exists(storage.join(done_dir, s["name"] + ".json"))]
+    if missing:
+        raise buildlib.BuildError(f"the pipeline finished but {len(missing)} shard(s) were not written "
+                                  f"(e.g. {missing[0]}); run the same command again to finish them")
+    manifest = buildlib.finish(cfg, plan, log)
+    return buildlib.BuildResult(cfg.out, manifest, len(todo), len(plan.shards) - len(todo),
+                                write_s=write_s,
+                                images_written=sum(len(s["images"]) for s in todo))
