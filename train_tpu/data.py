@@ -229,6 +229,11 @@ def epoch_records(files, seed: int, shuffle_buffer: int, epoch, count: int):
     """The serialized records of one epoch: `count` of them (steps * global batch), the file
     order and the shuffle buffer seeded by `epoch_seed`, read in a deterministic interleave."""
     s = epoch_seed(seed, epoch)
+    graph = _tf().compat.v1.get_default_graph()
+    if not _tf().executing_eagerly() and graph.seed == 0:
+        # With a global seed of 0 (keras.utils.set_random_seed(0)), TF's get_seed compares this
+        # tensor op seed with 0 in Python and fails; 0 is its "no seed" value, so use 1 here.
+        graph.seed = 1
     ds = list_files(files, shuffle=True, seed=s).repeat()  # reshuffled (from s) on each pass
     ds = interleave_records(ds, cycle_length=min(16, len(files)), deterministic=True)
     return ds.shuffle(shuffle_buffer, seed=s).take(count)
