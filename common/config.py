@@ -71,3 +71,13 @@ def load(cls: type[T], path: str) -> T:
     from common import storage
 
     return from_json(cls, storage.read_text(path))
+
+
+def positive_int(text: str) -> int:
+    """An argparse `type=` for counts that must be >= 1 (a clear error otherwise)."""
+    import argparse
+
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value

@@ -54,6 +54,16 @@ class ImageLoadError(ValueError):
         self.path = path
 
 
+def is_image_failure(err: BaseException, data_errors: tuple = ()) -> bool:
+    """True for what makes ONE image fail while a run goes on: its data is bad (ImageLoadError,
+    or a stage's own `data_errors`), a transient I/O error outlasted the retries (common.retry),
+    or memory ran out on this image. False for anything else (a bug): that stops the run.
+    The one rule of predict, segment and the builder."""
+    from common import retry
+
+    return isinstance(err, (ImageLoadError, MemoryError, *data_errors)) or retry.is_transient(err)
+
+
 def check_image_id(image_id: str) -> str:
     """Return `image_id` if it names a file inside the data folder, else raise ImageLoadError.
 

@@ -115,13 +115,20 @@ def write_bytes(path: str, data: bytes) -> None:
     if is_gcs(path):
         _upload(_blob(path), data=data)
         return
+    _replace_local(path, lambda fh: fh.write(data), suffix=os.path.basename(path))
+
+
+def _replace_local(path: str, fill, suffix: str) -> None:
+    """Give local `path` new content atomically: `fill(fh)` writes a uniquely named temporary
+    file in the same folder (`.tmp-*{suffix}`), fsync, `os.replace`, then fsync of the folder
+    so that the new name survives a crash."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            fill(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -198,21 +205,11 @@ def put_file(local_path: str, dest: str) -> None:
     if is_gcs(dest):
         _upload(_blob(dest), filename=local_path)
         return
-    folder = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(dest) + PARTIAL_SUFFIX)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as fh, open(local_path, "rb") as src:
+    def copy(fh):
+        with open(local_path, "rb") as src:
             shutil.copyfileobj(src, fh, 1 << 22)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
+
+    _replace_local(dest, copy, suffix="-" + os.path.basename(dest) + PARTIAL_SUFFIX)
 
 
 def _fsync_dir(folder: str) -> None:

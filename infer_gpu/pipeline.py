@@ -52,15 +52,6 @@ class RunStopped(Exception):
     the run stops; the parts written so far stay for `--resume`."""
 
 
-def image_failure(err: BaseException) -> bool:
-    """True for what makes ONE image fail while the run goes on: bad image data, a transient
-    I/O error that outlasted the retries, or memory running out on this image."""
-    from common import retry
-    from common.images import ImageLoadError
-
-    return isinstance(err, (ImageLoadError, MemoryError)) or retry.is_transient(err)
-
-
 # ---------------------------------------------------------------------------------------------
 # Reader: one image -> everything scoring and writing need, no model involved.
 @dataclass
@@ -89,13 +80,13 @@ def prepare_image(task: tuple, source: str, specs: Sequence[TileSpec], backend: 
     """Load, segment, cut tiles for every spec and encode every cell mask of one image.
 
     task: `(image_id, width, height)` from the sample submission. A bad image (see
-    `image_failure`) does not raise: the failure is returned in `Prepared.error` as
+    `common.images.is_image_failure`) does not raise: the failure is returned in `Prepared.error` as
     `"stage: message"`, so a run goes on. Transient read errors are retried first
     (`common.retry`). Anything else raises RunStopped naming the image.
     """
     from common import masks as masklib
     from common import retry
-    from common.images import ImageLoadError, load_image
+    from common.images import ImageLoadError, is_image_failure, load_image
     from common.preprocess import cell_tiles, image_tile
     from common.segmentation import segment
 
@@ -142,7 +133,7 @@ def prepare_image(task: tuple, source: str, specs: Sequence[TileSpec], backend: 
             cells = seg.cells.astype(np.uint16) if seg.cells.max(initial=0) < 65536 else seg.cells
             out.overlay = (image, cells)  # uint16 halves what waiting overlays hold
     except Exception as err:  # noqa: BLE001 - sorted just below
-        if not image_failure(err):
+        if not is_image_failure(err):
             raise RunStopped(f"image {image_id}, stage {stage}: {type(err).__name__}: {err} "
                              "(not a problem of the image's data: see the traceback above)") from err
         out.error = f"{stage}: {type(err).__name__}: {err}"

@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+from common.config import positive_int
+
 HELP = "Predict every cell of every test image: segment, score, combine, write submission.csv."
 
 EPILOG = """\
@@ -46,13 +48,6 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
         return super()._get_help_string(action)
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _unit(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -84,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="default", choices=("default", "hpa"),
                         help="cell segmentation: the weight-free default, or the HPA U-Nets (needs "
                              "PyTorch, hpacellseg and its model files: see common/segmentation/hpa.py)")
-    parser.add_argument("--work-size", type=_positive, default=512,
+    parser.add_argument("--work-size", type=positive_int, default=512,
                         help="segmentation: long side in px of the labelling's working resolution")
     parser.add_argument("--nuclei-model", default=None, help="hpa backend: hpacellseg nucleus model file (.pth)")
     parser.add_argument("--cell-model", default=None, help="hpa backend: hpacellseg 3-channel cell model file (.pth)")
@@ -94,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", type=_tta, default=1,
                         help="test-time augmentation: average over the first N of the 8 flips and "
                              "rotations of each tile (1 = none)")
-    parser.add_argument("--batch-size", type=_positive, default=64,
+    parser.add_argument("--batch-size", type=positive_int, default=64,
                         help="tiles per model call; batches span the cells of several images")
     parser.add_argument("--cell-weight", type=_unit, default=0.5,
                         help="a in c**a * i**(1-a) when both cell and image models are given")
@@ -119,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue a killed run: skip the images already done in OUT.parts/ and "
                              "try the failed ones again (refused if they were made with other "
                              "models or options)")
-    parser.add_argument("--limit", type=_positive, default=None, metavar="N",
+    parser.add_argument("--limit", type=positive_int, default=None, metavar="N",
                         help="process at most N more images, then stop without the final CSV "
                              "(continue with --resume): for trials and for work in slices")
     parser.add_argument("--keep-parts", action="store_true",

@@ -104,7 +104,7 @@ def run(args) -> int:
                                              what=f"image {image_id}"))
                     part.append(image_id)
                 except Exception as err:  # noqa: BLE001 - only image-data and I/O errors pass
-                    if not (isinstance(err, images.ImageLoadError) or retry.is_transient(err)):
+                    if not images.is_image_failure(err):
                         raise
                     failed.append(image_id)
                     tqdm.write(f"error: {image_id}: {err} (skipped)", file=sys.stderr)

@@ -52,6 +52,8 @@ if str(ROOT) not in sys.path:  # runnable from a checkout without installing the
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from common.config import positive_int  # noqa: E402  (after the path set-up above)
+
 KAGGLE_IMAGES = 559
 BUDGET_HOURS = 9.0
 KAGGLE_SAMPLE = ROOT.parent / "shared" / "data" / "kaggle2021" / "sample_submission.csv"
@@ -659,13 +661,6 @@ def sizes(args, device_hint: str) -> dict:
     return base
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="accel_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -679,19 +674,19 @@ def build_parser() -> argparse.ArgumentParser:
       "section on KERAS_BACKEND (default: tensorflow when installed, else jax, else torch)")
     a("--require-tensorflow", action="store_true",
       help="count TF checks that cannot run (TF missing, or --backend-only) as failures")
-    a("--tile", type=_positive, help="training/model tile side, px (GPU 224, CPU 64)")
-    a("--batch", type=_positive, help="global training batch (GPU 64, CPU 16)")
-    a("--steps", type=_positive, help="training steps per epoch (GPU 10, CPU 5)")
-    a("--epochs", type=_positive, help="training epochs, >= 2 so the first (tracing) one is "
+    a("--tile", type=positive_int, help="training/model tile side, px (GPU 224, CPU 64)")
+    a("--batch", type=positive_int, help="global training batch (GPU 64, CPU 16)")
+    a("--steps", type=positive_int, help="training steps per epoch (GPU 10, CPU 5)")
+    a("--epochs", type=positive_int, help="training epochs, >= 2 so the first (tracing) one is "
       "not timed (GPU 3, CPU 3)")
-    a("--train-images", type=_positive, help="synthetic training images (GPU 24, CPU 8)")
-    a("--train-image-size", type=_positive, help="their side, px (GPU 512, CPU 256)")
-    a("--images", type=_positive, help="synthetic images to predict (20)")
-    a("--image-size", type=_positive, help="their side, px (2048)")
-    a("--pipeline-batches", type=_positive, help="batches per timed input-pipeline pass")
-    a("--infer-batch", type=_positive, help="tiles per model call in predict / the backend "
+    a("--train-images", type=positive_int, help="synthetic training images (GPU 24, CPU 8)")
+    a("--train-image-size", type=positive_int, help="their side, px (GPU 512, CPU 256)")
+    a("--images", type=positive_int, help="synthetic images to predict (20)")
+    a("--image-size", type=positive_int, help="their side, px (2048)")
+    a("--pipeline-batches", type=positive_int, help="batches per timed input-pipeline pass")
+    a("--infer-batch", type=positive_int, help="tiles per model call in predict / the backend "
       "section's forward-only timing (64)")
-    a("--infer-repeats", type=_positive, help="timed forward calls in the backend section")
+    a("--infer-repeats", type=positive_int, help="timed forward calls in the backend section")
     a("--workers", type=int, help="predict reader threads (default min(4, cores); 1 with --smallest)")
     a("--tolerance", type=float, default=TOLERANCE, help="max |GPU - CPU| confidence (see TOLERANCE "
       "in this file for why)")

@@ -258,25 +258,13 @@ def build_beam(cfg: BuildConfig, beam_args: Sequence[str] = (), progress: bool =
     if finished is not None:
         log(f"{cfg.out}: already complete")
         return finished
+    buildlib.check_segmenter(cfg)
     with buildlib.Runner(0) as runner:  # the pilot decodes 8 images here, on the launching machine
         # The pilot's results are not reused (unlike the local engine's): the workers decode
         # those 8 images again rather than receive their records inside the pipeline's definition.
         plan = buildlib._load_or_make_plan(cfg, runner, log, {})
     done_dir = storage.join(cfg.out, buildlib.STATE_DIR, buildlib.DONE_DIR)
-    manifest_path = storage.join(cfg.out, manifestlib.MANIFEST_FILE)
-    if storage.exists(manifest_path):  # retrying the skipped images of a finished build
-        storage.delete(manifest_path)
-    records = {n[: -len(".json")]: json.loads(storage.read_text(storage.join(done_dir, n)))
-               for n in storage.listdir(done_dir) if n.endswith(".json") and not n.startswith(".tmp-")}
-    # As in the local engine: a shard with a skipped image is built again (the image may read now).
-    done = {name for name, rec in records.items() if not rec.get("skipped")}
-    todo = [s for s in plan.shards if s["name"] not in done]
-    if records:
-        log(f"resuming: {len(plan.shards) - len(todo)} of {len(plan.shards)} shards already done")
-    if not storage.is_gcs(cfg.out):  # leftovers of a copy killed halfway (never a final name)
-        for name in storage.listdir(cfg.out):
-            if name.endswith(".partial"):
-                os.unlink(os.path.join(cfg.out, name))
+    todo = buildlib.shards_to_build(cfg, plan, log)
     start = time.perf_counter()
     counts = run_pipeline(cfg, [s["name"] for s in todo], options) if todo else dict.fromkeys(COUNTERS, 0)
     write_s = time.perf_counter() - start

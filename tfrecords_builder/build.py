@@ -136,26 +136,14 @@ def _job(cfg: BuildConfig) -> Job:
 def check_segmenter(cfg: BuildConfig) -> None:
     """Refuse at once (before any image is read) a segmenter that cannot run: the hpa backend
     without its model files, the permission to load them, PyTorch or hpacellseg."""
-    import importlib.util
-
     if cfg.mode != "cell" or cfg.masks or cfg.segmenter != "hpa":
         return
-    missing = [flag for flag, value in (("--nuclei-model", cfg.nuclei_model), ("--cell-model", cfg.cell_model))
-               if not value]
-    if missing:
-        raise BuildError(f"--segmenter hpa needs hpacellseg's model files: give {' and '.join(missing)} "
-                         "(dpn_unet_nuclei_v1.pth, dpn_unet_cell_3ch_v1.pth; see common/segmentation/hpa.py)")
-    absent = [path for path in (cfg.nuclei_model, cfg.cell_model) if not os.path.isfile(path)]
-    if absent:
-        raise BuildError(f"--segmenter hpa: model file(s) not found: {', '.join(absent)}")
-    if not cfg.trust_model_files:
-        raise BuildError("--segmenter hpa: the model files are pickled PyTorch modules and loading "
-                         "them runs code from them; pass --trust-model-files if you trust "
-                         f"{cfg.nuclei_model} and {cfg.cell_model}")
-    modules = [name for name in ("torch", "hpacellseg") if importlib.util.find_spec(name) is None]
-    if modules:
-        raise BuildError(f"--segmenter hpa needs {' and '.join(modules)}, not installed here; "
-                         "see common/segmentation/hpa.py for how to install them")
+    from common.segmentation import hpa
+
+    try:
+        hpa.check_model_files(cfg.nuclei_model, cfg.cell_model, cfg.trust_model_files)
+    except ValueError as err:
+        raise BuildError(f"--segmenter hpa: {err}") from None
 
 
 def _diff(a: dict, b: dict) -> str:
@@ -258,28 +246,10 @@ def build(cfg: BuildConfig, progress: bool = True, log: Callable[[str], None] = 
     check_segmenter(cfg)
     state = storage.join(cfg.out, STATE_DIR)
     done_dir = storage.join(state, DONE_DIR)
-    manifest_path = storage.join(cfg.out, manifestlib.MANIFEST_FILE)
     with Runner(cfg.workers) as runner:
         pilot: dict[str, Result] = {}  # results decoded while planning, used once
         plan = _load_or_make_plan(cfg, runner, log, pilot)
-        if storage.exists(manifest_path):  # retrying the skipped images of a finished build
-            storage.delete(manifest_path)
-        records = {n[: -len(".json")]: json.loads(storage.read_text(storage.join(done_dir, n)))
-                   for n in storage.listdir(done_dir) if n.endswith(".json") and not n.startswith(".tmp-")}
-        # A shard with a skipped image is built again: the image may read now (a transient error,
-        # a file since replaced), and the shard's bytes depend on which images went in.
-        done = {name for name, rec in records.items() if not rec.get("skipped")}
-        retried = sum(len(rec["skipped"]) for name, rec in records.items() if name not in done)
-        todo = [s for s in plan.shards if s["name"] not in done]
-        if records:
-            log(f"resuming: {len(plan.shards) - len(todo)} of {len(plan.shards)} shards already done")
-        if retried:
-            log(f"trying again {retried} image(s) skipped by an earlier run "
-                f"({len(records) - len(done)} shard(s) rebuilt)")
-        if not storage.is_gcs(cfg.out):  # leftovers of a copy killed halfway (never a final name)
-            for name in storage.listdir(cfg.out):
-                if name.endswith(".partial"):
-                    os.unlink(os.path.join(cfg.out, name))
+        todo = shards_to_build(cfg, plan, log)
         tmp_dir = (tempfile.mkdtemp(prefix="hpa-tfrec-") if storage.is_gcs(cfg.out)
                    else os.path.join(cfg.out, STATE_DIR, "tmp"))
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -293,6 +263,33 @@ def build(cfg: BuildConfig, progress: bool = True, log: Callable[[str], None] = 
     manifest = finish(cfg, plan, log)
     return BuildResult(cfg.out, manifest, len(todo), len(plan.shards) - len(todo),
                        write_s=written - planned, images_written=decoded)
+
+
+def shards_to_build(cfg: BuildConfig, plan: planlib.Plan, log: Callable[[str], None] = print) -> list[dict]:
+    """The planned shards that this run must (re)build, for either engine, after clearing what a
+    killed or partly skipped run left: its manifest (a retry is not complete until it ends) and
+    local copies killed halfway (never under a final name)."""
+    manifest_path = storage.join(cfg.out, manifestlib.MANIFEST_FILE)
+    if storage.exists(manifest_path):  # retrying the skipped images of a finished build
+        storage.delete(manifest_path)
+    done_dir = storage.join(cfg.out, STATE_DIR, DONE_DIR)
+    records = {n[: -len(".json")]: json.loads(storage.read_text(storage.join(done_dir, n)))
+               for n in storage.listdir(done_dir) if n.endswith(".json") and not n.startswith(".tmp-")}
+    # A shard with a skipped image is built again: the image may read now (a transient error,
+    # a file since replaced), and the shard's bytes depend on which images went in.
+    done = {name for name, rec in records.items() if not rec.get("skipped")}
+    retried = sum(len(rec["skipped"]) for name, rec in records.items() if name not in done)
+    todo = [s for s in plan.shards if s["name"] not in done]
+    if records:
+        log(f"resuming: {len(plan.shards) - len(todo)} of {len(plan.shards)} shards already done")
+    if retried:
+        log(f"trying again {retried} image(s) skipped by an earlier run "
+            f"({len(records) - len(done)} shard(s) rebuilt)")
+    if not storage.is_gcs(cfg.out):
+        for name in storage.listdir(cfg.out):
+            if name.endswith(storage.PARTIAL_SUFFIX):
+                os.unlink(os.path.join(cfg.out, name))
+    return todo
 
 
 def finish(cfg: BuildConfig, plan: planlib.Plan, log: Callable[[str], None] = print) -> dict:

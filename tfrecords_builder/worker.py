@@ -164,9 +164,9 @@ def cell_examples(task: Task, image: np.ndarray, spec) -> list[bytes]:
 
 def image_failure(err: BaseException) -> bool:
     """True for what skips ONE image (see the module docstring), False for a code error."""
-    from common import images, retry
+    from common import images
 
-    return isinstance(err, (images.ImageLoadError, SkipImage, MemoryError)) or retry.is_transient(err)
+    return images.is_image_failure(err, (SkipImage,))
 
 
 def process(task: Task) -> Result:

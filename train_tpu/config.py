@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from common import config as cfglib
 from common.models import BACKBONES
+from train_tpu.backend import NAMES as BACKENDS
 
 CONFIG_FILE = "config.json"
 
@@ -56,7 +57,7 @@ class TrainConfig:
             "mode": self.mode in ("cell", "image"),
             "backbone": self.backbone in BACKBONES,
             "strategy": self.strategy in ("auto", "tpu", "gpu", "cpu"),
-            "backend": self.backend in ("auto", "tensorflow", "jax"),
+            "backend": self.backend in BACKENDS,
             "precision": self.precision in ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
             "optimizer": self.optimizer in ("adamw", "sgd"),
             "loss": self.loss in ("bce", "focal"),
@@ -82,7 +83,7 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-_HINTS = (" (mode cell|image; strategy auto|tpu|gpu|cpu; backend auto|tensorflow|jax; precision auto|float32|mixed_float16|"
+_HINTS = (" (mode cell|image; strategy auto|tpu|gpu|cpu; backend " + "|".join(BACKENDS) + "; precision auto|float32|mixed_float16|"
           "mixed_bfloat16; optimizer adamw|sgd; loss bce|focal; size 0 or >= 32; "
           "scale in [0, 0.5); backbones: " + ", ".join(BACKBONES) + ")")
 

@@ -162,6 +162,30 @@ def probability_maps(image: np.ndarray, nuclei_only: bool = False, **options):
     return probability_maps_batch([image], nuclei_only=nuclei_only, **options)[0]
 
 
+def check_model_files(nuclei_model: str | None, cell_model: str | None, trust_model_files: bool) -> None:
+    """Refuse, without loading anything, what `load_networks` could not load: a model file not
+    given or not found, loading not allowed (`trust_model_files`), PyTorch or hpacellseg not
+    installed. Raises ValueError naming the CLI flag or what is missing."""
+    import importlib.util
+    import os
+
+    missing = [flag for flag, value in (("--nuclei-model", nuclei_model), ("--cell-model", cell_model))
+               if not value]
+    if missing:
+        raise ValueError(f"needs hpacellseg's model files: give {' and '.join(missing)} "
+                         "(dpn_unet_nuclei_v1.pth, dpn_unet_cell_3ch_v1.pth; see common/segmentation/hpa.py)")
+    absent = [path for path in (nuclei_model, cell_model) if not os.path.isfile(path)]
+    if absent:
+        raise ValueError(f"model file(s) not found: {', '.join(absent)}")
+    if not trust_model_files:
+        raise ValueError("the model files are pickled PyTorch modules and loading them runs code "
+                         f"from them; pass --trust-model-files if you trust {nuclei_model} and {cell_model}")
+    modules = [name for name in ("torch", "hpacellseg") if importlib.util.find_spec(name) is None]
+    if modules:
+        raise ValueError(f"needs {' and '.join(modules)}, not installed here; "
+                         "see common/segmentation/hpa.py for how to install them")
+
+
 def load_networks(nuclei_model: str, cell_model: str | None = None, trust_model_files: bool = False,
                   device: str | None = None) -> Networks:
     """Load hpacellseg's model files (`.pth`) as `Networks`, on the GPU when there is one.
