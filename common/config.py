@@ -171,7 +171,7 @@ def add_arguments(parser, cls, *, defaults=None, skip=(), positional=(), require
       positional arguments instead; `skip` fields get no argument.
     - help: the field's comment in the class source (see `field_help`), or `helps[field]`, then
       "(default: X)" with X from `defaults` (a preset instance; else the field's default). Empty
-      strings and tuples are not shown; `required` fields show no default.
+      strings and tuples, False and the defaults of `required` fields are not shown.
     - type: int, float, str from the annotation (`types={"field": positive_int}` replaces it);
       `tuple[T, ...]` is repeatable (`--x A --x B`, action="append"); `tuple[T, T]` takes
       exactly 2 values; `choices` and `metavars` as in argparse.
@@ -207,7 +207,9 @@ def add_arguments(parser, cls, *, defaults=None, skip=(), positional=(), require
         else:
             default = None
         text = helps_over.get(f.name, comments.get(f.name, ""))
-        if f.name not in required and f.name not in positional and default not in (None, "", ()):
+        shown = f.name not in required and f.name not in positional and f.name not in false_flags
+        hidden = default is None or default is False or default in ("", ())  # --x: off by default
+        if shown and not hidden:
             text += f" (default: {_show(default)})"
         kw: dict[str, Any] = {"help": text.strip().replace("%", "%%") or None}
         if f.name in false_flags:

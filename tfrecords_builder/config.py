@@ -8,60 +8,79 @@ from common import config as cfglib
 from common.preprocess import TileSpec
 
 DEFAULT_SIZE = {"image": 512, "cell": 224}  # tile side (px) when --size is not given
+ENGINES = ("local", "beam")
+SEGMENTERS = ("default", "hpa")
+INTERPOLATIONS = ("area", "linear", "nearest")  # common.preprocess's resize filters
 
 # Fields that change how fast a build runs, not what it writes: a resume may change them.
 RUNTIME_FIELDS = ("workers", "trust_model_files", "engine")
 
-PRESETS: dict[str, dict] = {
-    # The full competition build: 512 px images or 224 px cells, 5 folds, ~100 MB shards.
-    "default": {},
-    # Seconds on a CPU: tiny tiles and shards, a few images (tests, CI, the demo).
-    "smoke": {"size": 64, "folds": 2, "shard_mb": 0.05, "limit": 8, "workers": 1},
-}
-
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """One TFRecord build. Paths are local folders/files or `gs://` URLs."""
+    """One TFRecord build. Paths are local folders/files or `gs://` URLs.
 
-    images: tuple[str, ...] = ()  # image folder(s): one for all label lists, or one per list
-    labels: tuple[str, ...] = ()  # label CSVs (`ID,Label[,...]`), read in order
-    out: str = ""  # output folder or gs://bucket/prefix
-    mode: str = "image"  # "image": one example per image; "cell": one per cell
-    size: int = 0  # tile side, px; 0 = DEFAULT_SIZE[mode]
-    folds: int = 5  # K of the multilabel-stratified K folds
-    shard_mb: float = 100.0  # target shard size, MB (10^6 bytes)
-    workers: int = 1  # decoding processes; 0 = decode in the main process
-    segmenter: str = "default"  # cell mode without --masks: common.segmentation backend
-    nuclei_model: str = ""  # segmenter "hpa": hpacellseg's nucleus model file (.pth)
-    cell_model: str = ""  # segmenter "hpa": hpacellseg's 3-channel cell model file (.pth)
-    trust_model_files: bool = False  # segmenter "hpa": allow unpickling those files
-    masks: str = ""  # cell mode: folder of `{ID}_cells.png` (+ `{ID}_nuclei.png`); skips segmenting
-    limit: int = 0  # use only the first N usable images (0 = all)
-    seed: int = 0  # fold assignment and shard order
-    margin: float = 0.0  # cell mode: widen each box by this fraction of its longer side
-    mask_outside: bool = True  # cell mode: zero pixels outside the cell
-    interpolation: str = "area"  # resize: "area", "linear" or "nearest"
-    engine: str = "local"  # "local": this machine's processes; "beam": an Apache Beam pipeline
+    Without its inputs (images, labels, out) a BuildConfig is a preset: its values are checked,
+    and size 0 stays "the mode's default" until the inputs come (then a later --mode still picks
+    its own default size). With them, every input is required and size is filled in.
+    The comments are the command line's --help (common.config.add_arguments).
+    """
+
+    # folder or gs:// prefix of {ID}_{red,green,blue,yellow}.{png,tif.gz,jpg,...}:
+    # once for all label lists, or once per --labels in the same order
+    images: tuple[str, ...] = ()
+    # label list with ID,Label columns (train.csv, public_hpa_labels.csv, ...); repeatable,
+    # read in order
+    labels: tuple[str, ...] = ()
+    out: str = ""  # output folder or gs://bucket/prefix for shards, preprocess.json, manifest.json
+    # image: one example per whole image; cell: one per segmented cell, with the image's labels
+    mode: str = "image"
+    size: int = 0  # tile side in pixels; 0 = 512 in image mode, 224 in cell mode
+    folds: int = 5  # number K of multilabel-stratified folds
+    # target shard size in MB (10^6 bytes); shard counts are planned from a pilot of 8 images
+    shard_mb: float = 100.0
+    workers: int = 1  # decoding processes; 0 decodes in the main process
+    segmenter: str = "default"  # cell mode without --masks: the common.segmentation backend
+    nuclei_model: str = ""  # --segmenter hpa: hpacellseg's nucleus model file (.pth), as for predict
+    cell_model: str = ""  # --segmenter hpa: hpacellseg's 3-channel cell model file (.pth)
+    # --segmenter hpa: allow loading the .pth files, which are pickled PyTorch modules (loading
+    # runs code from them): only for files you trust
+    trust_model_files: bool = False
+    # cell mode: use precomputed label maps {ID}_cells.png (+ optional {ID}_nuclei.png, same
+    # ids) from this folder instead of segmenting
+    masks: str = ""
+    limit: int = 0  # use only the first N usable images; 0 = all
+    seed: int = 0  # seed of the fold assignment and shard order
+    margin: float = 0.0  # cell mode: widen each cell box by this fraction of its longer side
+    # cell mode: zero the pixels outside the cell (--keep-outside keeps them)
+    mask_outside: bool = True
+    interpolation: str = "area"  # resize filter
+    # local: this machine's worker processes; beam: an Apache Beam pipeline (pip install
+    # hpa-scc[beam]) over the same plan and per-image function, giving the same shards. With
+    # beam, options the builder does not know go to Beam, e.g. --runner DataflowRunner
+    # --project P --region R --temp_location gs://B/tmp --setup_file ./setup.py (default
+    # runner: DirectRunner, with --workers processes)
+    engine: str = "local"
 
     def __post_init__(self):
         if self.mode not in DEFAULT_SIZE:
             raise ValueError(f"mode must be 'image' or 'cell', got {self.mode!r}")
-        if not self.size:
-            object.__setattr__(self, "size", DEFAULT_SIZE[self.mode])
         object.__setattr__(self, "images", tuple(self.images))
         object.__setattr__(self, "labels", tuple(self.labels))
-        if not self.labels:
-            raise ValueError("at least one label CSV (--labels) is needed")
-        if not self.images:
-            raise ValueError("an image folder (--images) is needed")
-        if len(self.images) not in (1, len(self.labels)):
-            raise ValueError(
-                f"give one --images for all label lists or one per --labels; got {len(self.images)} "
-                f"image folders for {len(self.labels)} label lists"
-            )
-        if not self.out:
-            raise ValueError("an output folder (--out) is needed")
+        if self.images or self.labels or self.out:  # a build, not a preset
+            if not self.size:
+                object.__setattr__(self, "size", DEFAULT_SIZE[self.mode])
+            if not self.labels:
+                raise ValueError("at least one label CSV (--labels) is needed")
+            if not self.images:
+                raise ValueError("an image folder (--images) is needed")
+            if len(self.images) not in (1, len(self.labels)):
+                raise ValueError(
+                    f"give one --images for all label lists or one per --labels; got {len(self.images)} "
+                    f"image folders for {len(self.labels)} label lists"
+                )
+            if not self.out:
+                raise ValueError("an output folder (--out) is needed")
         if self.folds < 1:
             raise ValueError(f"folds must be >= 1, got {self.folds}")
         if self.shard_mb <= 0:
@@ -70,15 +89,15 @@ class BuildConfig:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if self.limit < 0:
             raise ValueError(f"limit must be >= 0, got {self.limit}")
-        if self.engine not in ("local", "beam"):
+        if self.engine not in ENGINES:
             raise ValueError(f"engine must be 'local' or 'beam', got {self.engine!r}")
-        if self.segmenter not in ("default", "hpa"):
+        if self.segmenter not in SEGMENTERS:
             raise ValueError(f"segmenter must be 'default' or 'hpa', got {self.segmenter!r}")
         self.tile_spec()  # validates size, margin, interpolation
 
     def tile_spec(self) -> TileSpec:
         """The TileSpec every tile is cut with; written to the output as `preprocess.json`."""
-        return TileSpec(size=self.size, mode=self.mode, mask_outside=self.mask_outside,
+        return TileSpec(size=self.size or DEFAULT_SIZE[self.mode], mode=self.mode, mask_outside=self.mask_outside,
                         margin=self.margin, interpolation=self.interpolation)
 
     def image_source(self, list_index: int) -> str:
@@ -93,15 +112,20 @@ class BuildConfig:
         return d
 
 
+PRESETS: dict[str, BuildConfig] = {
+    # The full competition build: 512 px images or 224 px cells, 5 folds, ~100 MB shards.
+    "default": BuildConfig(),
+    # Seconds on a CPU: tiny tiles and shards, a few images (tests, CI, the demo).
+    "smoke": BuildConfig(size=64, folds=2, shard_mb=0.05, limit=8, workers=1),
+}
+
+
 def make_config(preset: str = "default", **overrides) -> BuildConfig:
-    """A preset with overrides (None values ignored), validated."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
-    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    """A preset with overrides (None values ignored), validated; one path may be a plain str."""
     for key in ("images", "labels"):
-        if isinstance(values.get(key), str):
-            values[key] = (values[key],)
-    return cfglib.from_dict(BuildConfig, values)
+        if isinstance(overrides.get(key), str):
+            overrides[key] = (overrides[key],)
+    return cfglib.override(cfglib.preset(PRESETS, preset), **overrides)
 
 
 def replace(cfg: BuildConfig, **changes) -> BuildConfig:
