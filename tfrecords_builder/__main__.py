@@ -12,8 +12,8 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from common import config as cfglib
-    from tfrecords_builder.config import (ENGINES, INTERPOLATIONS, PRESETS, SEGMENTERS,
-                                          BuildConfig, DEFAULT_SIZE)
+    from tfrecords_builder.config import (DEFAULT_SIZE, ENGINES, INTERPOLATIONS, PRESETS,
+                                          SEGMENTERS, BuildConfig)
 
     p = argparse.ArgumentParser(
         prog="python -m tfrecords_builder",

@@ -11,56 +11,83 @@ from train_tpu.backend import NAMES as BACKENDS
 CONFIG_FILE = "config.json"
 
 
+MODES = ("cell", "image")
+STRATEGIES = ("auto", "tpu", "gpu", "cpu")
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+OPTIMIZERS = ("adamw", "sgd")
+LOSSES = ("bce", "focal")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything a training run needs; `config.json` in the run folder reruns it."""
+    """Everything a training run needs; `config.json` in the run folder reruns it.
 
-    data: str = ""  # shard folder (local or gs://) with fold{K}-*.tfrec and preprocess.json
-    out: str = ""  # run folder (local or gs://)
-    mode: str = "cell"  # "cell" or "image": must match the dataset's preprocess.json
-    backbone: str = "efficientnet_b0"  # a common.models.BACKBONES name
-    size: int = 0  # model input side, px; 0 = the dataset's (resized in tf.data otherwise)
-    weights: str = "none"  # "imagenet", "none" or a 3-channel weights file
-    epochs: int = 10
-    batch_size: int = 64  # GLOBAL batch (all replicas together)
-    steps_per_epoch: int = 0  # 0 = training examples // batch_size
-    val_fold: int = 0  # validate on fold{K}-*.tfrec, train on the other folds
-    val_steps: int = 0  # 0 = the whole validation fold; else this many batches
-    strategy: str = "auto"  # auto|tpu|gpu|cpu
-    backend: str = "auto"  # Keras backend: auto|tensorflow|jax; config.json records the one used
-    tpu: str = ""  # TPU name/address; "" = from the environment, "local" = a TPU VM
-    cpu_replicas: int = 1  # >1: split the CPU into logical devices (tests the multi-replica path)
-    precision: str = "auto"  # auto (bf16 TPU, fp16 GPU, fp32 CPU)|float32|mixed_float16|mixed_bfloat16
-    steps_per_execution: int = 0  # 0 = auto: 32 on TPU (fewer host round trips), 1 elsewhere
-    optimizer: str = "adamw"  # adamw|sgd
-    learning_rate: float = 1e-3  # peak learning rate for the global batch
-    weight_decay: float = 1e-5
+    The comments are `python -m train_tpu --help` (common.config.add_arguments).
+    """
+
+    # shard folder, local or gs://, holding fold<K>-*.tfrec and preprocess.json (and
+    # manifest.json, whose counts save a counting pass)
+    data: str = ""
+    # run folder, local or gs://: model.keras, config.json, preprocess.json, history.csv/png,
+    # checkpoints/
+    out: str = ""
+    mode: str = "cell"  # cell tiles or whole-image tiles; must match the dataset's preprocess.json
+    backbone: str = "efficientnet_b0"  # Keras EfficientNet / EfficientNetV2 variant
+    # model input side in px; 0 = the dataset's (tiles are resized in the input pipeline when it
+    # differs; the effective spec goes to preprocess.json)
+    size: int = 0
+    # imagenet (Keras downloads it), none, or a PATH to a 3-channel Keras weights file (e.g.
+    # efficientnetb0_notop.h5) for offline runs; carried to 4 channels
+    weights: str = "none"
+    epochs: int = 10  # number of epochs
+    batch_size: int = 64  # GLOBAL batch size (split over the replicas)
+    steps_per_epoch: int = 0  # training steps per epoch; 0 = training examples // batch size
+    val_fold: int = 0  # fold K to validate on (fold<K>-*.tfrec); the other folds train
+    val_steps: int = 0  # validation batches per epoch; 0 = the whole fold
+    # hardware; auto picks TPU > GPUs > CPU and logs it; asking for missing hardware is an error
+    strategy: str = "auto"
+    # Keras backend: tensorflow (tf.distribute: TPUStrategy, MirroredStrategy) or jax
+    # (keras.distribution.DataParallel over jax.devices(): TPU VMs, GPUs, CPU); auto takes
+    # KERAS_BACKEND if set, else jax on a TPU VM with JAX installed, else tensorflow, and logs
+    # its choice; config.json records the one used
+    backend: str = "auto"
+    # TPU name or grpc address; "" = from the environment (Colab/Kaggle), "local" = a TPU VM
+    tpu: str = ""
+    # split the CPU into N logical devices and mirror over them (exercises the multi-replica
+    # path without accelerators)
+    cpu_replicas: int = 1
+    precision: str = "auto"  # auto: bfloat16 on TPU, float16 on GPU, float32 on CPU
+    steps_per_execution: int = 0  # steps per host call; 0 = 32 on TPU (fewer round trips), else 1
+    # adamw; or sgd (plain, no momentum: its update shows gradient scale errors, for tests)
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-3  # peak learning rate (for the global batch)
+    weight_decay: float = 1e-5  # AdamW's decoupled weight decay
     warmup_epochs: float = 1.0  # linear warmup, then cosine decay to min_lr_ratio * peak
-    min_lr_ratio: float = 0.01
-    loss: str = "bce"  # bce|focal
-    focal_gamma: float = 2.0
-    label_smoothing: float = 0.0
-    dropout: float = 0.2  # before the classifier
+    min_lr_ratio: float = 0.01  # the final learning rate as a fraction of the peak
+    loss: str = "bce"  # binary cross-entropy or focal loss
+    focal_gamma: float = 2.0  # focal loss: the focusing exponent gamma
+    label_smoothing: float = 0.0  # targets become y * (1 - s) + 0.5 * s
+    dropout: float = 0.2  # dropout rate before the classifier
     drop_connect_rate: float = 0.2  # stochastic depth inside the backbone
     bn_momentum: float = 0.0  # BatchNorm moving-average momentum; 0 = the backbone's (0.99)
     prior_bias: bool = True  # start the head's bias at the training class frequencies (manifest)
     flip: bool = True  # random horizontal and vertical flips
     rotate: bool = True  # random 90-degree rotations
     scale: float = 0.1  # random zoom in [1 - scale, 1 + scale]
-    brightness: float = 0.2  # per-channel gain in [1 - b, 1 + b]
-    shuffle_buffer: int = 2048  # examples
+    brightness: float = 0.2  # random per-channel gain in [1 - b, 1 + b]
+    shuffle_buffer: int = 2048  # shuffle buffer, in examples
     keep_checkpoints: int = 0  # keep the newest K epoch checkpoints; 0 = all
-    seed: int = 0
+    seed: int = 0  # shuffle and augmentation seed
 
     def __post_init__(self):
         checks = {
-            "mode": self.mode in ("cell", "image"),
+            "mode": self.mode in MODES,
             "backbone": self.backbone in BACKBONES,
-            "strategy": self.strategy in ("auto", "tpu", "gpu", "cpu"),
+            "strategy": self.strategy in STRATEGIES,
             "backend": self.backend in BACKENDS,
-            "precision": self.precision in ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
-            "optimizer": self.optimizer in ("adamw", "sgd"),
-            "loss": self.loss in ("bce", "focal"),
+            "precision": self.precision in PRECISIONS,
+            "optimizer": self.optimizer in OPTIMIZERS,
+            "loss": self.loss in LOSSES,
             "size": self.size == 0 or self.size >= 32,
             "epochs": self.epochs >= 1,
             "batch_size": self.batch_size >= 1,
@@ -83,9 +110,9 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-_HINTS = (" (mode cell|image; strategy auto|tpu|gpu|cpu; backend " + "|".join(BACKENDS) + "; precision auto|float32|mixed_float16|"
-          "mixed_bfloat16; optimizer adamw|sgd; loss bce|focal; size 0 or >= 32; "
-          "scale in [0, 0.5); backbones: " + ", ".join(BACKBONES) + ")")
+_HINTS = (f" (mode {'|'.join(MODES)}; strategy {'|'.join(STRATEGIES)}; backend {'|'.join(BACKENDS)}; "
+          f"precision {'|'.join(PRECISIONS)}; optimizer {'|'.join(OPTIMIZERS)}; loss {'|'.join(LOSSES)}; "
+          f"size 0 or >= 32; scale in [0, 0.5); backbones: {', '.join(BACKBONES)})")
 
 # Named presets. Learning rates are for the global batch given.
 PRESETS: dict[str, TrainConfig] = {
@@ -118,10 +145,7 @@ PRESETS: dict[str, TrainConfig] = {
 
 
 def get_preset(name: str) -> TrainConfig:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
+    return cfglib.preset(PRESETS, name)
 
 
 def make_config(preset: str = "smoke", **overrides) -> TrainConfig:
