@@ -172,7 +172,8 @@ def add_arguments(parser, cls, *, defaults=None, skip=(), positional=(), require
     - help: the field's comment in the class source (see `field_help`), or `helps[field]`, then
       "(default: X)" with X from `defaults` (a preset instance; else the field's default). Empty
       strings and tuples, False and the defaults of `required` fields are not shown.
-    - type: int, float, str from the annotation (`types={"field": positive_int}` replaces it);
+    - type: int, float, str from the annotation (`T | None` as T; `types={"field": positive_int}`
+      replaces it; any other type is read as str); `Literal["a", "b"]` gives the choices;
       `tuple[T, ...]` is repeatable (`--x A --x B`, action="append"); `tuple[T, T]` takes
       exactly 2 values; `choices` and `metavars` as in argparse.
     - bool: `--x` (store_true) where the default is False, else `--x/--no-x`
@@ -197,7 +198,7 @@ def add_arguments(parser, cls, *, defaults=None, skip=(), positional=(), require
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.init:
             continue
-        tp = hints[f.name]
+        tp = _optional_inner(hints[f.name])
         if defaults is not None:
             default = getattr(defaults, f.name)
         elif f.default is not dataclasses.MISSING:
@@ -232,6 +233,9 @@ def add_arguments(parser, cls, *, defaults=None, skip=(), positional=(), require
             elif origin is tuple:
                 elem = args[0]
                 kw["nargs"] = len(args)
+            if typing.get_origin(elem) is typing.Literal:
+                kw["choices"] = typing.get_args(elem)
+                elem = type(kw["choices"][0])
             kw["type"] = types.get(f.name, elem if elem in (int, float, str) else str)
             if f.name in choices:
                 kw["choices"] = choices[f.name]
@@ -245,6 +249,17 @@ def add_arguments(parser, cls, *, defaults=None, skip=(), positional=(), require
         parser.add_argument(flags.get(f.name, flag_name(f.name)), dest=f.name,
                             default=argparse.SUPPRESS, **kw)
     return parser
+
+
+def _optional_inner(tp):
+    """`T | None` (Optional[T]) -> T; any other type unchanged."""
+    import types as pytypes
+
+    if typing.get_origin(tp) in (typing.Union, pytypes.UnionType):
+        rest = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return tp
 
 
 def given(cls, args) -> dict:

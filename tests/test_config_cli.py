@@ -1,6 +1,7 @@
 """common.config's command-line derivation: one flag per field, help from the field comments."""
 import argparse
 import dataclasses
+from typing import Literal, Optional
 
 import pytest
 
@@ -103,3 +104,20 @@ def test_the_dataclass_validates_and_unknown_preset_is_an_error():
     with pytest.raises(ValueError, match="unknown preset 'huge'; known: default, big"):
         C.preset(PRESETS, "huge")
     assert C.preset(PRESETS, "big") is PRESETS["big"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Typed:
+    limit: Optional[int] = None  # at most this many
+    device: Literal["cpu", "gpu"] = "cpu"  # where to run
+    ratio: float | None = None  # a fraction
+
+
+def test_optional_and_literal_fields():
+    p = C.add_arguments(argparse.ArgumentParser(prog="t"), Typed)
+    cfg = C.from_args(Typed, p.parse_args(["--limit", "3", "--device", "gpu", "--ratio", "0.5"]))
+    assert cfg == Typed(limit=3, device="gpu", ratio=0.5)
+    assert C.from_args(Typed, p.parse_args([])) == Typed()
+    with pytest.raises(SystemExit):
+        p.parse_args(["--device", "tpu"])
+    assert "--device {cpu,gpu} where to run (default: cpu)" in _help(p)
