@@ -81,3 +81,192 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+# --- command lines derived from a config dataclass ------------------------------------------
+#
+# One flag per field, `--kebab-name`, whose help is the field's comment in the class source:
+#
+#     @dataclass(frozen=True)
+#     class Cfg:
+#         size: int = 64  # tile side, px
+#
+#     add_arguments(parser, Cfg, defaults=PRESETS["default"])   # --size N: "tile side, px (default: 64)"
+#     cfg = from_args(Cfg, parser.parse_args(argv), base=PRESETS[args.preset])
+#
+# Flags default to "not given" (argparse.SUPPRESS), so `from_args` applies only the options the
+# user typed on top of the preset, and the dataclass validates the result.
+
+
+def field_help(cls) -> dict[str, str]:
+    """Field name -> its comment in the class source: the comment lines directly above the field
+    (no blank line between), then its trailing `# comment`. Base classes first, then overrides."""
+    import ast
+    import inspect
+    import textwrap
+
+    helps: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass) or klass is object:
+            continue
+        try:
+            lines, _ = inspect.getsourcelines(klass)
+        except (OSError, TypeError):  # no source (e.g. built in a REPL): no help text
+            continue
+        source = textwrap.dedent("".join(lines))
+        text = source.splitlines()
+        tree = ast.parse(source)
+        for node in tree.body[0].body:
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            parts = []
+            i = node.lineno - 2  # 0-based index of the line above the field
+            above = []
+            while i >= 0 and text[i].strip().startswith("#"):
+                above.insert(0, text[i].strip().lstrip("#").strip())
+                i -= 1
+            parts += above
+            last = text[node.end_lineno - 1]
+            trailing = _trailing_comment(last)
+            if trailing:
+                parts.append(trailing)
+            if parts:
+                helps[node.target.id] = " ".join(p for p in parts if p)
+    return helps
+
+
+def _trailing_comment(line: str) -> str:
+    """The `# comment` ending a line of code ('' if none); '#' inside strings is not one."""
+    import io
+    import tokenize
+
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(line.strip() + "\n").readline):
+            if tok.type == tokenize.COMMENT:
+                return tok.string.lstrip("#").strip()
+    except (tokenize.TokenError, SyntaxError, IndentationError):
+        pass
+    return ""
+
+
+def flag_name(field_name: str) -> str:
+    """`shard_mb` -> `--shard-mb`."""
+    return "--" + field_name.replace("_", "-")
+
+
+def _show(value) -> str:
+    if isinstance(value, tuple):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+def add_arguments(parser, cls, *, defaults=None, skip=(), positional=(), required=(),
+                  types: Mapping[str, Any] | None = None, choices: Mapping[str, Any] | None = None,
+                  metavars: Mapping[str, str] | None = None, flags: Mapping[str, str] | None = None,
+                  false_flags: Mapping[str, str] | None = None,
+                  helps: Mapping[str, str] | None = None):
+    """Add one argument per field of the dataclass `cls` to an argparse parser (or group).
+
+    - name: `--kebab-name` (`flags={"field": "--other"}` renames one); `positional` fields are
+      positional arguments instead; `skip` fields get no argument.
+    - help: the field's comment in the class source (see `field_help`), or `helps[field]`, then
+      "(default: X)" with X from `defaults` (a preset instance; else the field's default). Empty
+      strings and tuples are not shown; `required` fields show no default.
+    - type: int, float, str from the annotation (`types={"field": positive_int}` replaces it);
+      `tuple[T, ...]` is repeatable (`--x A --x B`, action="append"); `tuple[T, T]` takes
+      exactly 2 values; `choices` and `metavars` as in argparse.
+    - bool: `--x` (store_true) where the default is False, else `--x/--no-x`
+      (BooleanOptionalAction). `false_flags={"field": "--keep-x"}` instead adds one flag that
+      sets the field to False.
+    - default: not given. The namespace then holds only the options the user typed (plus
+      positionals), so `from_args` changes only those fields of its base.
+    Returns the parser.
+    """
+    import argparse
+
+    types, choices, metavars = dict(types or {}), dict(choices or {}), dict(metavars or {})
+    flags, false_flags, helps_over = dict(flags or {}), dict(false_flags or {}), dict(helps or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    named = set(skip) | set(positional) | set(required) | set(types) | set(choices) | set(metavars)
+    named |= set(flags) | set(false_flags) | set(helps_over)
+    unknown = sorted(named - known)
+    if unknown:
+        raise ValueError(f"add_arguments({cls.__name__}): not fields: {unknown}")
+    comments = field_help(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        tp = hints[f.name]
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        elif f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        text = helps_over.get(f.name, comments.get(f.name, ""))
+        if f.name not in required and f.name not in positional and default not in (None, "", ()):
+            text += f" (default: {_show(default)})"
+        kw: dict[str, Any] = {"help": text.strip().replace("%", "%%") or None}
+        if f.name in false_flags:
+            if tp is not bool:
+                raise ValueError(f"false_flags: {f.name} is not a bool field")
+            parser.add_argument(false_flags[f.name], dest=f.name, action="store_false",
+                                default=argparse.SUPPRESS, help=kw["help"])
+            continue
+        if tp is bool:
+            kw["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
+        else:
+            origin, args = typing.get_origin(tp), typing.get_args(tp)
+            elem = tp
+            if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+                elem = args[0]
+                if f.name in positional:
+                    kw["nargs"] = "+"
+                else:
+                    kw["action"] = "append"
+            elif origin is tuple:
+                elem = args[0]
+                kw["nargs"] = len(args)
+            kw["type"] = types.get(f.name, elem if elem in (int, float, str) else str)
+            if f.name in choices:
+                kw["choices"] = choices[f.name]
+            if f.name in metavars:
+                kw["metavar"] = metavars[f.name]
+        if f.name in positional:
+            parser.add_argument(f.name, **kw)
+            continue
+        if f.name in required:
+            kw["required"] = True
+        parser.add_argument(flags.get(f.name, flag_name(f.name)), dest=f.name,
+                            default=argparse.SUPPRESS, **kw)
+    return parser
+
+
+def given(cls, args) -> dict:
+    """The fields of `cls` present in the argparse namespace `args` (lists become tuples)."""
+    ns = vars(args)
+    return {f.name: tuple(ns[f.name]) if isinstance(ns[f.name], list) else ns[f.name]
+            for f in dataclasses.fields(cls) if f.name in ns}
+
+
+def from_args(cls: type[T], args, base: T | None = None) -> T:
+    """`base` (a preset; default `cls()`) with the options present in `args` applied, validated
+    by the dataclass. With `add_arguments`' flags only the options the user typed are present,
+    so a preset's other values stay. A ValueError names unknown or invalid values."""
+    changes = given(cls, args)
+    if base is None:
+        return from_dict(cls, changes)
+    if not isinstance(base, cls):
+        raise TypeError(f"from_args: base is a {type(base).__name__}, not a {cls.__name__}")
+    return dataclasses.replace(base, **changes)
+
+
+def preset(presets: Mapping[str, T], name: str) -> T:
+    """`presets[name]`, or a ValueError listing the known names."""
+    try:
+        return presets[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(presets)}") from None
