@@ -11,7 +11,7 @@ common.models (speed does not depend on the weights).
   backend), tiles (common.preprocess.cell_tiles), score (the batched TTA-less ModelGroup, fed
   all images' tiles together in full batches as the pipeline does, time / image count),
   encode (common.masks.encode_cell from each cell's box crop).
-- Whole run: infer_gpu.pipeline.predict (prefetching readers, batches across images, writer),
+- Whole run: infer_gpu.engine.run_predict (prefetching readers, batches across images, writer),
   against the naive sequential loop of the competition's notebooks, in the same run: per image
   load, segment, then per cell a full-frame boolean mask, the tile cut from it, one model call
   for that one cell, and common.masks.reference_encode of the full-frame mask.
@@ -125,23 +125,24 @@ def main(argv=None) -> int:
 
     from common import masks, models, synthetic
     from common.preprocess import TileSpec
-    from infer_gpu import pipeline, scoring
+    from infer_gpu import engine, reading, runs, scorer
+    from infer_gpu.config import PredictConfig
 
-    device = scoring.setup_device(args.device)
+    device = scorer.setup_device(args.device)
     spec = TileSpec(size=args.tile)
-    opts = pipeline.PredictOptions(batch_size=args.batch_size, workers=args.workers, progress=False)
-    seg_options = {"backend": opts.backend, **pipeline.segmentation_options(opts)}
+    opts = PredictConfig(batch_size=args.batch_size, workers=args.workers, progress=False)
+    seg_options = {"backend": opts.backend, **reading.segmentation_options(opts)}
     print(f"device: {device}; {args.n} synthetic images of {args.size} px; {args.backbone} at {args.tile} px; "
           f"{os.cpu_count()} CPU cores")
     model = models.build_model(args.backbone, size=args.tile, weights="none")
-    run = scoring.RunDir(path="bench", spec=spec, model=model, fingerprint="bench")
-    group = scoring.model_group(spec, [model], tta=1, batch_size=args.batch_size)
+    run = runs.RunDir(path="bench", spec=spec, model=model, fingerprint="bench")
+    group = scorer.model_group(spec, [model], tta=1, batch_size=args.batch_size)
 
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
         data = Path(tmp) / "data"
         synthetic.generate(str(data), n=args.n, size=args.size, seed=0)
         images, sample_csv = str(data / "images"), str(data / "sample_submission.csv")
-        sample = pipeline.read_sample(sample_csv)
+        sample = reading.read_sample(sample_csv)
 
         # warm-up: trace the batched function and predict_on_batch, import pycocotools for the
         # reference encoder, touch every file once
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
         fast, slow = [], []
         for r in range(args.repeats):
             out = str(Path(tmp) / f"sub{r}.csv")
-            summary = pipeline.predict(images, sample_csv, [], out, options=opts, runs=[run])
+            summary = engine.run_predict(images, sample_csv, [], out, config=opts, runs=[run])
             fast.append(summary.wall_seconds)
             slow.append(naive_run(images, sample, model, spec, seg_options))
         fast_s, slow_s = min(fast), min(slow)

@@ -139,20 +139,28 @@ def cell_boxes(label_map: np.ndarray) -> dict[int, tuple[int, int, int, int]]:
     return boxes
 
 
-def cell_tiles(image: np.ndarray, label_map: np.ndarray, spec: TileSpec, cell_ids=None):
+def cell_tiles(image: np.ndarray, label_map: np.ndarray, spec: TileSpec, cell_ids=None, boxes=None):
     """Every cell's tile from one image.
 
+    boxes: the cells' `(y0, x0, y1, x1)` when the caller has them already (e.g. from
+    `Segmentation.cell_info`): a `{cell_id: box}` mapping, or a sequence in `cell_ids` order;
+    None finds them here (`cell_boxes`).
     Returns `(tiles Kx N x N x 4 uint8, ids (K,) int64, boxes (K, 4) int64)`, cells in id order
     (or in `cell_ids` order). Only the box crop of the label map is ever touched per cell.
     """
     if label_map.shape[:2] != image.shape[:2]:
         raise ValueError(f"label map {label_map.shape} does not match image {image.shape[:2]}")
-    boxes = cell_boxes(label_map)
+    if boxes is None:
+        boxes = cell_boxes(label_map)
+    elif not isinstance(boxes, dict):
+        if cell_ids is None or len(boxes) != len(cell_ids):
+            raise ValueError("boxes as a sequence need cell_ids of the same length")
+        boxes = dict(zip((int(i) for i in cell_ids), boxes))
     ids = sorted(boxes) if cell_ids is None else [int(i) for i in cell_ids]
     tiles = np.zeros((len(ids), spec.size, spec.size, image.shape[2]), dtype=np.uint8)
     out_boxes = np.zeros((len(ids), 4), dtype=np.int64)
     for k, cid in enumerate(ids):
-        box = boxes[cid]
+        box = tuple(int(v) for v in boxes[cid])
         y0, x0, y1, x1 = expand_box(box, image.shape, spec.margin)
         mask = label_map[y0:y1, x0:x1] == cid
         tiles[k] = cell_tile(image, mask, box, spec)

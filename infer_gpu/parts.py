@@ -16,6 +16,8 @@ import json
 import re
 
 from common import storage
+from common.resume import ResumeError, check_same_settings
+
 
 SETTINGS_FILE = "settings.json"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,150}$")
@@ -29,26 +31,11 @@ def part_failed(record: dict) -> bool:
     return bool(record.get("error")) and not record.get("prediction")
 
 
-class ResumeError(ValueError):
-    """Parts on disk that this run cannot continue (other settings, unreadable part)."""
-
-
 def part_name(image_id: str) -> str:
     """File name of an image's part: the ID itself when it is a plain name, else a hash."""
     if _SAFE_ID.match(image_id) and f"{image_id}.json" != SETTINGS_FILE:
         return f"{image_id}.json"
     return "h-" + hashlib.sha1(image_id.encode("utf-8")).hexdigest() + ".json"
-
-
-def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} then, {b!r} now")
-    return out
 
 
 class PartStore:
@@ -75,11 +62,9 @@ class PartStore:
         settings = json.loads(json.dumps(settings))
         settings_path = self._path(SETTINGS_FILE)
         if resume and storage.exists(settings_path):
-            old = json.loads(storage.read_text(settings_path))
-            changed = _diff(old, settings)
-            if changed:
-                raise ResumeError(f"{self.dir}: these parts were made with other settings ("
-                                  + "; ".join(changed) + "); rerun with the same options, or without --resume")
+            check_same_settings(json.loads(storage.read_text(settings_path)), settings, where=self.dir,
+                                what="these parts were made with other settings",
+                                advice="rerun with the same options, or without --resume")
             return self.read_all()
         self.clear()
         storage.makedirs(self.dir)

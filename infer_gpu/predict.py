@@ -1,16 +1,18 @@
-"""`python -m infer_gpu predict`: test images + trained run directories -> submission.csv."""
+"""`python -m infer_gpu predict`: the command line (test images + trained run directories ->
+submission.csv). Its options are `infer_gpu.config.PredictConfig`'s and `combine.CombineRule`'s
+fields, with `--preset`; the work is `infer_gpu.engine.run_predict`."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+from common import config as cfglib
 from common.config import positive_int
 
 HELP = "Predict every cell of every test image: segment, score, combine, write submission.csv."
 
 EPILOG = """\
-combine rule, per cell and class (module infer_gpu.scoring):
+combine rule, per cell and class (module infer_gpu.combine):
   1. c = mean probability over the --model runs and TTA transforms; i = the same over the
      --image-model runs (one whole-image tile).
   2. s = c**a * i**(1-a), a = --cell-weight (0.5 = geometric mean); only cell runs: s = c;
@@ -63,6 +65,9 @@ def _tta(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from infer_gpu.combine import CombineRule
+    from infer_gpu.config import BACKENDS, DEVICES, PRESETS, PredictConfig
+
     parser.formatter_class = _Formatter  # keep the rule's layout, and show defaults
     parser.epilog = EPILOG
     parser.add_argument("--images", required=True,
@@ -76,73 +81,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an image-mode run directory whose whole-image score is combined with "
                              "the cell scores (see the rule below); repeatable")
     parser.add_argument("--out", required=True, help="the submission CSV to write (local or gs://)")
-    parser.add_argument("--backend", default="default", choices=("default", "hpa"),
-                        help="cell segmentation: the weight-free default, or the HPA U-Nets (needs "
-                             "PyTorch, hpacellseg and its model files: see common/segmentation/hpa.py)")
-    parser.add_argument("--work-size", type=positive_int, default=512,
-                        help="segmentation: long side in px of the labelling's working resolution")
-    parser.add_argument("--nuclei-model", default=None, help="hpa backend: hpacellseg nucleus model file (.pth)")
-    parser.add_argument("--cell-model", default=None, help="hpa backend: hpacellseg 3-channel cell model file (.pth)")
-    parser.add_argument("--trust-model-files", action="store_true",
-                        help="hpa backend: allow loading the .pth files, which are pickled PyTorch "
-                             "modules (loading runs code from them): only for files you trust")
-    parser.add_argument("--tta", type=_tta, default=1,
-                        help="test-time augmentation: average over the first N of the 8 flips and "
-                             "rotations of each tile (1 = none)")
-    parser.add_argument("--batch-size", type=positive_int, default=64,
-                        help="tiles per model call; batches span the cells of several images")
-    parser.add_argument("--cell-weight", type=_unit, default=0.5,
-                        help="a in c**a * i**(1-a) when both cell and image models are given")
-    parser.add_argument("--border-weight", type=_unit, default=0.8,
-                        help="confidence factor for cells touching the image border")
-    parser.add_argument("--no-nucleus-weight", type=_unit, default=0.5,
-                        help="confidence factor for cells without a nucleus")
-    parser.add_argument("--min-score", type=_unit, default=0.01,
-                        help="lowest confidence written as a detection")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="parallel readers (decode, segment, tiles, mask encoding) running "
-                             "ahead of the model; 0 = inline")
-    parser.add_argument("--processes", action="store_true",
-                        help="run the readers as processes instead of threads (more CPU parallelism, "
-                             "more memory; not with a GPU segmentation backend)")
-    parser.add_argument("--device", default="auto", choices=("auto", "gpu", "cpu"),
-                        help="where TensorFlow scores: auto = a GPU when one is listed, else the CPU; "
-                             "gpu fails without one")
-    parser.add_argument("--overlays", metavar="DIR",
-                        help="also write DIR/{ID}.png: the composite with cell outlines and each cell's top labels")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue a killed run: skip the images already done in OUT.parts/ and "
-                             "try the failed ones again (refused if they were made with other "
-                             "models or options)")
-    parser.add_argument("--limit", type=positive_int, default=None, metavar="N",
-                        help="process at most N more images, then stop without the final CSV "
-                             "(continue with --resume): for trials and for work in slices")
-    parser.add_argument("--keep-parts", action="store_true",
-                        help="keep OUT.parts/ after the final CSV is written (without it, it is deleted)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--preset", default="default", choices=tuple(PRESETS),
+                        help="the base options (infer_gpu.config.PRESETS; smoke: seconds on a CPU); "
+                             "the options below change it")
+    base = PRESETS["default"]
+    cfglib.add_arguments(
+        parser, PredictConfig, defaults=base, skip=("rule", "seg_options"),
+        types={"work_size": positive_int, "tta": _tta, "batch_size": positive_int, "limit": positive_int,
+               "max_pending": positive_int},
+        choices={"backend": BACKENDS, "device": DEVICES}, metavars={"overlays": "DIR", "limit": "N"},
+        false_flags={"progress": "--no-progress"})
+    rule = parser.add_argument_group("combine rule (see below)")
+    cfglib.add_arguments(rule, CombineRule, defaults=base.rule,
+                         types={f: _unit for f in ("cell_weight", "border_weight", "no_nucleus_weight", "min_score")})
+
+
+def config_from_args(args):
+    """The PredictConfig the command line asks for: the preset, then the options given."""
+    import dataclasses
+
+    from infer_gpu.combine import CombineRule
+    from infer_gpu.config import PRESETS, PredictConfig
+
+    if getattr(args, "workers", 0) < 0:
+        args.workers = 0  # as ever: a negative count of readers means inline
+    base = cfglib.preset(PRESETS, args.preset)
+    rule = cfglib.from_args(CombineRule, args, base=base.rule)
+    return dataclasses.replace(cfglib.from_args(PredictConfig, args, base=base), rule=rule)
 
 
 def run(args) -> int:
+    from infer_gpu.engine import run_predict
     from infer_gpu.parts import ResumeError
-    from infer_gpu.pipeline import EXIT_FAILED_IMAGES, PredictOptions, predict
-    from infer_gpu.scoring import CombineRule
+    from infer_gpu.report import EXIT_FAILED_IMAGES
 
     if not args.model and not args.image_model:
         print("predict: give at least one --model or --image-model RUN_DIR", file=sys.stderr)
         return 2
-    options = PredictOptions(
-        rule=CombineRule(cell_weight=args.cell_weight, border_weight=args.border_weight,
-                         no_nucleus_weight=args.no_nucleus_weight, min_score=args.min_score),
-        tta=args.tta, batch_size=args.batch_size, backend=args.backend,
-        work_size=args.work_size, nuclei_model=args.nuclei_model, cell_model=args.cell_model,
-        trust_model_files=args.trust_model_files,
-        workers=max(0, args.workers), processes=args.processes, device=args.device,
-        overlays=args.overlays, resume=args.resume, limit=args.limit or 0,
-        keep_parts=args.keep_parts, progress=not args.no_progress,
-    )
     try:
-        summary = predict(args.images, args.sample_submission, args.model, args.out,
-                          image_models=args.image_model, options=options)
+        config = config_from_args(args)
+        summary = run_predict(args.images, args.sample_submission, args.model, args.out,
+                              image_models=args.image_model, config=config)
     except (FileNotFoundError, ValueError, ResumeError, RuntimeError, PermissionError, ImportError) as err:
         print(f"predict: {err}", file=sys.stderr)
         return 2

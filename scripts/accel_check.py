@@ -24,7 +24,7 @@ Without TensorFlow (or with --backend-only) the TF checks are reported as not ru
 backend section runs instead on whatever Keras 3 backend is there (jax when TF is absent):
 EfficientNet-B0 with the 4-channel stem from common.models, trained on in-memory synthetic
 cell tiles (mixed float16 on a GPU), forward-only inference tiles/s, peak device memory, and
-the TF-free CPU stages of predict (decode, segment, tiles, encode: infer_gpu.pipeline's own
+the TF-free CPU stages of predict (decode, segment, tiles, encode: infer_gpu.reading's own
 prepare_image) so that a 559-image projection can still be printed, labelled as such.
 
 Exit status: 0 when every check that ran passed, 1 when one failed (TF checks that could not
@@ -619,17 +619,18 @@ def backend_checks(report: Report, args, sz: dict, work: Path, tf_present: bool)
     # the TF-free CPU stages of predict, on synthetic images of --image-size px
     from common import synthetic
     from common.preprocess import TileSpec
-    from infer_gpu import pipeline
+    from infer_gpu import reading
+    from infer_gpu.config import PredictConfig
 
     data = work / "predict_data"
     synthetic.generate(str(data), n=sz["images"], size=sz["image_size"], seed=1)
-    opts = pipeline.PredictOptions()
-    seg = pipeline.segmentation_options(opts)
+    opts = PredictConfig()
+    seg = reading.segmentation_options(opts)
     spec = TileSpec(size=sz["tile"])
     total = {s: 0.0 for s in STAGES}
     cells = 0
-    for task in pipeline.read_sample(str(data / "sample_submission.csv")):
-        p = pipeline.prepare_image(task, str(data / "images"), (spec,), backend=opts.backend, seg_options=seg)
+    for task in reading.read_sample(str(data / "sample_submission.csv")):
+        p = reading.prepare_image(task, str(data / "images"), (spec,), backend=opts.backend, seg_options=seg)
         if p.error:
             report.line("FAIL", "cpu stages", f"{task[0]}: {p.error}")
             return
@@ -643,7 +644,7 @@ def backend_checks(report: Report, args, sz: dict, work: Path, tf_present: bool)
     report.line("INFO", "predict stages",
                 f"s/image at {sz['image_size']} px ({cells / n:.0f} cells/image): "
                 + ", ".join(f"{s} {per[s]:.3f}" for s in STAGES)
-                + f"; sum {report.predict:.3f} (CPU stages from infer_gpu.pipeline.prepare_image on one "
+                + f"; sum {report.predict:.3f} (CPU stages from infer_gpu.reading.prepare_image on one "
                 f"thread + score = cells / {backend} tiles/s; sequential, so conservative)")
     mix, source = kaggle_mix(args.kaggle_sample)
     project(report, report.predict, sz["image_size"], mix, source, gpu,

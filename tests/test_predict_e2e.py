@@ -28,7 +28,8 @@ import pytest
 from common import metrics, submission, synthetic
 from common.labels import NEGATIVE, NUM_CLASSES, multi_hot
 from common.preprocess import PREPROCESS_FILE, TileSpec
-from infer_gpu import pipeline, scoring
+from infer_gpu import combine, engine, reading, report, runs
+from infer_gpu.config import PredictConfig
 from tests.notebooks import read_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ def _segment(image):
     """Exactly the segmentation call predict makes with default options."""
     from common.segmentation import segment
 
-    return segment(image, backend="default", **pipeline.segmentation_options(pipeline.PredictOptions()))
+    return segment(image, backend="default", **reading.segmentation_options(PredictConfig()))
 
 
 def _key(tile: np.ndarray) -> int:
@@ -106,14 +107,14 @@ def oracle_model(data: Path, spec: TileSpec = TILE) -> TableModel:
     return TableModel(table)
 
 
-def stand_in_run(model, spec: TileSpec = TILE, name: str = "stand-in") -> scoring.RunDir:
-    return scoring.RunDir(path=name, spec=spec, model=model, fingerprint=name)
+def stand_in_run(model, spec: TileSpec = TILE, name: str = "stand-in") -> runs.RunDir:
+    return runs.RunDir(path=name, spec=spec, model=model, fingerprint=name)
 
 
-def run_predict(images, sample, out, models=(), runs=None, image_runs=None, **options) -> pipeline.Summary:
-    opts = pipeline.PredictOptions(**{"progress": False, "workers": 2, "batch_size": 16, **options})
-    return pipeline.predict(str(images), str(sample), list(models), str(out), options=opts,
-                            runs=runs, image_runs=image_runs)
+def run_predict(images, sample, out, models=(), runs=None, image_runs=None, **options) -> report.Summary:
+    opts = PredictConfig(**{"progress": False, "workers": 2, "batch_size": 16, **options})
+    return engine.run_predict(str(images), str(sample), list(models), str(out), config=opts,
+                              runs=runs, image_runs=image_runs)
 
 
 def check(out, data: Path, sample=None) -> float:
@@ -226,7 +227,7 @@ def test_two_models_are_averaged(syn, trained_run, tmp_path):
     for name, models in (("a", [trained_run]), ("b", [other]), ("ab", [trained_run, other])):
         out = tmp_path / f"{name}.csv"
         assert run_predict(images, sample, out, models=[str(m) for m in models],
-                           rule=scoring.CombineRule(min_score=0.0)).complete
+                           rule=combine.CombineRule(min_score=0.0)).complete
         # (image, mask, label) -> confidence; min_score 0 writes every class of every cell
         conf[name] = {(r.image_id, p.mask, p.label): p.confidence for r in _rows(out).values() for p in r.predictions}
     assert set(conf["a"]) == set(conf["b"]) == set(conf["ab"])
@@ -243,7 +244,7 @@ def test_image_model_is_combined_as_documented(syn, tmp_path):
     image = stand_in_run(TableModel({}, lambda t: np.full(NUM_CLASSES, 0.25, np.float32)), spec=image_spec)
     out = tmp_path / "submission.csv"
     summary = run_predict(syn / "images", syn / "sample_submission.csv", out, runs=[cell], image_runs=[image],
-                          rule=scoring.CombineRule(cell_weight=0.5, border_weight=0.8, no_nucleus_weight=0.5),
+                          rule=combine.CombineRule(cell_weight=0.5, border_weight=0.8, no_nucleus_weight=0.5),
                           processes=True)  # readers as spawned processes: everything they return pickles
     assert summary.complete and summary.cells > 60
     seen = set()
@@ -540,7 +541,7 @@ def test_a_failed_image_is_tried_again_by_resume_cli(syn, trained_run, tmp_path)
     assert json.loads((parts / "syn_0000.json").read_text())["failed"] is False
 
     second = subprocess.run(_cli(*common, "--resume"), cwd=ROOT, env=env, capture_output=True, text=True)
-    assert second.returncode == pipeline.EXIT_FAILED_IMAGES, second.stderr[-3000:]
+    assert second.returncode == report.EXIT_FAILED_IMAGES, second.stderr[-3000:]
     assert "1 of 6 images failed" in second.stderr and "--resume" in second.stderr
     assert "(3 from an earlier run; 1 tried again after failing)" in second.stdout
     rows = _rows(out)
@@ -605,7 +606,7 @@ def test_errors_that_are_not_the_images_stop_the_run(syn, tmp_path):
     sample = syn / "sample_submission.csv"
     model = stand_in_run(TableModel({}, _random_scores))
     out = tmp_path / "a.csv"
-    with pytest.raises(pipeline.RunStopped, match="syn_0000.*segment") as info:
+    with pytest.raises(report.RunStopped, match="syn_0000.*segment") as info:
         run_predict(syn / "images", sample, out, runs=[model], seg_options=(("no_such_option", 1),))
     assert isinstance(info.value.__cause__, TypeError)  # the original error, traceback kept
     assert not out.exists() and _finished_parts(Path(str(out) + ".parts")) == 0
@@ -616,6 +617,38 @@ def test_errors_that_are_not_the_images_stop_the_run(syn, tmp_path):
         return tf.zeros([tf.shape(x)[0], 5])
 
     out = tmp_path / "b.csv"
-    with pytest.raises(pipeline.RunStopped, match="while scoring"):
+    with pytest.raises(report.RunStopped, match="while scoring"):
         run_predict(syn / "images", sample, out, runs=[stand_in_run(five_classes)])
     assert not out.exists() and _finished_parts(Path(str(out) + ".parts")) == 0
+
+
+def test_a_finished_cli_run_keeps_its_options_models_and_segmentation_in_the_report(syn, trained_run, tmp_path):
+    """OUT.report.json traces the submission: the options as run (preset + flags), the paths,
+    each model's weights fingerprint and spec, and the segmentation settings; OUT.parts/
+    (with its settings.json) is gone."""
+    from common import run_folder
+    from infer_gpu.config import PRESETS
+
+    out = tmp_path / "submission.csv"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    done = subprocess.run(_cli("--images", syn / "images", "--sample-submission", syn / "sample_submission.csv",
+                               "--model", trained_run, "--out", out, "--preset", "smoke", "--tta", "2",
+                               "--border-weight", "0.7", "--work-size", "320", "--workers", "2"),
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert out.exists() and not Path(str(out) + ".parts").exists()
+    report = json.loads(Path(str(out) + ".report.json").read_text())
+    assert report["complete"] and report["processed"] == 6 and report["failed"] == 0
+    options = report["options"]
+    smoke = PRESETS["smoke"]
+    assert (options["tta"], options["work_size"], options["workers"]) == (2, 320, 2)  # the flags
+    assert options["rule"]["border_weight"] == 0.7 and options["rule"]["cell_weight"] == smoke.rule.cell_weight
+    assert (options["batch_size"], options["device"]) == (smoke.batch_size, smoke.device)  # the preset
+    assert report["inputs"] == {"images": str(syn / "images"), "sample_submission": str(syn / "sample_submission.csv")}
+    [model] = report["models"]
+    crc = zlib.crc32(Path(run_folder.model_path(str(trained_run))).read_bytes()) & 0xFFFFFFFF
+    assert model["path"] == str(trained_run) and model["weights"] == f"crc32:{crc:08x}"
+    assert TileSpec.from_json(model["spec"]) == TILE
+    assert report["image_models"] == []
+    assert report["segmentation"] == {"backend": "default", "work_size": 320, "nuclei_model": None,
+                                      "cell_model": None, "options": []}

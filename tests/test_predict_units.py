@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from common.labels import NEGATIVE, NUM_CLASSES
+from common import pool
+from infer_gpu import batching, combine, reading, runs, scorer, writing
 from infer_gpu import parts as partlib
-from infer_gpu import pipeline as P
-from infer_gpu import scoring as S
 
 
 # --- combine rule ------------------------------------------------------------------------------
@@ -24,26 +24,26 @@ def _flags(k, border=False, nucleus=True):
 def test_combine_is_the_weighted_geometric_mean_of_cell_and_image():
     cell = np.full((2, NUM_CLASSES), 0.64)
     image = np.full(NUM_CLASSES, 0.25)
-    s = S.combine(cell, image, *_flags(2), S.CombineRule(cell_weight=0.5))
+    s = combine.combine(cell, image, *_flags(2), combine.CombineRule(cell_weight=0.5))
     assert np.allclose(s[:, 0], 0.4)  # sqrt(0.64 * 0.25)
-    s = S.combine(cell, image, *_flags(2), S.CombineRule(cell_weight=1.0))
+    s = combine.combine(cell, image, *_flags(2), combine.CombineRule(cell_weight=1.0))
     assert np.allclose(s[:, 0], 0.64)  # a = 1: the image does not count
-    s = S.combine(cell, image, *_flags(2), S.CombineRule(cell_weight=0.25))
+    s = combine.combine(cell, image, *_flags(2), combine.CombineRule(cell_weight=0.25))
     assert np.allclose(s[:, 3], 0.64 ** 0.25 * 0.25 ** 0.75)
 
 
 def test_combine_with_one_side_only():
     cell = np.random.default_rng(0).uniform(0.3, 0.9, (3, NUM_CLASSES))
-    s = S.combine(cell, None, *_flags(3))
+    s = combine.combine(cell, None, *_flags(3))
     assert np.allclose(s[:, :NEGATIVE], cell[:, :NEGATIVE], atol=1e-6)
     image = np.linspace(0.05, 0.95, NUM_CLASSES)
-    s = S.combine(None, image, *_flags(4))
+    s = combine.combine(None, image, *_flags(4))
     assert s.shape == (4, NUM_CLASSES)
     assert np.allclose(s[:, :NEGATIVE], image[None, :NEGATIVE], atol=1e-6)  # every cell inherits
     with pytest.raises(ValueError, match="cell scores, image scores or both"):
-        S.combine(None, None, *_flags(1))
+        combine.combine(None, None, *_flags(1))
     with pytest.raises(ValueError, match="2 cell score rows for 3 cells"):
-        S.combine(cell[:2], None, *_flags(3))
+        combine.combine(cell[:2], None, *_flags(3))
 
 
 def test_negative_is_at_least_the_chance_of_no_other_class():
@@ -52,7 +52,7 @@ def test_negative_is_at_least_the_chance_of_no_other_class():
     cell[1, :NEGATIVE] = 0.5  # everything half-likely: 0.5**18 is tiny, the model's 0.3 stays
     cell[1, NEGATIVE] = 0.3
     cell[2, 4] = 0.9  # one clear class: at most 0.1 left for Negative
-    s = S.combine(cell, None, *_flags(3))
+    s = combine.combine(cell, None, *_flags(3))
     assert s[0, NEGATIVE] == pytest.approx(1.0)
     assert s[1, NEGATIVE] == pytest.approx(0.3)
     assert s[2, NEGATIVE] == pytest.approx(0.1)
@@ -62,24 +62,24 @@ def test_border_and_nucleusless_cells_are_down_weighted():
     cell = np.full((4, NUM_CLASSES), 0.5)
     border = np.array([False, True, False, True])
     nucleus = np.array([True, True, False, False])
-    rule = S.CombineRule(border_weight=0.8, no_nucleus_weight=0.5)
-    s = S.combine(cell, None, border, nucleus, rule)
+    rule = combine.CombineRule(border_weight=0.8, no_nucleus_weight=0.5)
+    s = combine.combine(cell, None, border, nucleus, rule)
     assert np.allclose(s[:, 0], [0.5, 0.4, 0.25, 0.2])
     assert np.allclose(s[:, 7] / s[:, 0], 1.0)  # the same factor for every class of a cell
 
 
 def test_rule_rejects_values_outside_unit_interval():
     with pytest.raises(ValueError, match="border_weight"):
-        S.CombineRule(border_weight=1.5)
+        combine.CombineRule(border_weight=1.5)
 
 
 def test_detections_floor_and_order():
     scores = np.zeros((2, NUM_CLASSES), np.float32)
     scores[0, [3, 16, 0]] = [0.2, 0.9, 0.005]
-    dets = S.detections(scores, min_score=0.01)
+    dets = combine.detections(scores, min_score=0.01)
     assert [c for c, _ in dets[0]] == [16, 3]
     assert dets[1] == []
-    assert len(S.detections(scores, min_score=0.0)[1]) == NUM_CLASSES  # floor 0: every class
+    assert len(combine.detections(scores, min_score=0.0)[1]) == NUM_CLASSES  # floor 0: every class
 
 
 # --- TTA ---------------------------------------------------------------------------------------
@@ -87,16 +87,16 @@ def test_dihedral_gives_the_eight_distinct_symmetries_in_numpy_and_tf():
     import tensorflow as tf
 
     x = np.arange(2 * 5 * 5 * 4, dtype=np.uint8).reshape(2, 5, 5, 4)
-    outs = [S.dihedral(x, k) for k in range(8)]
+    outs = [scorer.dihedral(x, k) for k in range(8)]
     assert len({o.tobytes() for o in outs}) == 8
     for o in outs:  # each is a permutation of the pixels of each tile
         assert sorted(o[0].reshape(-1, 4).tolist()) == sorted(x[0].reshape(-1, 4).tolist())
     assert np.array_equal(outs[5], np.rot90(x, 1, axes=(1, 2)))
     assert np.array_equal(outs[6], np.rot90(x, -1, axes=(1, 2)))
     for k in range(8):
-        assert np.array_equal(S.dihedral(tf.constant(x), k).numpy(), outs[k]), S.TTA_NAMES[k]
+        assert np.array_equal(scorer.dihedral(tf.constant(x), k).numpy(), outs[k]), scorer.TTA_NAMES[k]
     with pytest.raises(ValueError):
-        S.dihedral(x, 8)
+        scorer.dihedral(x, 8)
 
 
 # --- batching across images --------------------------------------------------------------------
@@ -104,7 +104,7 @@ def _prepared(image_id, k, value, spec=0):
     tiles = np.zeros((k, 4, 4, 4), np.uint8)
     for i in range(k):
         tiles[i] = value + i  # each tile is identifiable by its pixel value
-    p = P.Prepared(image_id=image_id, width=8, height=8, cell_ids=np.arange(1, k + 1))
+    p = reading.Prepared(image_id=image_id, width=8, height=8, cell_ids=np.arange(1, k + 1))
     if k:
         p.tiles = {spec: tiles}
     return p
@@ -123,7 +123,7 @@ class _Recorder:
 
 def test_batches_span_images_and_scores_return_to_their_cells():
     rec = _Recorder()
-    b = P.CrossImageBatcher({0: rec}, batch_size=4)
+    b = batching.CrossImageBatcher({0: rec}, batch_size=4)
     b.add(_prepared("a", 3, 10))
     assert b.step() == []  # 3 tiles: not a full batch yet
     b.add(_prepared("b", 0, 0))  # no cells
@@ -138,7 +138,7 @@ def test_batches_span_images_and_scores_return_to_their_cells():
 
 def test_partial_batch_waits_until_forced_and_order_is_kept():
     rec = _Recorder()
-    b = P.CrossImageBatcher({0: rec}, batch_size=8)
+    b = batching.CrossImageBatcher({0: rec}, batch_size=8)
     b.add(_prepared("a", 2, 10))
     b.add(_prepared("b", 0, 0))  # finished at once, but must not overtake "a"
     assert b.step() == [] and b.pending == 2
@@ -149,7 +149,7 @@ def test_partial_batch_waits_until_forced_and_order_is_kept():
 
 def test_two_tile_specs_are_batched_separately():
     cell_rec, image_rec = _Recorder(), _Recorder()
-    b = P.CrossImageBatcher({0: cell_rec, 1: image_rec}, batch_size=2)
+    b = batching.CrossImageBatcher({0: cell_rec, 1: image_rec}, batch_size=2)
     for name, value in (("a", 10), ("b", 20)):
         p = _prepared(name, 2, value)
         p.tiles[1] = np.full((1, 4, 4, 4), value + 5, np.uint8)
@@ -160,10 +160,10 @@ def test_two_tile_specs_are_batched_separately():
 
 
 def test_cell_scores_average_groups_by_model_count():
-    job = P.Job(_prepared("a", 2, 0))
+    job = batching.Job(_prepared("a", 2, 0))
     job.scores = {0: np.full((2, NUM_CLASSES), 0.2, np.float32), 1: np.full((2, NUM_CLASSES), 0.8, np.float32),
                   2: np.full((1, NUM_CLASSES), 0.6, np.float32)}
-    cell, image = P.cell_scores(job, roles={0: "cell", 1: "cell", 2: "image"}, weights={0: 3, 1: 1, 2: 1})
+    cell, image = combine.cell_scores(job, roles={0: "cell", 1: "cell", 2: "image"}, weights={0: 3, 1: 1, 2: 1})
     assert np.allclose(cell, 0.35)  # (3 * 0.2 + 0.8) / 4: every model counts once
     assert image.shape == (NUM_CLASSES,) and np.allclose(image, 0.6)
 
@@ -174,7 +174,7 @@ def test_prediction_triples_repeat_each_cell_mask_per_label():
     scores = np.zeros((2, NUM_CLASSES), np.float32)
     scores[0, [2, 5]] = [0.3, 0.7]
     scores[1, 9] = 0.5
-    assert P.prediction_triples(p, scores, 0.01) == [
+    assert combine.prediction_triples(p, scores, 0.01) == [
         (5, pytest.approx(0.7), "MASK1"), (2, pytest.approx(0.3), "MASK1"), (9, 0.5, "MASK2")]
 
 
@@ -205,9 +205,9 @@ def test_tta_8_is_the_mean_of_the_8_transformed_predictions():
     preds = [np.asarray(model(np.ascontiguousarray(v), training=False)) for v in by_hand]
     assert len({p.tobytes() for p in preds}) == 8  # every transform changes the output
     spec = TileSpec(size=n, mode="cell")
-    got = S.ModelGroup(spec, [model], tta=8, batch_size=4).predict(tiles)  # 2 batches, one padded
+    got = scorer.ModelGroup(spec, [model], tta=8, batch_size=4).predict(tiles)  # 2 batches, one padded
     np.testing.assert_allclose(got, np.mean(preds, axis=0), rtol=1e-5, atol=1e-6)
-    one = S.ModelGroup(spec, [model], tta=1, batch_size=4).predict(tiles)
+    one = scorer.ModelGroup(spec, [model], tta=1, batch_size=4).predict(tiles)
     np.testing.assert_allclose(one, preds[0], rtol=1e-5, atol=1e-6)
     assert not np.allclose(one, got, atol=1e-4)
 
@@ -215,7 +215,7 @@ def test_tta_8_is_the_mean_of_the_8_transformed_predictions():
 def test_overlay_texts_name_the_top_classes():
     scores = np.zeros((2, NUM_CLASSES), np.float32)
     scores[0, 16], scores[0, 0], scores[1, 3], scores[1, 4] = 0.81, 0.4, 0.3, 0.2
-    assert P.overlay_texts([7, 9], scores) == {7: [(16, pytest.approx(0.81)), (0, pytest.approx(0.4))],
+    assert writing.overlay_texts([7, 9], scores) == {7: [(16, pytest.approx(0.81)), (0, pytest.approx(0.4))],
                                                9: [(3, pytest.approx(0.3))]}  # 0.2 < min_score
 
 
@@ -230,16 +230,16 @@ def test_prefetch_keeps_order_and_bounds_work_in_flight():
         return i * i
 
     out = []
-    for i, value in enumerate(P.prefetch_map(work, range(20), workers=3, depth=4)):
+    for i, value in enumerate(pool.ordered_map(work, range(20), workers=3, depth=4)):
         with lock:
             assert len(started) <= i + 1 + 4  # never more than `depth` ahead of the consumer
         out.append(value)
     assert out == [i * i for i in range(20)]
-    assert list(P.prefetch_map(work, range(5), workers=0)) == [0, 1, 4, 9, 16]
+    assert list(pool.ordered_map(work, range(5), workers=0)) == [0, 1, 4, 9, 16]
 
 
 def test_prefetch_with_processes_and_errors_propagate():
-    assert list(P.prefetch_map(operator.neg, range(6), workers=2, processes=True)) == [0, -1, -2, -3, -4, -5]
+    assert list(pool.ordered_map(operator.neg, range(6), workers=2, processes=True)) == [0, -1, -2, -3, -4, -5]
 
     def bad(i):
         if i == 3:
@@ -247,7 +247,7 @@ def test_prefetch_with_processes_and_errors_propagate():
         return i
 
     with pytest.raises(RuntimeError, match="boom at 3"):
-        list(P.prefetch_map(bad, range(6), workers=2))
+        list(pool.ordered_map(bad, range(6), workers=2))
 
 
 # --- resume sidecar ----------------------------------------------------------------------------
@@ -310,17 +310,17 @@ def test_bad_run_directories_are_named_in_the_error(tmp_path):
     from common.preprocess import TileSpec
 
     with pytest.raises(FileNotFoundError, match=r"empty[/\\]preprocess.json: missing"):
-        S.load_run(str(tmp_path / "empty"))
+        runs.load_run(str(tmp_path / "empty"))
     image_run = tmp_path / "image_run"
     image_run.mkdir()
     TileSpec(size=64, mode="image").save(str(image_run / "preprocess.json"))
     with pytest.raises(ValueError, match="pass this run with --image-model"):
-        S.load_run(str(image_run), expect_mode="cell")
+        runs.load_run(str(image_run), expect_mode="cell")
     with pytest.raises(FileNotFoundError, match="model.keras: missing"):
-        S.load_run(str(image_run), expect_mode="image")
+        runs.load_run(str(image_run), expect_mode="image")
     (image_run / "preprocess.json").write_text('{"size": 64, "colour": "red"}')
     with pytest.raises(ValueError, match="not a valid tile spec"):
-        S.read_spec(str(image_run))
+        runs.read_spec(str(image_run))
 
 
 def test_asking_for_a_missing_gpu_is_an_error_not_a_fallback():
@@ -329,5 +329,5 @@ def test_asking_for_a_missing_gpu_is_an_error_not_a_fallback():
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("this machine has a GPU")
     with pytest.raises(RuntimeError, match="--device gpu: TensorFlow lists no GPU"):
-        S.setup_device("gpu")
-    assert S.setup_device("auto") == "CPU"
+        scorer.setup_device("gpu")
+    assert scorer.setup_device("auto") == "CPU"

@@ -22,12 +22,12 @@ import json
 import os
 import shutil
 import tempfile
-from collections import deque
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 from common import storage
+from common.pool import Pool
 from common.preprocess import PREPROCESS_FILE
 from tfrecords_builder import manifest as manifestlib
 from tfrecords_builder import plan as planlib
@@ -91,38 +91,24 @@ class BuildResult:
 class Runner:
     """Runs `process` over tasks in order, in W spawned processes (W = 0: in this process).
 
-    At most 2W tasks are in flight, so memory is bounded by the workers, not the dataset.
-    'spawn' because TensorFlow (maybe loaded by the caller) and fork do not mix.
+    At most 2W tasks are in flight, so memory is bounded by the workers, not the dataset
+    (`common.pool.Pool`, which spawns: TensorFlow, maybe loaded by the caller, and fork do not mix).
     """
 
     def __init__(self, workers: int):
         self.workers = workers
-        self._pool = None
+        self._pool = Pool(workers, processes=True, depth=2 * max(1, workers), name="builder",
+                          initializer=init_worker, initargs=(os.getpid(),))
 
     def __enter__(self) -> "Runner":
-        if self.workers > 0:
-            import multiprocessing
-
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=init_worker, initargs=(os.getpid(),))
+        self._pool.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.close()
 
     def imap(self, tasks: Iterable[Task]) -> Iterator[Result]:
-        if self._pool is None:
-            for task in tasks:
-                yield process(task)
-            return
-        pending: deque = deque()
-        for task in tasks:
-            pending.append(self._pool.submit(process, task))
-            if len(pending) >= 2 * self.workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+        return self._pool.imap(process, tasks)
 
 
 def _job(cfg: BuildConfig) -> Job:

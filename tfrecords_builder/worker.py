@@ -150,7 +150,8 @@ def cell_examples(task: Task, image: np.ndarray, spec) -> list[bytes]:
     info = Segmentation(cells=cells, nuclei=cells if nuclei is None else nuclei).cell_info()
     if not info:
         raise SkipImage("no cells in the label map")
-    tiles, ids, _ = preprocess.cell_tiles(image, cells, spec, cell_ids=[c.id for c in info])
+    tiles, ids, _ = preprocess.cell_tiles(image, cells, spec, cell_ids=[c.id for c in info],
+                                          boxes=[c.bbox for c in info])
     h, w = image.shape[:2]
     return [
         features.serialize(

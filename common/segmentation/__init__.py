@@ -60,7 +60,7 @@ class Segmentation:
 
 def cell_info(cells: np.ndarray, nuclei: np.ndarray) -> list[CellInfo]:
     """Per-cell area, box, border contact and nucleus presence of a label map pair."""
-    from scipy import ndimage
+    from common.preprocess import cell_boxes  # the one place boxes are found
 
     h, w = cells.shape
     n = int(cells.max()) if cells.size else 0
@@ -71,10 +71,7 @@ def cell_info(cells: np.ndarray, nuclei: np.ndarray) -> list[CellInfo]:
     has_nuc = np.zeros(n + 1, bool)
     has_nuc[nuc_ids] = True
     out = []
-    for i, sl in enumerate(ndimage.find_objects(cells), start=1):
-        if sl is None:
-            continue
-        y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
+    for i, (y0, x0, y1, x1) in sorted(cell_boxes(cells).items()):
         out.append(CellInfo(
             id=i, area=int(areas[i]), bbox=(y0, x0, y1, x1),
             touches_border=bool(y0 == 0 or x0 == 0 or y1 == h or x1 == w),

@@ -1,0 +1,156 @@
+"""THE combine rule, and the one place where scores become a submission row.
+
+The combine rule (also in `python -m infer_gpu predict --help`), per cell and class, in order:
+
+1. Cell score `c`: the mean sigmoid probability over the `--model` runs and the TTA transforms.
+   Image score `i`: the same over the `--image-model` runs, one tile of the whole image.
+2. Combined `s = c**a * i**(1 - a)`, `a = --cell-weight` (default 0.5: the geometric mean,
+   i.e. the square root of the product). A cell can only score high for a class when both the
+   cell and its image show it: the image model sees context that a lone cell lacks, the cell
+   model separates the heterogeneous cells of one image. Only cell runs: `s = c`; only image
+   runs: every cell inherits `s = i`.
+3. Negative (class 18): `s_neg = max(s_neg, prod_k (1 - s_k))` over the 18 other classes, the
+   chance that the cell shows none of them if they were independent; never below the model's
+   own Negative score.
+4. Down-weighting (every class of the cell, after 3): x `--border-weight` (default 0.8) for a
+   cell that touches the image border (cut cells, whose masks and annotations agree less), and
+   x `--no-nucleus-weight` (default 0.5) for a cell without a nucleus (often debris or a
+   fragment). Lower confidence moves them down each class's ranking without dropping them.
+5. Every (cell, class) with `s >= --min-score` (default 0.01) becomes a detection: mAP only
+   gains from extra detections at low confidence (recall), the floor just bounds the file size.
+
+Then each cell's detections, best first, share the cell's one encoded mask: the row's
+PredictionString is `label confidence mask ...` (common.submission formats it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.labels import NEGATIVE, NUM_CLASSES
+
+
+@dataclass(frozen=True)
+class CombineRule:
+    """Parameters of the combine rule (see the module docstring)."""
+
+    cell_weight: float = 0.5  # a in c**a * i**(1-a) when both cell and image models are given
+    border_weight: float = 0.8  # confidence factor for cells touching the image border
+    no_nucleus_weight: float = 0.5  # confidence factor for cells without a nucleus
+    min_score: float = 0.01  # lowest confidence written as a detection
+
+    def __post_init__(self):
+        for name in ("cell_weight", "border_weight", "no_nucleus_weight", "min_score"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+def combine(cell: np.ndarray | None, image: np.ndarray | None, touches_border, has_nucleus,
+            rule: CombineRule = CombineRule()) -> np.ndarray:
+    """Final per-cell scores, the documented rule.
+
+    cell: `Kx19` cell-model probabilities or None; image: `(19,)` image-model probabilities or
+    None; touches_border, has_nucleus: `(K,)` bools. Returns `Kx19 float32` in [0, 1].
+    """
+    touches_border = np.asarray(touches_border, dtype=bool).reshape(-1)
+    has_nucleus = np.asarray(has_nucleus, dtype=bool).reshape(-1)
+    k = len(touches_border)
+    if len(has_nucleus) != k:
+        raise ValueError(f"{k} border flags but {len(has_nucleus)} nucleus flags")
+    if cell is None and image is None:
+        raise ValueError("combine needs cell scores, image scores or both")
+    if cell is not None:
+        cell = np.clip(np.asarray(cell, dtype=np.float64).reshape(-1, NUM_CLASSES), 0.0, 1.0)
+        if len(cell) != k:
+            raise ValueError(f"{len(cell)} cell score rows for {k} cells")
+    if image is not None:
+        image = np.clip(np.asarray(image, dtype=np.float64).reshape(NUM_CLASSES), 0.0, 1.0)
+    if cell is None:
+        s = np.repeat(image[None, :], k, axis=0)
+    elif image is None:
+        s = cell
+    else:
+        a = rule.cell_weight
+        s = cell ** a * image[None, :] ** (1.0 - a)
+    others = np.delete(s, NEGATIVE, axis=1)
+    s = s.copy()
+    s[:, NEGATIVE] = np.maximum(s[:, NEGATIVE], np.prod(1.0 - others, axis=1))
+    weight = np.where(touches_border, rule.border_weight, 1.0) * np.where(has_nucleus, 1.0, rule.no_nucleus_weight)
+    return (s * weight[:, None]).astype(np.float32)
+
+
+def detections(scores: np.ndarray, min_score: float) -> list[list[tuple[int, float]]]:
+    """`Kx19` scores -> per cell, `[(label, confidence), ...]` above the floor, best first."""
+    out = []
+    for row in np.asarray(scores):
+        order = np.argsort(-row, kind="stable")
+        out.append([(int(c), float(row[c])) for c in order if row[c] >= min_score])
+    return out
+
+
+def cell_scores(job, roles: dict, weights: dict) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Average the spec groups of each role ('cell' or 'image'), each model counting once.
+
+    job: anything with `scores` `{spec index: Kx19}` (a `batching.Job`); roles:
+    `{spec index: 'cell'|'image'}`; weights: `{spec index: number of models}`.
+    Returns `(cell Kx19 or None, image (19,) or None)`.
+    """
+    out = {}
+    for role in ("cell", "image"):
+        keys = [k for k in job.scores if roles[k] == role]
+        if keys:
+            total = sum(weights[k] for k in keys)
+            out[role] = sum(job.scores[k] * (weights[k] / total) for k in keys)
+    image = out.get("image")
+    return out.get("cell"), (None if image is None else image[0])
+
+
+def finite_scores(cell, image) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
+    """Scores with non-finite model outputs set to 0 (a model that overflowed), and a note
+    saying how many there were (None when all were finite)."""
+    bad = sum(int(np.size(a) - np.isfinite(a).sum()) for a in (cell, image) if a is not None)
+    if not bad:
+        return cell, image, None
+    fix = lambda a: None if a is None else np.nan_to_num(a, nan=0.0, posinf=1.0, neginf=0.0)  # noqa: E731
+    return fix(cell), fix(image), f"score: {bad} non-finite model outputs, scored 0"
+
+
+def prediction_triples(prepared, scores: np.ndarray, min_score: float) -> list[tuple]:
+    """`[(label, confidence, mask), ...]`: per cell (id order), its classes best first.
+    prepared: anything with `masks`, one encoded mask string per cell (a `reading.Prepared`)."""
+    triples = []
+    for mask, dets in zip(prepared.masks, detections(scores, min_score)):
+        triples.extend((label, conf, mask) for label, conf in dets)
+    return triples
+
+
+@dataclass
+class ImageResult:
+    """One image's outcome: its row (the part `parts.PartStore` keeps) and what the run counts."""
+
+    record: dict  # {"id", "width", "height", "prediction", "error", "failed"}
+    scores: np.ndarray | None = None  # Kx19 combined, for the overlay; None without cells
+    detections: int = 0
+    note: str | None = None  # an error to report: the image's failure, or non-finite scores
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.record["failed"])
+
+
+def image_result(job, roles: dict, weights: dict, rule: CombineRule) -> ImageResult:
+    """A scored image (`batching.Job`) -> its submission row: combine, detect, format."""
+    from common.submission import format_prediction_string
+
+    p = job.prepared
+    record = {"id": p.image_id, "width": p.width, "height": p.height,
+              "prediction": "", "error": p.error, "failed": bool(p.error)}
+    if p.error or not p.n_cells:
+        return ImageResult(record, note=p.error)
+    cell, image, note = finite_scores(*cell_scores(job, roles, weights))
+    scores = combine(cell, image, p.touches_border, p.has_nucleus, rule)
+    triples = prediction_triples(p, scores, rule.min_score)
+    record.update(prediction=format_prediction_string(triples), error=note)
+    return ImageResult(record, scores=scores, detections=len(triples), note=note)

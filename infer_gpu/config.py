@@ -1,0 +1,75 @@
+"""PredictConfig: everything `predict` takes besides its paths; presets are instances.
+
+`python -m infer_gpu predict` derives its options from these fields (help = the field's
+comment) and from `combine.CombineRule`'s; `--preset NAME` picks the base that the given
+options change. A finished run writes the config into `OUT.report.json`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from infer_gpu.combine import CombineRule
+
+BACKENDS = ("default", "hpa")
+DEVICES = ("auto", "gpu", "cpu")
+
+
+def _default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """predict's options; see `python -m infer_gpu predict --help`."""
+
+    backend: str = "default"  # cell segmentation: the weight-free default, or the HPA U-Nets (needs PyTorch, hpacellseg and its model files: see common/segmentation/hpa.py)
+    work_size: int = 512  # segmentation: long side in px of the labelling's working resolution
+    nuclei_model: str | None = None  # hpa backend: hpacellseg nucleus model file (.pth)
+    cell_model: str | None = None  # hpa backend: hpacellseg 3-channel cell model file (.pth)
+    trust_model_files: bool = False  # hpa backend: allow loading the .pth files, which are pickled PyTorch modules (loading runs code from them): only for files you trust
+    tta: int = 1  # test-time augmentation: average over the first N of the 8 flips and rotations of each tile (1 = none)
+    batch_size: int = 64  # tiles per model call; batches span the cells of several images
+    rule: CombineRule = CombineRule()  # the combine rule's parameters (--cell-weight, --border-weight, --no-nucleus-weight, --min-score)
+    workers: int = field(default_factory=_default_workers)  # parallel readers (decode, segment, tiles, mask encoding) running ahead of the model; 0 = inline
+    processes: bool = False  # run the readers as processes instead of threads (more CPU parallelism, more memory; not with a GPU segmentation backend)
+    device: str = "auto"  # where TensorFlow scores: auto = a GPU when one is listed, else the CPU; gpu fails without one
+    overlays: str | None = None  # also write DIR/{ID}.png: the composite with cell outlines and each cell's top labels
+    resume: bool = False  # continue a killed run: skip the images already done in OUT.parts/ and try the failed ones again (refused if they were made with other models or options)
+    limit: int = 0  # process at most N more images, then stop without the final CSV (continue with --resume): for trials and for work in slices; 0 = all
+    keep_parts: bool = False  # keep OUT.parts/ after the final CSV is written (without it, it is deleted)
+    progress: bool = True  # a progress bar on stderr
+    prefetch: int = 0  # images read ahead of the model; 0 = workers + 2
+    max_pending: int = 32  # images the batcher may hold before it scores a partial batch
+    seg_options: tuple = ()  # more ((key, value), ...) for common.segmentation.segment (library use)
+
+    def __post_init__(self):
+        checks = {
+            "backend": self.backend in BACKENDS,
+            "work_size": self.work_size >= 1,
+            "tta": 1 <= self.tta <= 8,
+            "batch_size": self.batch_size >= 1,
+            "workers": self.workers >= 0,
+            "device": self.device in DEVICES,
+            "limit": self.limit >= 0,
+            "prefetch": self.prefetch >= 0,
+            "max_pending": self.max_pending >= 1,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError("PredictConfig: bad " + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad))
+
+    def to_dict(self) -> dict:
+        """JSON-ready (segmentation objects passed in `seg_options` are written as their repr)."""
+        out = dataclasses.asdict(self)
+        out["seg_options"] = [[k, v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)]
+                              for k, v in self.seg_options]
+        return out
+
+
+PRESETS = {
+    "default": PredictConfig(),
+    # seconds on a CPU: tests, CI and a first look at a new machine
+    "smoke": PredictConfig(work_size=256, batch_size=16, workers=1, device="cpu", progress=False),
+}

@@ -1,0 +1,138 @@
+"""`predict`'s engine, `run_predict`: test images -> cells -> batched scores -> submission.csv.
+
+The command line is `infer_gpu.predict` (`python -m infer_gpu predict`); this is the library
+call behind it. One run, top-down, with the module that does each step:
+
+    read the sample submission, load the runs      reading.read_sample, runs.load_run
+    group the runs by tile spec                    scorer.Scorers (device, TTA, compiled fns)
+    skip what an earlier run did                   parts.PartStore (--resume)
+    read, segment, tile, encode each image         reading.prepare_image, on common.pool's
+                                                   reader threads/processes, ahead of the model
+    score tiles in batches that span images        batching.score_stream
+    combine cell and image scores into a row       combine.image_result
+    write the image's part (and overlay)           writing.PartWriter, on a writer thread
+    assemble the CSV in sample order, the report   writing.assemble, report.write_report
+
+Memory stays bounded by the readers' depth, the batcher's image cap (`max_pending`) and the
+writer's queue. An image whose data is bad gets a part marked `failed` with an empty row, and
+the run goes on (`--resume` tries it again); any other error stops the run as
+`report.RunStopped`, with the original traceback, and the parts written so far stay.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from typing import Sequence
+
+from common.pool import ordered_map
+from infer_gpu.batching import CrossImageBatcher, score_stream
+from infer_gpu.combine import image_result
+from infer_gpu.config import PredictConfig
+from infer_gpu.parts import PartStore, part_failed
+from infer_gpu.reading import STAGES, prepare_image, read_sample, segmentation_options
+from infer_gpu.report import RunStopped, Summary, run_settings, write_report
+from infer_gpu.writing import PartWriter, assemble
+
+
+def run_predict(images: str, sample_submission: str, models: Sequence[str], out: str,
+                image_models: Sequence[str] = (), config: PredictConfig | None = None,
+                runs=None, image_runs=None) -> Summary:
+    """Write `out` (the submission CSV) for every ID of `sample_submission`.
+
+    images: folder or `gs://` prefix of `{ID}_{channel}.png`; models / image_models: run
+    directories (cell-mode / image-mode `preprocess.json`). `runs` / `image_runs` may pass
+    already-loaded `runs.RunDir`s instead (benchmarks, tests). Returns the Summary; the CSV is
+    only written when every image is done (see `config.limit`); the report always is.
+    """
+    from infer_gpu.scorer import Scorers, setup_device
+
+    config = config or PredictConfig()
+    wall = time.perf_counter()
+    if not (models or image_models or runs or image_runs):
+        raise ValueError("predict needs at least one --model or --image-model run directory")
+    sample = read_sample(sample_submission)
+    summary = Summary(out=out, total=len(sample), seconds={s: 0.0 for s in STAGES})
+    summary.device = setup_device(config.device)
+    runs, image_runs = load_runs(models, image_models, runs, image_runs)
+    scorers = Scorers.build([*runs, *image_runs], tta=config.tta, batch_size=config.batch_size)
+    settings = run_settings(sample, runs, image_runs, config)
+    store = PartStore(out)
+    todo = images_to_do(sample, store.start(settings, resume=config.resume), config.limit, summary)
+
+    read = functools.partial(prepare_image, source=images, specs=scorers.specs, backend=config.backend,
+                             seg_options=segmentation_options(config), keep_image=bool(config.overlays))
+    batcher = CrossImageBatcher(scorers.predictors, config.batch_size)
+    prepared = ordered_map(read, todo, workers=config.workers, depth=config.prefetch or config.workers + 2,
+                           processes=config.processes, name="reader")
+    try:
+        with _progress(len(todo), config.progress) as bar, PartWriter(store, config.overlays) as writer:
+            for job in score_stream(prepared, batcher, config.max_pending):
+                result = image_result(job, scorers.roles, scorers.weights, config.rule)
+                _report_problem(result)
+                summary.count(result, job.prepared)
+                writer.put(job.prepared, result)
+                bar.update(1)
+    except RunStopped:
+        raise
+    except Exception as err:  # scoring or writing: never one image's data
+        raise RunStopped(f"{type(err).__name__}: {err} (while scoring or writing; not a problem "
+                         "of an image's data: see the traceback above)") from err
+    finally:
+        prepared.close()
+
+    summary.batches = batcher.batches
+    summary.seconds["score"] = batcher.score_seconds
+    summary.wall_seconds = time.perf_counter() - wall
+    summary.images_per_second = summary.processed / max(summary.wall_seconds, 1e-9)
+    errors = assemble(out, sample, store)
+    if errors is not None:
+        summary.complete, summary.errors = True, errors
+        summary.failed = sum(1 for e in errors if e["failed"])
+        if not config.keep_parts and not summary.failed:  # kept, so --resume can retry the failed
+            store.remove()
+    write_report(summary, config=config, settings=settings,
+                 inputs={"images": images, "sample_submission": sample_submission})
+    return summary
+
+
+def load_runs(models, image_models, runs=None, image_runs=None) -> tuple[list, list]:
+    """The cell-mode and image-mode runs: loaded from their folders unless given."""
+    from infer_gpu.runs import load_run
+
+    if runs is None:
+        runs = [load_run(p, expect_mode="cell") for p in models]
+    if image_runs is None:
+        image_runs = [load_run(p, expect_mode="image") for p in image_models]
+    return list(runs), list(image_runs)
+
+
+def images_to_do(sample, earlier: dict, limit: int, summary: Summary) -> list[tuple]:
+    """The sample's `(ID, w, h)` still to predict: not done by an earlier run (its failures
+    are tried again), at most `limit` of them (0 = all). Counts resumed and retried."""
+    done = {i for i, record in earlier.items() if not part_failed(record)}
+    summary.resumed = sum(1 for i, _, _ in sample if i in done)
+    summary.retried = sum(1 for i, _, _ in sample if i in earlier and i not in done)
+    if summary.retried:
+        _log(f"predict: trying again {summary.retried} image(s) that failed in an earlier run")
+    todo = [t for t in sample if t[0] not in done]
+    return todo[:limit] if limit else todo
+
+
+def _report_problem(result) -> None:
+    if result.failed:
+        _log(f"predict: {result.record['id']}: {result.note} (failed: empty row for now, run goes on)")
+    elif result.note:
+        _log(f"predict: {result.record['id']}: {result.note}")
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="predict", disable=not enabled, dynamic_ncols=True)
+
+
+def _log(msg: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(msg, file=sys.stderr)

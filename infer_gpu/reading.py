@@ -1,0 +1,162 @@
+"""predict's reader: one test image -> everything scoring and writing need, no model involved.
+
+`prepare_image` runs the CPU steps in order -- read, segment, tile, encode -- and returns a
+`Prepared`. It runs on the reader threads (or processes) of `common.pool`, ahead of the model.
+Each cell's bounding box is found once, by the segmentation's cell facts
+(`Segmentation.cell_info`), and handed to the tile cutter and to the mask encoder.
+
+Failures: an image whose data is bad (`common.images.is_image_failure`: missing, corrupt,
+wrong size, a transient I/O error on every try, memory running out) is returned with
+`Prepared.error = "stage: message"`, and the run goes on; any other error raises
+`report.RunStopped` naming the image and the stage, with the original traceback.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from common.preprocess import TileSpec
+from infer_gpu.report import RunStopped
+
+STAGES = ("decode", "segment", "tiles", "encode")
+
+
+@dataclass
+class Prepared:
+    """One image after the CPU stages. Arrays are per cell, in cell-id order."""
+
+    image_id: str
+    width: int
+    height: int
+    error: str | None = None  # "stage: message" when the image could not be used (it failed)
+    cell_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    touches_border: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    has_nucleus: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    masks: list = field(default_factory=list)  # encoded mask string per cell
+    tiles: dict = field(default_factory=dict)  # spec index -> KxNxNx4 uint8 (1xNxNx4 for image specs)
+    overlay: tuple | None = None  # (image HxWx4 uint8, cell label map) when overlays are asked for
+    seconds: dict = field(default_factory=dict)  # stage -> seconds
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.cell_ids)
+
+
+def read_sample(path: str) -> list[tuple[str, int, int]]:
+    """`[(ID, width, height), ...]` of a sample submission, in file order."""
+    from common import submission
+
+    # read_sample_submission rejects duplicates and bad sizes, naming the rows.
+    return [(r.image_id, int(r.width), int(r.height)) for r in submission.read_sample_submission(path)]
+
+
+def segmentation_options(config) -> dict:
+    """Keyword options for `common.segmentation.segment` from a PredictConfig; loads the HPA
+    networks once (in this process: the reader threads share them)."""
+    seg = {"work_size": config.work_size, **dict(config.seg_options)}
+    if config.backend == "hpa" and "networks" not in seg and "nuclei_net" not in seg:
+        if not config.nuclei_model or not config.cell_model:
+            raise ValueError("--backend hpa needs --nuclei-model and --cell-model (hpacellseg's .pth files)")
+        if config.processes:
+            raise ValueError("--backend hpa runs its networks in this process: use reader threads, not --processes")
+        from common.segmentation import hpa
+
+        seg["networks"] = hpa.load_networks(config.nuclei_model, config.cell_model,
+                                            trust_model_files=config.trust_model_files)
+    return seg
+
+
+# --- the steps ---------------------------------------------------------------------------------
+def read_image(source: str, image_id: str, width: int, height: int) -> np.ndarray:
+    """`HxWx4 uint8` of one ID; transient read errors are retried (`common.retry`), a size
+    other than the sample submission's is an ImageLoadError."""
+    from common import retry
+    from common.images import ImageLoadError, load_image
+
+    image = retry.call(load_image, source, image_id, what=f"image {image_id}")
+    if image.shape[:2] != (height, width):
+        raise ImageLoadError(f"image is {image.shape[1]}x{image.shape[0]} (WxH) but the sample "
+                             f"submission says {width}x{height}")
+    return image
+
+
+def segment_cells(image: np.ndarray, backend: str, seg_options: dict):
+    """-> `(Segmentation, [CellInfo, ...])`: label maps and per-cell facts (id, box, border, nucleus)."""
+    from common.segmentation import segment
+
+    seg = segment(image, backend=backend, **seg_options)
+    return seg, seg.cell_info()
+
+
+def cut_tiles(image: np.ndarray, cells: np.ndarray, info: list, specs: Sequence[TileSpec]) -> dict:
+    """`{spec index: KxNxNx4 uint8}` (image specs: `1xNxNx4`); the cells' boxes come from `info`."""
+    from common.preprocess import cell_tiles, image_tile
+
+    if not info:
+        return {}
+    ids, boxes = [c.id for c in info], [c.bbox for c in info]
+    return {k: image_tile(image, spec)[None] if spec.mode == "image"
+            else cell_tiles(image, cells, spec, cell_ids=ids, boxes=boxes)[0]
+            for k, spec in enumerate(specs)}
+
+
+def encode_masks(cells: np.ndarray, info: list) -> list[str]:
+    """Each cell's competition mask string, encoded from its box crop (never the full frame)."""
+    from common.masks import encode_cell
+
+    out = []
+    for c in info:
+        y0, x0, y1, x1 = c.bbox
+        out.append(encode_cell(cells[y0:y1, x0:x1] == c.id, c.bbox, cells.shape))
+    return out
+
+
+class _Clock:
+    """Times the steps of one image into `seconds` and remembers which step runs (for errors)."""
+
+    def __init__(self, seconds: dict):
+        self.seconds, self.stage, self._t = seconds, STAGES[0], time.perf_counter()
+
+    def lap(self, next_stage: str | None = None) -> None:
+        now = time.perf_counter()
+        self.seconds[self.stage] = self.seconds.get(self.stage, 0.0) + now - self._t
+        self._t, self.stage = now, next_stage or self.stage
+
+
+def prepare_image(task: tuple, source: str, specs: Sequence[TileSpec], backend: str = "default",
+                  seg_options: dict | None = None, keep_image: bool = False) -> Prepared:
+    """Read, segment, cut tiles for every spec and encode every cell mask of one image.
+
+    task: `(image_id, width, height)` from the sample submission. A bad image does not raise:
+    see the module docstring.
+    """
+    from common.images import is_image_failure
+
+    image_id, width, height = task[0], int(task[1]), int(task[2])
+    out = Prepared(image_id=image_id, width=width, height=height)
+    clock = _Clock(out.seconds)
+    try:
+        image = read_image(source, image_id, width, height)
+        clock.lap("segment")
+        seg, info = segment_cells(image, backend, seg_options or {})
+        clock.lap("tiles")
+        out.cell_ids = np.asarray([c.id for c in info], dtype=np.int64)
+        out.touches_border = np.asarray([c.touches_border for c in info], dtype=bool)
+        out.has_nucleus = np.asarray([c.has_nucleus for c in info], dtype=bool)
+        out.tiles = cut_tiles(image, seg.cells, info, specs)
+        clock.lap("encode")
+        out.masks = encode_masks(seg.cells, info)
+        clock.lap()
+        if keep_image:
+            cells = seg.cells.astype(np.uint16) if seg.cells.max(initial=0) < 65536 else seg.cells
+            out.overlay = (image, cells)  # uint16 halves what waiting overlays hold
+    except Exception as err:  # noqa: BLE001 - sorted just below
+        if not is_image_failure(err):
+            raise RunStopped(f"image {image_id}, stage {clock.stage}: {type(err).__name__}: {err} "
+                             "(not a problem of the image's data: see the traceback above)") from err
+        return Prepared(image_id=image_id, width=width, height=height, seconds=out.seconds,
+                        error=f"{clock.stage}: {type(err).__name__}: {err}")
+    return out

@@ -1,0 +1,64 @@
+"""The trained runs `predict` scores with: a run folder -> its TileSpec and its loaded model.
+
+The folder's format (`model.keras`, `preprocess.json` with the tile spec it was trained on,
+`config.json`) is `common.run_folder`'s. Here predict checks that the model's input fits the
+spec and its output has the 19 classes, and fingerprints the weights so that `--resume` can refuse parts scored by other models.
+"""
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from dataclasses import dataclass
+
+from common import run_folder
+from common.labels import NUM_CLASSES
+from common.preprocess import TileSpec
+from common.run_folder import read_spec  # noqa: F401 - part of this module's interface
+
+
+@dataclass
+class RunDir:
+    """One trained run: where it is, its tile spec (`preprocess.json`) and its model.
+
+    model: a Keras model, or any callable `(float32 BxNxNx4 tensor, training=False) -> Bx19`
+    usable inside `tf.function`. fingerprint: identifies the weights (resume checks it).
+    """
+
+    path: str
+    spec: TileSpec
+    model: object = dataclasses.field(repr=False, default=None)
+    fingerprint: str = ""
+
+
+def load_run(run_dir: str, expect_mode: str | None = None) -> RunDir:
+    """Load a run folder (local or gs://, `common.run_folder`): its spec, and its model, checked
+    against the spec and the 19 classes. expect_mode: 'cell' (--model) or 'image' (--image-model)."""
+    from common import storage
+
+    spec = read_spec(run_dir)
+    if expect_mode is not None and spec.mode != expect_mode:
+        flag = "--model" if expect_mode == "cell" else "--image-model"
+        other = "--image-model" if expect_mode == "cell" else "--model"
+        raise ValueError(f"{run_folder.spec_path(run_dir)}: mode {spec.mode!r}, but {flag} takes "
+                         f"{expect_mode!r}-mode runs; pass this run with {other}")
+    folder = run_folder.load(run_dir)  # names model.keras when it is missing
+    path = folder.model_file
+    data = storage.read_bytes(path)  # read once: fingerprinted, then loaded from these bytes
+    fingerprint = f"crc32:{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+    model = run_folder.load_model(folder, data=data)
+    del data
+    shape = tuple(model.input_shape)
+    if len(shape) != 4 or shape[-1] != 4:
+        raise ValueError(f"{path}: model input {shape}, expected [B, N, N, 4]")
+    n = spec.input_size
+    if shape[1] is not None and (shape[1], shape[2]) != (n, n):
+        raise ValueError(f"{path}: model input {shape[1]}x{shape[2]} but preprocess.json gives {n}x{n}")
+    out = tuple(model.output_shape)
+    if out[-1] != NUM_CLASSES:
+        raise ValueError(f"{path}: model output {out}, expected [B, {NUM_CLASSES}]")
+    return RunDir(path=run_dir, spec=spec, model=model, fingerprint=fingerprint)
+
+
+def describe(run: RunDir) -> dict:
+    """What identifies a run in the resume settings and the report: path, weights, spec."""
+    return {"path": run.path, "weights": run.fingerprint, "spec": run.spec.to_json()}
