@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from common import config as cfglib
 from common.preprocess import TileSpec
 
-DEFAULT_SIZE = {"image": 512, "cell": 224}  # tile side (px) when --size is not given
+DEFAULT_SIZE = {"image": 512, "cell": 224, "bag": 224}  # tile side (px) when --size is not given
 
 # Fields that change how fast a build runs, not what it writes: a resume may change them.
 RUNTIME_FIELDS = ("workers", "trust_model_files", "engine")
@@ -27,7 +27,7 @@ class BuildConfig:
     images: tuple[str, ...] = ()  # image folder(s): one for all label lists, or one per list
     labels: tuple[str, ...] = ()  # label CSVs (`ID,Label[,...]`), read in order
     out: str = ""  # output folder or gs://bucket/prefix
-    mode: str = "image"  # "image": one example per image; "cell": one per cell
+    mode: str = "image"  # "image": one example per image; "cell": one per cell; "bag": one per image holding its cells
     size: int = 0  # tile side, px; 0 = DEFAULT_SIZE[mode]
     folds: int = 5  # K of the multilabel-stratified K folds
     shard_mb: float = 100.0  # target shard size, MB (10^6 bytes)
@@ -42,11 +42,14 @@ class BuildConfig:
     margin: float = 0.0  # cell mode: widen each box by this fraction of its longer side
     mask_outside: bool = True  # cell mode: zero pixels outside the cell
     interpolation: str = "area"  # resize: "area", "linear" or "nearest"
+    max_cells: int = 16  # bag mode: most cells per record; an image with more keeps a seeded choice
     engine: str = "local"  # "local": this machine's processes; "beam": an Apache Beam pipeline
 
     def __post_init__(self):
         if self.mode not in DEFAULT_SIZE:
-            raise ValueError(f"mode must be 'image' or 'cell', got {self.mode!r}")
+            raise ValueError(f"mode must be 'image', 'cell' or 'bag', got {self.mode!r}")
+        if self.max_cells < 1:
+            raise ValueError(f"max_cells must be >= 1, got {self.max_cells}")
         if not self.size:
             object.__setattr__(self, "size", DEFAULT_SIZE[self.mode])
         object.__setattr__(self, "images", tuple(self.images))
@@ -78,8 +81,10 @@ class BuildConfig:
 
     def tile_spec(self) -> TileSpec:
         """The TileSpec every tile is cut with; written to the output as `preprocess.json`."""
-        return TileSpec(size=self.size, mode=self.mode, mask_outside=self.mask_outside,
-                        margin=self.margin, interpolation=self.interpolation)
+        bag = self.mode == "bag"
+        return TileSpec(size=self.size, mode="cell" if bag else self.mode, mask_outside=self.mask_outside,
+                        margin=self.margin, interpolation=self.interpolation,
+                        bag=self.max_cells if bag else 0)
 
     def image_source(self, list_index: int) -> str:
         """Image folder of the `list_index`-th label list."""
