@@ -7,10 +7,10 @@ A bag model takes an image's cells as one example, `float32 [B, N, S, S, 4]` til
     image = sigmoid `float32 [B, 19]`: which classes the image holds (the image head),
             computed on the cells' pooled features, padding left out
 
-One backbone embeds every cell (`TimeDistributed` over the N axis, so the B*N cells go through
-it as one batch). Training builds it (`train_tpu`); inference only loads it, which needs the
-pooling layer below registered: importing this module does that (`common.models.load_model`
-imports it).
+One backbone embeds every cell: the bags are reshaped to one batch of B*N cells, embedded in a
+single call (what a TPU runs best), and reshaped back. Training builds it (`train_tpu`); inference only loads it, which needs the
+pooling layer below registered with Keras: `register()` does that (`common.models.load_model`
+calls it). Importing this module imports no Keras, so the Keras backend can still be chosen.
 
 Padding never changes a real cell's outputs or the image head: the backbone runs per cell in
 inference mode, and `MaskedPooling` ignores masked cells. The data pipeline pads a bag by
@@ -19,8 +19,7 @@ statistics, which do see the padding, stay the statistics of real cells.
 """
 from __future__ import annotations
 
-import keras
-from keras import ops
+import functools
 
 CELLS = "cells"  # input: float32 [B, N, S, S, 4] in [0, 255]
 MASK = "mask"  # input: float32 [B, N], 1 = real cell
@@ -29,59 +28,109 @@ IMAGE = "image"  # output: float32 [B, 19]
 POOLINGS = ("max", "lse", "attention")
 
 
-@keras.saving.register_keras_serializable(package="hpa_scc")
-class MaskedPooling(keras.layers.Layer):
-    """`[features [B, N, C], mask [B, N]] -> [B, C]`, over the real cells only.
+@functools.lru_cache(maxsize=None)
+def register():
+    """Define the bag model's layers and register them with Keras (once); returns them by name."""
+    import keras
+    from keras import ops
 
-    mode "max": the per-feature maximum (red.ai's image head); "lse": log-sum-exp with
-    sharpness `r`, `log(mean(exp(r x))) / r` (between the mean, r -> 0, and the max, r -> inf);
-    "attention": gated attention (Ilse et al. 2018), a learned softmax weight per cell.
-    A bag with no real cell pools to zeros.
-    """
+    @keras.saving.register_keras_serializable(package="hpa_scc")
+    class MaskedPooling(keras.layers.Layer):
+        """`[features [B, N, C], mask [B, N]] -> [B, C]`, over the real cells only.
 
-    def __init__(self, mode: str = "max", r: float = 5.0, attention_dim: int = 128, **kwargs):
-        super().__init__(**kwargs)
-        if mode not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {mode!r}")
-        self.mode, self.r, self.attention_dim = mode, float(r), int(attention_dim)
+        mode "max": the per-feature maximum (red.ai's image head); "lse": log-sum-exp with
+        sharpness `r`, `log(mean(exp(r x))) / r` (between the mean, r -> 0, and the max, r -> inf);
+        "attention": gated attention (Ilse et al. 2018), a learned softmax weight per cell.
+        A bag with no real cell pools to zeros.
+        """
 
-    def build(self, input_shape):
-        channels = int(input_shape[0][-1])
-        if self.mode == "attention":
-            d = self.attention_dim
-            self.v = self.add_weight(shape=(channels, d), initializer="glorot_uniform", name="v")
-            self.u = self.add_weight(shape=(channels, d), initializer="glorot_uniform", name="u")
-            self.w = self.add_weight(shape=(d, 1), initializer="glorot_uniform", name="w")
+        def __init__(self, mode: str = "max", r: float = 5.0, attention_dim: int = 128, **kwargs):
+            super().__init__(**kwargs)
+            if mode not in POOLINGS:
+                raise ValueError(f"pooling must be one of {POOLINGS}, got {mode!r}")
+            self.mode, self.r, self.attention_dim = mode, float(r), int(attention_dim)
 
-    def call(self, inputs):
-        x, mask = inputs
-        real = ops.cast(mask, "bool")  # [B, N]
-        keep = ops.cast(ops.expand_dims(real, -1), x.dtype)  # [B, N, 1]
-        any_real = ops.cast(ops.any(real, axis=1, keepdims=True), x.dtype)  # [B, 1]
-        if self.mode == "max":
-            low = ops.min(x, axis=1, keepdims=True)  # a value no real cell's maximum is below
-            pooled = ops.max(ops.where(ops.expand_dims(real, -1), x, low), axis=1)
-        elif self.mode == "lse":
-            # a softmax-weighted form of log(mean over real cells of exp(r x)) / r, stable
-            z = ops.where(ops.expand_dims(real, -1), self.r * x, ops.cast(-1e4, x.dtype))
-            count = ops.maximum(ops.sum(keep, axis=1), ops.cast(1.0, x.dtype))  # [B, 1]
-            pooled = (ops.logsumexp(z, axis=1) - ops.log(count)) / self.r
-        else:
-            xf = ops.cast(x, "float32")
-            gate = ops.tanh(ops.matmul(xf, ops.cast(self.v, "float32"))) * ops.sigmoid(
-                ops.matmul(xf, ops.cast(self.u, "float32")))
-            score = ops.squeeze(ops.matmul(gate, ops.cast(self.w, "float32")), -1)  # [B, N]
-            score = ops.where(real, score, ops.cast(-1e9, "float32"))
-            weight = ops.softmax(score, axis=1) * ops.cast(real, "float32")
-            pooled = ops.cast(ops.sum(xf * ops.expand_dims(weight, -1), axis=1), x.dtype)
-        return pooled * any_real
+        def build(self, input_shape):
+            channels = int(input_shape[0][-1])
+            if self.mode == "attention":
+                d = self.attention_dim
+                self.v = self.add_weight(shape=(channels, d), initializer="glorot_uniform", name="v")
+                self.u = self.add_weight(shape=(channels, d), initializer="glorot_uniform", name="u")
+                self.w = self.add_weight(shape=(d, 1), initializer="glorot_uniform", name="w")
 
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0][0], input_shape[0][-1])
+        def call(self, inputs):
+            x, mask = inputs
+            real = ops.cast(mask, "bool")  # [B, N]
+            keep = ops.cast(ops.expand_dims(real, -1), x.dtype)  # [B, N, 1]
+            any_real = ops.cast(ops.any(real, axis=1, keepdims=True), x.dtype)  # [B, 1]
+            if self.mode == "max":
+                low = ops.min(x, axis=1, keepdims=True)  # a value no real cell's maximum is below
+                pooled = ops.max(ops.where(ops.expand_dims(real, -1), x, low), axis=1)
+            elif self.mode == "lse":
+                # a softmax-weighted form of log(mean over real cells of exp(r x)) / r, stable
+                z = ops.where(ops.expand_dims(real, -1), self.r * x, ops.cast(-1e4, x.dtype))
+                count = ops.maximum(ops.sum(keep, axis=1), ops.cast(1.0, x.dtype))  # [B, 1]
+                pooled = (ops.logsumexp(z, axis=1) - ops.log(count)) / self.r
+            else:
+                xf = ops.cast(x, "float32")
+                gate = ops.tanh(ops.matmul(xf, ops.cast(self.v, "float32"))) * ops.sigmoid(
+                    ops.matmul(xf, ops.cast(self.u, "float32")))
+                score = ops.squeeze(ops.matmul(gate, ops.cast(self.w, "float32")), -1)  # [B, N]
+                score = ops.where(real, score, ops.cast(-1e9, "float32"))
+                weight = ops.softmax(score, axis=1) * ops.cast(real, "float32")
+                pooled = ops.cast(ops.sum(xf * ops.expand_dims(weight, -1), axis=1), x.dtype)
+            return pooled * any_real
 
-    def get_config(self):
-        return {**super().get_config(), "mode": self.mode, "r": self.r,
-                "attention_dim": self.attention_dim}
+        def compute_output_shape(self, input_shape):
+            return (input_shape[0][0], input_shape[0][-1])
+
+        def get_config(self):
+            return {**super().get_config(), "mode": self.mode, "r": self.r,
+                    "attention_dim": self.attention_dim}
+
+    @keras.saving.register_keras_serializable(package="hpa_scc")
+    class CellsOfBags(keras.layers.Layer):
+        """`[B, N, ...] -> [B*N, ...]`: every cell of every bag as one batch (one backbone call)."""
+
+        def call(self, x):
+            return ops.reshape(x, (-1,) + tuple(x.shape[2:]))
+
+        def compute_output_shape(self, input_shape):
+            n = None if input_shape[0] is None else input_shape[0] * input_shape[1]
+            return (n,) + tuple(input_shape[2:])
+
+    @keras.saving.register_keras_serializable(package="hpa_scc")
+    class BagsOfCells(keras.layers.Layer):
+        """`[B*N, C] -> [B, N, C]`, the inverse of `CellsOfBags` for per-cell features."""
+
+        def __init__(self, bag: int, **kwargs):
+            super().__init__(**kwargs)
+            self.bag = int(bag)
+
+        def call(self, x):
+            return ops.reshape(x, (-1, self.bag) + tuple(x.shape[1:]))
+
+        def compute_output_shape(self, input_shape):
+            b = None if input_shape[0] is None else input_shape[0] // self.bag
+            return (b, self.bag) + tuple(input_shape[1:])
+
+        def get_config(self):
+            return {**super().get_config(), "bag": self.bag}
+
+    return {"MaskedPooling": MaskedPooling, "CellsOfBags": CellsOfBags, "BagsOfCells": BagsOfCells}
+
+
+def MaskedPooling(*args, **kwargs):  # noqa: N802 - reads as the layer class it builds
+    """`MaskedPooling(mode, r, attention_dim)`: the registered layer (see `register`)."""
+    return register()["MaskedPooling"](*args, **kwargs)
+
+
+def CellsOfBags(**kwargs):  # noqa: N802
+    return register()["CellsOfBags"](**kwargs)
+
+
+def BagsOfCells(bag: int, **kwargs):  # noqa: N802
+    return register()["BagsOfCells"](bag, **kwargs)
 
 
 def is_bag_model(model) -> bool:

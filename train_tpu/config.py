@@ -17,7 +17,7 @@ class TrainConfig:
 
     data: str = ""  # shard folder (local or gs://) with fold{K}-*.tfrec and preprocess.json
     out: str = ""  # run folder (local or gs://)
-    mode: str = "cell"  # "cell" or "image": must match the dataset's preprocess.json
+    mode: str = "cell"  # "cell", "image" or "bag": must match the dataset's mode (preprocess.json)
     backbone: str = "efficientnet_b0"  # a common.models.BACKBONES name
     size: int = 0  # model input side, px; 0 = the dataset's (resized in tf.data otherwise)
     weights: str = "none"  # "imagenet", "none" or a 3-channel weights file
@@ -51,10 +51,14 @@ class TrainConfig:
     shuffle_buffer: int = 2048  # examples
     keep_checkpoints: int = 0  # keep the newest K epoch checkpoints; 0 = all
     seed: int = 0
+    pooling: str = "max"  # bag mode: the image head's pooling over cells: max|lse|attention
+    cell_weight: float = 0.1  # bag mode: loss = BCE(image) + cell_weight * BCE(cell, inherited labels)
 
     def __post_init__(self):
         checks = {
-            "mode": self.mode in ("cell", "image"),
+            "mode": self.mode in ("cell", "image", "bag"),
+            "pooling": self.pooling in ("max", "lse", "attention"),
+            "cell_weight": self.cell_weight >= 0,
             "backbone": self.backbone in BACKBONES,
             "strategy": self.strategy in ("auto", "tpu", "gpu", "cpu"),
             "backend": self.backend in BACKENDS,
@@ -102,6 +106,15 @@ PRESETS: dict[str, TrainConfig] = {
                         steps_per_epoch=40, learning_rate=3e-3, warmup_epochs=0.5,
                         shuffle_buffer=1024, dropout=0.0, drop_connect_rate=0.0,
                         bn_momentum=0.9),
+    # the demo's recipe as a bag model (red.ai's dual head): bags of 8 cells, 48 px, the same
+    # backbone and steps; a batch of 4 bags is 32 cells, as many as the demo's cell batch
+    "demo_mil": TrainConfig(mode="bag", backbone="efficientnetv2_b0", size=48, epochs=12,
+                            batch_size=4, steps_per_epoch=40, learning_rate=3e-3,
+                            warmup_epochs=0.5, shuffle_buffer=256, dropout=0.0,
+                            drop_connect_rate=0.0, bn_momentum=0.9),
+    # red.ai's recipe on a TPU v3-8: bags of 16 cells at 224 px, 32 bags (512 cells) per step
+    "b0_mil_224": TrainConfig(mode="bag", backbone="efficientnet_b0", size=224, weights="imagenet",
+                              epochs=15, batch_size=32, learning_rate=1e-3, warmup_epochs=1.0),
     # realistic runs (TPU v3-8 / v5e-8 or a GPU): cell tiles that inherit their image's labels
     "b0_cell_224": TrainConfig(mode="cell", backbone="efficientnet_b0", size=224, weights="imagenet",
                                epochs=15, batch_size=256, learning_rate=2e-3, warmup_epochs=1.0),

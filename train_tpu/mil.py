@@ -1,6 +1,7 @@
 """The dual-head bag model (red.ai's recipe, 2nd place) and its masked losses; training only.
 
-    cells [B, N, S, S, 4] --TimeDistributed(backbone + global average pool)--> features [B, N, C]
+    cells [B, N, S, S, 4] --reshape--> [B*N, S, S, 4] --backbone + global average pool-->
+      [B*N, C] --reshape--> features [B, N, C]
       features --dropout--> Dense --sigmoid--> cell  [B, N, 19]   (trained on inherited labels)
       [features, mask] --MaskedPooling--> [B, C] --dropout--> Dense --sigmoid--> image [B, 19]
 
@@ -39,7 +40,8 @@ def build_mil_model(backbone: str = "efficientnet_b0", size: int = 224, bag: int
             keras.config.set_dtype_policy(dtype_policy)
         cells = keras.Input(shape=(bag, size, size, models.CHANNELS), dtype="float32", name=mil.CELLS)
         mask = keras.Input(shape=(bag,), dtype="float32", name=mil.MASK)
-        feats = keras.layers.TimeDistributed(embed, name="embed_cells")(cells)
+        flat = mil.CellsOfBags(name="cells_of_bags")(cells)  # [B*N, S, S, 4]: one backbone call
+        feats = mil.BagsOfCells(bag, name="bags_of_cells")(embed(flat))  # [B, N, C]
         pooled = mil.MaskedPooling(pooling, name="pool_cells")([feats, mask])
         if dropout > 0:
             feats = keras.layers.Dropout(dropout, name="cell_dropout")(feats)
@@ -75,3 +77,37 @@ def masked_cell_bce(y_true, y_pred):
     per_bag = ops.sum(bce * real, axis=(1, 2)) / ops.maximum(ops.sum(real, axis=(1, 2)) * y_true.shape[-1], 1.0)
     return per_bag  # [B]: Keras averages over the batch
 
+
+
+def compile_args(cfg, image_loss) -> dict:
+    """`model.compile` keywords for a bag model: the image loss, the masked cell loss weighted
+    by `cfg.cell_weight`, and Keras' running AUC on the image head."""
+    return {
+        "loss": {mil.IMAGE: image_loss, mil.CELL: masked_cell_bce},
+        "loss_weights": {mil.IMAGE: 1.0, mil.CELL: float(cfg.cell_weight)},
+        "metrics": {mil.IMAGE: [keras.metrics.AUC(multi_label=True, num_labels=NUM_CLASSES, name="auc")]},
+    }
+
+
+def validation_metrics(labels: np.ndarray, probs: dict, masks: np.ndarray) -> dict:
+    """Both heads on the validation bags. `labels [K, 19]` image labels, `probs` the model's
+    outputs for those K bags, `masks [K, N]`. The image head gets the usual `val_*` columns
+    (loss, macro AUC, mAP, per class); the cell head, scored against the inherited labels of
+    every real cell, `val_cell_loss`, `val_cell_macro_auc`, `val_cell_map`."""
+    from train_tpu import history
+
+    out = history.validation_metrics(labels, np.asarray(probs[mil.IMAGE], np.float32))
+    real = np.asarray(masks) > 0
+    cell_probs = np.asarray(probs[mil.CELL], np.float32)[real]  # [cells, 19]
+    cell_labels = np.repeat(labels[:, None, :], real.shape[1], axis=1)[real]
+    cells = history.validation_metrics(cell_labels, cell_probs, prefix="val_cell_")
+    out.update({k: cells[k] for k in ("val_cell_loss", "val_cell_macro_auc", "val_cell_map")})
+    return out
+
+
+def export_float32(model, cfg, size: int, bag: int):
+    """A float32, optimizer-free copy of a trained bag model for inference."""
+    out = build_mil_model(cfg.backbone, size, bag=bag, dropout=cfg.dropout, drop_connect_rate=0.0,
+                          dtype_policy="float32", pooling=cfg.pooling)
+    models.set_weights(out, model)
+    return out
