@@ -2,6 +2,10 @@
 
 One `tf.train.Example` per tile. Whole-image tiles have `cell_index = -1` and the full frame as
 their box. Pixels are stored as one lossless 4-channel PNG (R, G, B, Y in the PNG's RGBA).
+
+Bag datasets (`--mode bag`) hold one example per image instead: the same keys, with one value
+per cell in the per-cell keys (`image` holds K PNGs, `bbox` 4K numbers, ...), K <= the bag
+size, plus `cell_count`, the number of cells the image had before the builder chose K of them.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ BBOX = "bbox"  # int64 x 4: y0, x0, y1, x1 in full-resolution pixels (half-open)
 TOUCHES_BORDER = "touches_border"  # int64 0/1
 HAS_NUCLEUS = "has_nucleus"  # int64 0/1
 CELL_AREA = "cell_area"  # int64: pixels at full resolution (0 for whole images)
+CELL_COUNT = "cell_count"  # int64, bags only: the image's cells before choosing the bag's
 
 WHOLE_IMAGE = -1
 
@@ -52,6 +57,8 @@ def _feature(value) -> bytes:
     """`bytes` -> Feature{bytes_list}; a sequence of ints -> Feature{int64_list} (packed)."""
     if isinstance(value, (bytes, bytearray)):
         return _field(1, _field(1, bytes(value)))  # Feature.bytes_list = 1, BytesList.value = 1
+    if value and isinstance(value[0], (bytes, bytearray)):  # several byte strings
+        return _field(1, b"".join(_field(1, bytes(v)) for v in value))
     packed = b"".join(_varint(int(v)) for v in value)
     inner = _field(1, packed) if packed else b""  # Int64List.value = 1, packed
     return _field(3, inner)  # Feature.int64_list = 3
@@ -128,6 +135,101 @@ def serialize(
         HAS_NUCLEUS: [int(bool(has_nucleus))],
         CELL_AREA: [int(cell_area)],
     })
+
+
+def serialize_bag(
+    tiles: np.ndarray,
+    *,
+    image_id: str,
+    labels: Sequence[int],
+    source_size: tuple[int, int],
+    fold: int,
+    cell_ids: Sequence[int],
+    bboxes: Sequence[Sequence[int]],
+    touches_border: Sequence[bool],
+    has_nucleus: Sequence[bool],
+    cell_areas: Sequence[int],
+    cell_count: int,
+) -> bytes:
+    """An image's chosen cells (`K x N x N x 4 uint8`, K >= 1) and their facts -> one example."""
+    k = len(tiles)
+    if k < 1 or tiles.ndim != 4 or tiles.shape[1] != tiles.shape[2]:
+        raise ValueError(f"{image_id}: a bag holds K >= 1 square tiles, got {tiles.shape}")
+    for name, seq in (("cell_ids", cell_ids), ("bboxes", bboxes), ("touches_border", touches_border),
+                      ("has_nucleus", has_nucleus), ("cell_areas", cell_areas)):
+        if len(seq) != k:
+            raise ValueError(f"{image_id}: {k} tiles but {len(seq)} {name}")
+    for v in labels:
+        if not 0 <= int(v) < NUM_CLASSES:
+            raise ValueError(f"{image_id}: label {v} outside 0-{NUM_CLASSES - 1}")
+    return encode_example({
+        IMAGE: [encode_tile(t) for t in tiles],
+        TILE_SIZE: [tiles.shape[1]],
+        LABELS: [int(v) for v in labels],
+        IMAGE_ID: image_id.encode("utf-8"),
+        CELL_INDEX: [int(v) for v in cell_ids],
+        FOLD: [int(fold)],
+        SOURCE_HEIGHT: [int(source_size[0])],
+        SOURCE_WIDTH: [int(source_size[1])],
+        BBOX: [int(v) for box in bboxes for v in box],
+        TOUCHES_BORDER: [int(bool(v)) for v in touches_border],
+        HAS_NUCLEUS: [int(bool(v)) for v in has_nucleus],
+        CELL_AREA: [int(v) for v in cell_areas],
+        CELL_COUNT: [int(cell_count)],
+    })
+
+
+def bag_feature_spec() -> dict:
+    import tensorflow as tf
+
+    scalar = tf.io.FixedLenFeature([], tf.int64)
+    listed = tf.io.FixedLenSequenceFeature([], tf.int64, allow_missing=True)
+    return {
+        IMAGE: tf.io.FixedLenSequenceFeature([], tf.string, allow_missing=True),
+        TILE_SIZE: scalar,
+        LABELS: tf.io.VarLenFeature(tf.int64),
+        IMAGE_ID: tf.io.FixedLenFeature([], tf.string),
+        CELL_INDEX: listed,
+        FOLD: scalar,
+        SOURCE_HEIGHT: scalar,
+        SOURCE_WIDTH: scalar,
+        BBOX: listed,
+        TOUCHES_BORDER: listed,
+        HAS_NUCLEUS: listed,
+        CELL_AREA: listed,
+        CELL_COUNT: scalar,
+    }
+
+
+def parse_bag(serialized, tile_size: int, bag: int) -> dict:
+    """Serialized bag example -> fixed-shape tensors (TPUs need static shapes).
+
+    `image uint8 [bag, S, S, 4]`: the K stored cells, then the same cells again in order until
+    the bag is full (padding by repetition keeps BatchNorm's batch statistics those of real
+    cells); `mask float32 [bag]`: 1 for the first K; `labels float32 [19]`; per-cell keys
+    (`cell_index`, `touches_border`, `has_nucleus`, `cell_area`: `[bag]`, `bbox`: `[bag, 4]`)
+    padded the same way; `cell_count`: the image's cells before the builder's choice.
+    A record with more than `bag` cells keeps its first `bag`.
+    """
+    import tensorflow as tf
+
+    ex = tf.io.parse_single_example(serialized, bag_feature_spec())
+    pngs = ex[IMAGE][:bag]
+    k = tf.shape(pngs)[0]
+    order = tf.range(bag) % tf.maximum(k, 1)
+    images = tf.map_fn(lambda b: tf.ensure_shape(tf.io.decode_png(b, channels=4), [tile_size, tile_size, 4]),
+                       tf.gather(pngs, order), fn_output_signature=tf.TensorSpec([tile_size, tile_size, 4], tf.uint8))
+    out = {
+        IMAGE: tf.ensure_shape(images, [bag, tile_size, tile_size, 4]),
+        "mask": tf.cast(tf.range(bag) < k, tf.float32),
+        LABELS: multi_hot_ids(ex[LABELS]),
+        BBOX: tf.ensure_shape(tf.gather(tf.reshape(ex[BBOX], [-1, 4]), order), [bag, 4]),
+    }
+    for key in (CELL_INDEX, TOUCHES_BORDER, HAS_NUCLEUS, CELL_AREA):
+        out[key] = tf.ensure_shape(tf.gather(ex[key], order), [bag])
+    for key in (TILE_SIZE, IMAGE_ID, FOLD, SOURCE_HEIGHT, SOURCE_WIDTH, CELL_COUNT):
+        out[key] = ex[key]
+    return out
 
 
 def feature_spec() -> dict:

@@ -358,6 +358,9 @@ def load_model(path: str, compile: bool = False, data: bytes | None = None):
 
 
 def _load_keras_file(local: str, name: str, compile: bool):
+    from common import mil
+
+    mil.register()  # bag models hold its pooling layer
     try:
         return _keras().saving.load_model(local, compile=compile)
     except Exception as err:  # Keras raises many types; name the file either way

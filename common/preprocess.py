@@ -30,6 +30,7 @@ class TileSpec:
     interpolation: str = "area"  # "area" (best for shrinking), "linear" or "nearest"
     model_size: int = 0  # side the model sees; 0 = `size`. Else tiles are cut at `size` and
     # then resized with `resize_tiles` (one TF op, same in training's tf.data and in inference)
+    bag: int = 0  # cell mode: 0 = one cell per example; N = an image's cells as one bag of N
 
     @property
     def input_size(self) -> int:
@@ -45,6 +46,8 @@ class TileSpec:
             raise ValueError(f"TileSpec.interpolation must be one of {sorted(_INTERP)}")
         if self.margin < 0:
             raise ValueError("TileSpec.margin must be >= 0")
+        if self.bag < 0 or (self.bag and self.mode != "cell"):
+            raise ValueError(f"TileSpec.bag must be 0, or >= 1 with mode 'cell', got {self.bag}")
         if self.model_size and self.model_size < 8:
             raise ValueError(f"TileSpec.model_size must be 0 or >= 8, got {self.model_size}")
 

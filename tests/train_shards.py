@@ -14,9 +14,10 @@ from common.preprocess import PREPROCESS_FILE, TileSpec, cell_tiles, image_tile
 
 
 def make_shards(synthetic_dir, out_dir, size: int = 32, folds: int = 2, mode: str = "cell",
-                shards_per_fold: int = 1) -> dict:
+                shards_per_fold: int = 1, bag: int = 0) -> dict:
     """Cut every synthetic image into tiles (cells, or the whole image) and write
     `fold{K}-{i:05d}-of-{n:05d}.tfrec` (image j goes to fold j % folds) plus `preprocess.json`.
+    bag N > 0 (cell mode): one bag record per image holding its first N cells.
 
     Returns `{"spec": TileSpec, "counts": {fold: examples}, "files": [paths]}`.
     """
@@ -24,7 +25,7 @@ def make_shards(synthetic_dir, out_dir, size: int = 32, folds: int = 2, mode: st
 
     synthetic_dir, out_dir = str(synthetic_dir), str(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    spec = TileSpec(size=size, mode=mode)
+    spec = TileSpec(size=size, mode=mode, bag=bag)
     rows = read_labels_csv(os.path.join(synthetic_dir, "train.csv"))
     per_fold: dict[int, list[bytes]] = {k: [] for k in range(folds)}
     for j, (image_id, labels) in enumerate(rows):
@@ -39,6 +40,14 @@ def make_shards(synthetic_dir, out_dir, size: int = 32, folds: int = 2, mode: st
         cells = cv2.imread(os.path.join(synthetic_dir, "masks", f"{image_id}_cells.png"),
                            cv2.IMREAD_UNCHANGED).astype(np.int32)
         tiles, ids, boxes = cell_tiles(image, cells, spec)
+        if bag:
+            k = min(bag, len(ids))
+            per_fold[fold].append(features.serialize_bag(
+                tiles[:k], image_id=image_id, labels=labels, source_size=(h, w), fold=fold,
+                cell_ids=ids[:k].tolist(), bboxes=boxes[:k].tolist(), touches_border=[False] * k,
+                has_nucleus=[True] * k, cell_areas=[int((cells == c).sum()) for c in ids[:k]],
+                cell_count=len(ids)))
+            continue
         for tile, cid, box in zip(tiles, ids, boxes):
             per_fold[fold].append(features.serialize(
                 tile, image_id=image_id, labels=labels, source_size=(h, w), fold=fold,

@@ -125,8 +125,7 @@ def _process_image_fn():
                 return
             self.images.inc()
             self.records.inc(len(result.records))
-            if item.task.job.mode == "cell":
-                self.cells.inc(len(result.records))
+            self.cells.inc(result.cells)
             yield (item.shard, (item.pos, item.fold, item.count, item.task.image_id,
                                 list(item.task.labels), result.records))
 

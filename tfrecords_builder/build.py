@@ -116,13 +116,13 @@ def _job(cfg: BuildConfig) -> Job:
 
     return Job(mode=cfg.mode, spec=cfglib.to_dict(cfg.tile_spec()), masks=cfg.masks, segmenter=cfg.segmenter,
                nuclei_model=cfg.nuclei_model, cell_model=cfg.cell_model,
-               trust_model_files=cfg.trust_model_files)
+               trust_model_files=cfg.trust_model_files, seed=cfg.seed)
 
 
 def check_segmenter(cfg: BuildConfig) -> None:
     """Refuse at once (before any image is read) a segmenter that cannot run: the hpa backend
     without its model files, the permission to load them, PyTorch or hpacellseg."""
-    if cfg.mode != "cell" or cfg.masks or cfg.segmenter != "hpa":
+    if cfg.mode == "image" or cfg.masks or cfg.segmenter != "hpa":
         return
     from common.segmentation import hpa
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from common import config as cfglib
 from common.preprocess import TileSpec
 
-DEFAULT_SIZE = {"image": 512, "cell": 224}  # tile side (px) when --size is not given
+DEFAULT_SIZE = {"image": 512, "cell": 224, "bag": 224}  # tile side (px) when --size is not given
 ENGINES = ("local", "beam")
 SEGMENTERS = ("default", "hpa")
 INTERPOLATIONS = ("area", "linear", "nearest")  # common.preprocess's resize filters
@@ -33,9 +33,10 @@ class BuildConfig:
     # read in order
     labels: tuple[str, ...] = ()
     out: str = ""  # output folder or gs://bucket/prefix for shards, preprocess.json, manifest.json
-    # image: one example per whole image; cell: one per segmented cell, with the image's labels
+    # image: one example per whole image; cell: one per segmented cell, with the image's labels;
+    # bag: one example per image holding up to --max-cells of its cells (the MIL recipe)
     mode: str = "image"
-    size: int = 0  # tile side in pixels; 0 = 512 in image mode, 224 in cell mode
+    size: int = 0  # tile side in pixels; 0 = 512 in image mode, 224 in cell and bag modes
     folds: int = 5  # number K of multilabel-stratified folds
     # target shard size in MB (10^6 bytes); shard counts are planned from a pilot of 8 images
     shard_mb: float = 100.0
@@ -55,6 +56,9 @@ class BuildConfig:
     # cell mode: zero the pixels outside the cell (--keep-outside keeps them)
     mask_outside: bool = True
     interpolation: str = "area"  # resize filter
+    # bag mode: the most cells per record; an image with more keeps a choice seeded by --seed
+    # and its ID (the record says how many cells it had)
+    max_cells: int = 16
     # local: this machine's worker processes; beam: an Apache Beam pipeline (pip install
     # hpa-scc[beam]) over the same plan and per-image function, giving the same shards. With
     # beam, options the builder does not know go to Beam, e.g. --runner DataflowRunner
@@ -64,7 +68,9 @@ class BuildConfig:
 
     def __post_init__(self):
         if self.mode not in DEFAULT_SIZE:
-            raise ValueError(f"mode must be 'image' or 'cell', got {self.mode!r}")
+            raise ValueError(f"mode must be 'image', 'cell' or 'bag', got {self.mode!r}")
+        if self.max_cells < 1:
+            raise ValueError(f"max_cells must be >= 1, got {self.max_cells}")
         object.__setattr__(self, "images", tuple(self.images))
         object.__setattr__(self, "labels", tuple(self.labels))
         if self.images or self.labels or self.out:  # a build, not a preset
@@ -97,8 +103,10 @@ class BuildConfig:
 
     def tile_spec(self) -> TileSpec:
         """The TileSpec every tile is cut with; written to the output as `preprocess.json`."""
-        return TileSpec(size=self.size or DEFAULT_SIZE[self.mode], mode=self.mode, mask_outside=self.mask_outside,
-                        margin=self.margin, interpolation=self.interpolation)
+        bag = self.mode == "bag"
+        return TileSpec(size=self.size or DEFAULT_SIZE[self.mode], mode="cell" if bag else self.mode,
+                        mask_outside=self.mask_outside, margin=self.margin,
+                        interpolation=self.interpolation, bag=self.max_cells if bag else 0)
 
     def image_source(self, list_index: int) -> str:
         """Image folder of the `list_index`-th label list."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import zlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,13 +28,14 @@ from common import features
 class Job:
     """What every task of one build shares."""
 
-    mode: str  # "image" | "cell"
-    spec: dict  # TileSpec as a dict
+    mode: str  # "image" | "cell" | "bag"
+    spec: dict  # TileSpec as a dict (a bag build's has `bag`, the most cells per record)
     masks: str = ""  # folder of precomputed `{ID}_cells.png` / `{ID}_nuclei.png`, or ""
     segmenter: str = "default"
     nuclei_model: str = ""  # segmenter "hpa": hpacellseg's model files (.pth)
     cell_model: str = ""
     trust_model_files: bool = False
+    seed: int = 0  # bag mode: which cells an image with more than `bag` keeps
 
 
 class SkipImage(ValueError):
@@ -58,6 +60,7 @@ class Result:
     image_id: str
     records: list[bytes] = field(default_factory=list)  # serialized tf.train.Example, in order
     error: str | None = None  # why the image was skipped
+    cells: int = 0  # cells written (cell and bag modes)
     source_size: tuple[int, int] = (0, 0)  # (height, width), px
 
     @property
@@ -139,9 +142,8 @@ def label_maps(task: Task, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | 
     return cells, nuclei
 
 
-def cell_examples(task: Task, image: np.ndarray, spec) -> list[bytes]:
-    """Every cell of one image as a serialized example, in cell-id order (weak labels)."""
-    from common import preprocess
+def _cells(task: Task, image: np.ndarray):
+    """The image's cell label map and its cells' facts (`common.segmentation.CellInfo`, id order)."""
     from common.segmentation import Segmentation
 
     cells, nuclei = label_maps(task, image)
@@ -150,6 +152,14 @@ def cell_examples(task: Task, image: np.ndarray, spec) -> list[bytes]:
     info = Segmentation(cells=cells, nuclei=cells if nuclei is None else nuclei).cell_info()
     if not info:
         raise SkipImage("no cells in the label map")
+    return cells, info
+
+
+def cell_examples(task: Task, image: np.ndarray, spec) -> list[bytes]:
+    """Every cell of one image as a serialized example, in cell-id order (weak labels)."""
+    from common import preprocess
+
+    cells, info = _cells(task, image)
     tiles, ids, _ = preprocess.cell_tiles(image, cells, spec, cell_ids=[c.id for c in info],
                                           boxes=[c.bbox for c in info])
     h, w = image.shape[:2]
@@ -161,6 +171,32 @@ def cell_examples(task: Task, image: np.ndarray, spec) -> list[bytes]:
         )
         for tile, c in zip(tiles, info)
     ]
+
+
+def choose_cells(count: int, bag: int, image_id: str, seed: int) -> list[int]:
+    """Which of an image's `count` cells (positions in id order) its bag keeps: all of them when
+    they fit, else `bag` drawn without replacement by a generator seeded with (seed, image ID),
+    in id order. Deterministic: a rebuild or a resumed build keeps the same cells."""
+    if count <= bag:
+        return list(range(count))
+    rng = np.random.default_rng([int(seed), zlib.crc32(image_id.encode("utf-8"))])
+    return sorted(int(i) for i in rng.choice(count, size=bag, replace=False))
+
+
+def bag_example(task: Task, image: np.ndarray, spec) -> tuple[bytes, int]:
+    """One image as one bag record: up to `spec.bag` of its cells, cut like cell mode's.
+    Returns the record and how many cells it holds."""
+    from common import preprocess
+
+    cells, info = _cells(task, image)
+    keep = [info[i] for i in choose_cells(len(info), spec.bag, task.image_id, task.job.seed)]
+    tiles, _, _ = preprocess.cell_tiles(image, cells, spec, cell_ids=[c.id for c in keep],
+                                        boxes=[c.bbox for c in keep])
+    return features.serialize_bag(
+        tiles, image_id=task.image_id, labels=task.labels, source_size=image.shape[:2],
+        fold=task.fold, cell_ids=[c.id for c in keep], bboxes=[c.bbox for c in keep],
+        touches_border=[c.touches_border for c in keep], has_nucleus=[c.has_nucleus for c in keep],
+        cell_areas=[c.area for c in keep], cell_count=len(info)), len(keep)
 
 
 def image_failure(err: BaseException) -> bool:
@@ -210,8 +246,12 @@ def _tile(task: Task, image: np.ndarray, result: Result) -> None:
             image_id=task.image_id, labels=task.labels,
             source_size=result.source_size, fold=task.fold,
         )]
+    elif task.job.mode == "bag":
+        record, result.cells = bag_example(task, image, spec)
+        result.records = [record]
     else:
         result.records = cell_examples(task, image, spec)
+        result.cells = len(result.records)
 
 
 def init_worker(parent_pid: int) -> None:

@@ -11,7 +11,8 @@ from train_tpu.backend import NAMES as BACKENDS
 CONFIG_FILE = "config.json"
 
 
-MODES = ("cell", "image")
+MODES = ("cell", "image", "bag")
+POOLINGS = ("max", "lse", "attention")  # common.mil.POOLINGS (that module imports Keras lazily)
 STRATEGIES = ("auto", "tpu", "gpu", "cpu")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 OPTIMIZERS = ("adamw", "sgd")
@@ -31,7 +32,9 @@ class TrainConfig:
     # run folder, local or gs://: model.keras, config.json, preprocess.json, history.csv/png,
     # checkpoints/
     out: str = ""
-    mode: str = "cell"  # cell tiles or whole-image tiles; must match the dataset's preprocess.json
+    # cell tiles, whole-image tiles, or bags of an image's cells (the dual-head MIL model); must
+    # match the dataset's mode (its preprocess.json)
+    mode: str = "cell"
     backbone: str = "efficientnet_b0"  # Keras EfficientNet / EfficientNetV2 variant
     # model input side in px; 0 = the dataset's (tiles are resized in the input pipeline when it
     # differs; the effective spec goes to preprocess.json)
@@ -78,10 +81,18 @@ class TrainConfig:
     shuffle_buffer: int = 2048  # shuffle buffer, in examples
     keep_checkpoints: int = 0  # keep the newest K epoch checkpoints; 0 = all
     seed: int = 0  # shuffle and augmentation seed
+    # bag mode: how the image head pools the cells' features: max (red.ai), lse (log-sum-exp)
+    # or attention (gated attention)
+    pooling: str = "max"
+    # bag mode: loss = BCE(image head, image labels) + cell_weight * BCE(cell head, the image's
+    # labels for every real cell)
+    cell_weight: float = 0.1
 
     def __post_init__(self):
         checks = {
             "mode": self.mode in MODES,
+            "pooling": self.pooling in POOLINGS,
+            "cell_weight": self.cell_weight >= 0,
             "backbone": self.backbone in BACKBONES,
             "strategy": self.strategy in STRATEGIES,
             "backend": self.backend in BACKENDS,
@@ -129,6 +140,15 @@ PRESETS: dict[str, TrainConfig] = {
                         steps_per_epoch=40, learning_rate=3e-3, warmup_epochs=0.5,
                         shuffle_buffer=1024, dropout=0.0, drop_connect_rate=0.0,
                         bn_momentum=0.9),
+    # the demo's recipe as a bag model (red.ai's dual head): bags of up to 8 cells at 48 px, the
+    # same backbone and steps; 4 bags per step are at most 32 cells, the demo's cell batch
+    "demo_mil": TrainConfig(mode="bag", backbone="efficientnetv2_b0", size=48, epochs=12,
+                            batch_size=4, steps_per_epoch=40, learning_rate=3e-3,
+                            warmup_epochs=0.5, shuffle_buffer=256, dropout=0.0,
+                            drop_connect_rate=0.0, bn_momentum=0.9),
+    # red.ai's recipe on a TPU v3-8: bags of 16 cells at 224 px, 32 bags (512 cells) per step
+    "b0_mil_224": TrainConfig(mode="bag", backbone="efficientnet_b0", size=224, weights="imagenet",
+                              epochs=15, batch_size=32, learning_rate=1e-3, warmup_epochs=1.0),
     # realistic runs (TPU v3-8 / v5e-8 or a GPU): cell tiles that inherit their image's labels
     "b0_cell_224": TrainConfig(mode="cell", backbone="efficientnet_b0", size=224, weights="imagenet",
                                epochs=15, batch_size=256, learning_rate=2e-3, warmup_epochs=1.0),

@@ -11,7 +11,7 @@ import json
 import logging
 from dataclasses import dataclass
 
-from common import features, storage
+from common import features, mil, storage
 from common.labels import NUM_CLASSES
 from common.models import CHANNELS
 from common.preprocess import PREPROCESS_FILE, TileSpec, resize_tiles, to_model_input
@@ -61,8 +61,9 @@ def load_spec(data_dir: str) -> TileSpec:
 def model_spec(data_spec: TileSpec, size: int, mode: str, where: str = "") -> TileSpec:
     """The spec inference must use: the dataset's, with `model_size` set when the model's
     input side differs from the stored tiles (size 0 = keep the dataset's)."""
-    if data_spec.mode != mode:
-        raise ValueError(f"{where or 'dataset'}: tiles were cut in {data_spec.mode!r} mode, "
+    data_mode = "bag" if data_spec.bag else data_spec.mode
+    if data_mode != mode:
+        raise ValueError(f"{where or 'dataset'}: the dataset was built in {data_mode!r} mode, "
                          f"training asked for --mode {mode}")
     if not size or size == data_spec.input_size:
         return data_spec
@@ -217,6 +218,44 @@ def augment(image, labels, cfg):
     return random_brightness(image, labels, cfg.brightness)
 
 
+# ------------------------------------------------------------------ bags (`--mode bag`)
+# A bag example flows through the same chain as `((cells [N, n, n, 4], mask [N]), labels)`:
+# `parse_bag_example` replaces `parse_example`, `per_cell` runs a one-tile step on every cell
+# (each cell gets its own augmentation draws), and `bag_targets` shapes the model's dicts.
+def parse_bag_example(serialized, tile_size: int, bag: int):
+    """Serialized bag -> `((cells uint8 [bag, n, n, 4], mask float32 [bag]), labels [19])`,
+    padded by repeating the real cells (`common.features.parse_bag`)."""
+    ex = features.parse_bag(serialized, tile_size, bag)
+    return (ex[features.IMAGE], ex["mask"]), ex[features.LABELS]
+
+
+def per_cell(step):
+    """A one-tile step `(image, labels) -> (image, labels)` -> the same step on every cell of a
+    bag; `resize` and `to_float` take a bag's `[N, n, n, 4]` at once, so they need no wrapper."""
+    def on_bag(x, labels):
+        cells, mask = x
+        out = _tf().map_fn(lambda c: step(c, labels)[0], cells)
+        return (out, mask), labels
+    return on_bag
+
+
+def bag_resize(x, labels, size: int):
+    return (resize_tiles(x[0], size), x[1]), labels
+
+
+def bag_to_float(x, labels):
+    return (to_model_input(x[0]), x[1]), labels
+
+
+def bag_targets(x, labels):
+    """-> the bag model's `({cells, mask}, {image: labels [19], cell: [N, 19]})`; a padding
+    cell's targets are -1, which `train_tpu.mil.masked_cell_bce` leaves out."""
+    tf = _tf()
+    cells, mask = x
+    cell = tf.where(mask[:, None] > 0, tf.broadcast_to(labels, [mask.shape[0], NUM_CLASSES]), -1.0)
+    return {mil.CELLS: cells, mil.MASK: mask}, {mil.IMAGE: labels, mil.CELL: cell}
+
+
 # ------------------------------------------------------------------ the two pipelines
 def epoch_seed(seed: int, epoch):
     """The shuffle seed of one epoch (0-based): a different order every epoch, the same one
@@ -240,7 +279,7 @@ def epoch_records(files, seed: int, shuffle_buffer: int, epoch, count: int):
 
 
 def train_dataset(files, cfg, tile_size: int, model_size: int, global_batch: int,
-                  steps_per_epoch: int = 0, start_epoch: int = 0):
+                  steps_per_epoch: int = 0, start_epoch: int = 0, bag: int = 0):
     """The training stream from epoch `start_epoch` (0-based) on: `(float32 [B, s, s, 4],
     float32 [B, 19])`, B = global batch, `steps_per_epoch` batches per epoch.
 
@@ -248,6 +287,7 @@ def train_dataset(files, cfg, tile_size: int, model_size: int, global_batch: int
     at epoch E sees what the uninterrupted run saw from epoch E on, in the same order; the
     element order is deterministic throughout. (Augmentation draws are random, not replayed.)
     steps_per_epoch 0: one pass over the files per epoch's stream, without epoch seeding.
+    bag N > 0: bag records, yielding `bag_targets`' dicts of `[B, N, s, s, 4]` cells.
     """
     tf = _tf()
     if steps_per_epoch:
@@ -256,11 +296,19 @@ def train_dataset(files, cfg, tile_size: int, model_size: int, global_batch: int
             lambda e: epoch_records(files, cfg.seed, cfg.shuffle_buffer, e, count))
     else:
         ds = epoch_records(files, cfg.seed, cfg.shuffle_buffer, start_epoch, -1)
-    ds = ds.map(lambda s: parse_example(s, tile_size), num_parallel_calls=tf.data.AUTOTUNE)
-    if model_size != tile_size:
-        ds = ds.map(lambda x, y: resize(x, y, model_size), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.map(lambda x, y: augment(x, y, cfg), num_parallel_calls=tf.data.AUTOTUNE)
+    if bag:
+        ds = ds.map(lambda s: parse_bag_example(s, tile_size, bag), num_parallel_calls=tf.data.AUTOTUNE)
+        if model_size != tile_size:
+            ds = ds.map(lambda x, y: bag_resize(x, y, model_size), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(bag_to_float, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(per_cell(lambda x, y: augment(x, y, cfg)), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(bag_targets, num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        ds = ds.map(lambda s: parse_example(s, tile_size), num_parallel_calls=tf.data.AUTOTUNE)
+        if model_size != tile_size:
+            ds = ds.map(lambda x, y: resize(x, y, model_size), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda x, y: augment(x, y, cfg), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(global_batch, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 
@@ -278,11 +326,23 @@ def eval_examples(count: int, val_steps: int, global_batch: int) -> int:
     return min(count, val_steps * global_batch) if val_steps else count
 
 
-def eval_dataset(files, tile_size: int, model_size: int, global_batch: int, count: int):
+def eval_dataset(files, tile_size: int, model_size: int, global_batch: int, count: int, bag: int = 0):
     """The first `count` validation tiles in file order, zero-padded to whole global batches
-    (fixed shapes; the padding's predictions are dropped). Yields `float32 [B, s, s, 4]`."""
+    (fixed shapes; the padding's predictions are dropped). Yields `float32 [B, s, s, 4]`, or
+    the bag model's `{cells, mask}` for `bag` > 0 (padding bags have an all-zero mask)."""
     tf = _tf()
     ds = _val_records(files, count)
+    if bag:
+        ds = ds.map(lambda s: parse_bag_example(s, tile_size, bag), num_parallel_calls=tf.data.AUTOTUNE)
+        if model_size != tile_size:
+            ds = ds.map(lambda x, y: bag_resize(x, y, model_size), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda x, y: bag_targets(*bag_to_float(x, y))[0], num_parallel_calls=tf.data.AUTOTUNE)
+        pad = (-count) % global_batch
+        if pad:
+            empty = {mil.CELLS: tf.zeros([bag, model_size, model_size, CHANNELS], tf.float32),
+                     mil.MASK: tf.zeros([bag], tf.float32)}
+            ds = ds.concatenate(tf.data.Dataset.from_tensors(empty).repeat(pad))
+        return ds.batch(global_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     ds = ds.map(lambda s: parse_example(s, tile_size), num_parallel_calls=tf.data.AUTOTUNE)
     if model_size != tile_size:
         ds = ds.map(lambda x, y: resize(x, y, model_size), num_parallel_calls=tf.data.AUTOTUNE)
@@ -293,6 +353,21 @@ def eval_dataset(files, tile_size: int, model_size: int, global_batch: int, coun
         ds = ds.concatenate(tf.data.Dataset.from_tensors(zeros).repeat(pad))
     ds = ds.batch(global_batch, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def eval_bag_masks(files, count: int, bag: int):
+    """`float32 [count, bag]`: which cells of `eval_dataset`'s bags are real (PNGs not decoded)."""
+    import numpy as np
+
+    tf = _tf()
+    spec = {features.IMAGE: features.bag_feature_spec()[features.IMAGE]}
+
+    def mask(serialized):
+        k = tf.shape(tf.io.parse_single_example(serialized, spec)[features.IMAGE])[0]
+        return tf.cast(tf.range(bag) < k, tf.float32)
+
+    parts = [b.numpy() for b in _val_records(files, count).map(mask).batch(4096)]
+    return np.concatenate(parts) if parts else np.zeros((0, bag), np.float32)
 
 
 def eval_labels(files, count: int):

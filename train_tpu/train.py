@@ -96,13 +96,19 @@ def make_loss(cfg):
     return keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing)
 
 
-def compile_model(model, cfg, optimizer, steps_per_execution: int = 1) -> None:
+def compile_model(model, cfg, optimizer, steps_per_execution: int = 1, bag: int = 0) -> None:
     """Compile in the strategy's scope. `auc` = Keras' multi-label (macro) AUC over the training
     batches as they stream by; it counts a class with no positive yet as 0, so it reads low on
     data with few classes. Validation uses `history.validation_metrics` (macro over the classes
     present, per-class AUC and AP), computed once per epoch on the whole validation fold."""
     import keras
 
+    if bag:
+        from train_tpu import mil
+
+        model.compile(optimizer=optimizer, steps_per_execution=steps_per_execution,
+                      **mil.compile_args(cfg, make_loss(cfg)))
+        return
     model.compile(
         optimizer=optimizer, loss=make_loss(cfg),
         metrics=[keras.metrics.AUC(multi_label=True, num_labels=NUM_CLASSES, name="auc")],
@@ -137,7 +143,13 @@ def _epoch_end_callback():
             row = {"epoch": epoch + 1}
             row.update({k: float(v) for k, v in logs.items()})
             row["lr"] = current_lr(self.model.optimizer)
-            if r.val_count:
+            if r.val_count and r.bag:
+                from train_tpu import mil
+
+                probs = self.model.predict(r.val_ds, steps=r.val_batches, verbose=0)
+                probs = {k: v[:r.val_count] for k, v in probs.items()}
+                row.update(mil.validation_metrics(r.val_labels, probs, r.val_masks))
+            elif r.val_count:
                 probs = self.model.predict(r.val_ds, steps=r.val_batches, verbose=0)[:r.val_count]
                 row.update(history.validation_metrics(r.val_labels, np.asarray(probs, np.float32)))
             row["time_s"] = time.time() - self._t0
@@ -209,7 +221,7 @@ def train(cfg, resume: bool = False, callbacks=()) -> dict:
     data_spec = data.load_spec(cfg.data)
     spec = data.model_spec(data_spec, cfg.size, cfg.mode,
                            where=storage.join(cfg.data, PREPROCESS_FILE))
-    tile_size, model_size = data_spec.size, spec.input_size
+    tile_size, model_size, bag = data_spec.size, spec.input_size, data_spec.bag
     split = data.find_split(cfg.data, cfg.val_fold)
     steps = cfg.steps_per_epoch or split.train_examples // cfg.batch_size
     if steps < 1:
@@ -233,9 +245,10 @@ def train(cfg, resume: bool = False, callbacks=()) -> dict:
     spec.save(storage.join(out, PREPROCESS_FILE))
 
     train_ds = data.train_dataset(split.train_files, cfg, tile_size, model_size, cfg.batch_size,
-                                  steps_per_epoch=steps, start_epoch=start_epoch)
-    val_ds = data.eval_dataset(split.val_files, tile_size, model_size, cfg.batch_size, val_count)
+                                  steps_per_epoch=steps, start_epoch=start_epoch, bag=bag)
+    val_ds = data.eval_dataset(split.val_files, tile_size, model_size, cfg.batch_size, val_count, bag=bag)
     val_labels = data.eval_labels(split.val_files, val_count)
+    val_masks = data.eval_bag_masks(split.val_files, val_count, bag) if bag else None
 
     head_bias = None
     if cfg.prior_bias and not ckpt:
@@ -255,18 +268,22 @@ def train(cfg, resume: bool = False, callbacks=()) -> dict:
             import keras
 
             keras.utils.set_random_seed(cfg.seed)  # the initial weights follow --seed too
-            model = models.build_model(cfg.backbone, model_size, weights=cfg.weights,
-                                       dropout=cfg.dropout, drop_connect_rate=cfg.drop_connect_rate,
-                                       dtype_policy=policy, bn_momentum=cfg.bn_momentum or None,
-                                       head_bias=head_bias)
+            kwargs = dict(weights=cfg.weights, dropout=cfg.dropout, drop_connect_rate=cfg.drop_connect_rate,
+                          dtype_policy=policy, bn_momentum=cfg.bn_momentum or None, head_bias=head_bias)
+            if bag:
+                from train_tpu import mil
+
+                model = mil.build_mil_model(cfg.backbone, model_size, bag=bag, pooling=cfg.pooling, **kwargs)
+            else:
+                model = models.build_model(cfg.backbone, model_size, **kwargs)
             optimizer = make_optimizer(cfg, steps)
-        compile_model(model, cfg, optimizer, spe)
+        compile_model(model, cfg, optimizer, spe, bag=bag)
 
     rows = [r for r in history.read_history(storage.join(out, history.HISTORY_CSV))
             if r["epoch"] <= start_epoch] if resume else []
     run = _Run(cfg=cfg, out=out, rows=rows, val_ds=val_ds, val_labels=val_labels,
                val_count=val_count, val_batches=-(-val_count // cfg.batch_size),
-               model_size=model_size)
+               model_size=model_size, bag=bag, val_masks=val_masks)
     if start_epoch < cfg.epochs:
         model.fit(train_ds, epochs=cfg.epochs, initial_epoch=start_epoch, steps_per_epoch=steps,
                   callbacks=[_epoch_end_callback()(run), *callbacks],
@@ -274,7 +291,12 @@ def train(cfg, resume: bool = False, callbacks=()) -> dict:
     else:
         log.info("%s: all %d epochs already done; exporting", out, cfg.epochs)
 
-    export = models.export_float32(model, cfg.backbone, model_size, dropout=cfg.dropout)
+    if bag:
+        from train_tpu import mil
+
+        export = mil.export_float32(model, cfg, model_size, bag)
+    else:
+        export = models.export_float32(model, cfg.backbone, model_size, dropout=cfg.dropout)
     models.save_model(export, storage.join(out, models.MODEL_FILE))
     log.info("wrote %s", storage.join(out, models.MODEL_FILE))
     return {"out": out, "epochs": cfg.epochs, "steps_per_epoch": steps, "replicas": replicas,

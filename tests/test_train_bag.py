@@ -1,0 +1,172 @@
+"""Trainer `--mode bag`: the dual-head bag model, its input pipeline, training and export."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common import mil, models
+from tests.train_shards import make_shards, write_manifest
+from train_tpu import data
+from train_tpu import train as trainlib
+from train_tpu.config import make_config
+
+keras = pytest.importorskip("keras")
+
+ROOT = Path(__file__).resolve().parents[1]
+BAG = 4
+
+
+@pytest.fixture(scope="module")
+def bag_shards(synthetic_small, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bag_shards")
+    made = make_shards(synthetic_small, out, size=32, folds=2, bag=BAG)
+    write_manifest(out, made["files"])
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def bag_run(bag_shards, tmp_path_factory):
+    """One smoke bag run (2 epochs of 3 steps), shared by the checks below."""
+    out = str(tmp_path_factory.mktemp("bag_run") / "run")
+    cfg = make_config("smoke", mode="bag", data=bag_shards, out=out, batch_size=2, pooling="attention")
+    summary = trainlib.train(cfg)
+    return cfg, out, summary
+
+
+def _weights_free_bag_model(pooling: str, bag: int):
+    from train_tpu.mil import build_mil_model
+
+    keras.utils.set_random_seed(1)
+    model = build_mil_model("efficientnet_b0", 32, bag=bag, dropout=0.0, drop_connect_rate=0.0,
+                            pooling=pooling)
+    # large head weights: an untrained backbone's small feature differences become visible
+    rng = np.random.default_rng(2)
+    for name in ("cell_logits", "image_logits"):
+        kernel, bias = model.get_layer(name).get_weights()
+        model.get_layer(name).set_weights([rng.normal(0, 200, kernel.shape).astype("float32"), bias])
+    return model
+
+
+@pytest.mark.parametrize("pooling", mil.POOLINGS)
+def test_padding_changes_nothing(pooling):
+    """A bag of 2 real cells padded to 4 gives the outputs of the same 2 cells in a bag of 2,
+    whatever the padding holds."""
+    m4 = _weights_free_bag_model(pooling, 4)
+    m2 = _weights_free_bag_model(pooling, 2)
+    models.set_weights(m2, m4)
+    rng = np.random.default_rng(0)
+    real = rng.uniform(0, 255, (1, 2, 32, 32, 4)).astype("float32")
+    mask4 = np.array([[1, 1, 0, 0]], "float32")
+    outs = []
+    for pad in (np.zeros((1, 2, 32, 32, 4), "float32"), rng.uniform(0, 255, (1, 2, 32, 32, 4)).astype("float32")):
+        o = m4({mil.CELLS: np.concatenate([real, pad], 1), mil.MASK: mask4}, training=False)
+        outs.append({k: np.asarray(v) for k, v in o.items()})
+    o2 = m2({mil.CELLS: real, mil.MASK: np.ones((1, 2), "float32")}, training=False)
+    for o in outs:
+        np.testing.assert_allclose(o[mil.IMAGE], np.asarray(o2[mil.IMAGE]), atol=1e-6)
+        np.testing.assert_allclose(o[mil.CELL][:, :2], np.asarray(o2[mil.CELL]), atol=1e-6)
+    # the image head does depend on the real cells (the test could fail)
+    other = m2({mil.CELLS: real[:, ::-1] * 0.5, mil.MASK: np.ones((1, 2), "float32")}, training=False)
+    assert np.abs(np.asarray(other[mil.IMAGE]) - np.asarray(o2[mil.IMAGE])).max() > 1e-4
+
+
+def test_masked_cell_loss_leaves_padding_out():
+    from train_tpu.mil import masked_cell_bce
+
+    y = np.array([[[1.0] * 19, [-1.0] * 19]], "float32")  # one real cell, one padding cell
+    p = np.array([[[0.9] * 19, [0.01] * 19]], "float32")
+    loss = float(np.asarray(masked_cell_bce(y, p))[0])
+    assert loss == pytest.approx(-np.log(0.9), rel=1e-5)
+
+
+def test_bag_pipeline_yields_static_bags_with_inherited_cell_targets(bag_shards):
+    cfg = make_config("smoke", mode="bag", data=bag_shards)
+    split = data.find_split(bag_shards, 0)
+    x, y = next(iter(data.train_dataset(split.train_files, cfg, 32, 32, 2, steps_per_epoch=1, bag=BAG)))
+    assert x[mil.CELLS].shape == (2, BAG, 32, 32, 4) and x[mil.MASK].shape == (2, BAG)
+    mask = x[mil.MASK].numpy()
+    cell = y[mil.CELL].numpy()
+    assert np.all(cell[mask == 0] == -1.0)
+    np.testing.assert_array_equal(cell[mask == 1], np.repeat(y[mil.IMAGE].numpy()[:, None], BAG, 1)[mask == 1])
+
+
+def test_a_bag_run_trains_validates_both_heads_and_exports_a_loadable_bag_model(bag_run, bag_shards):
+    cfg, out, summary = bag_run
+    last = summary["last"]
+    for key in ("loss", "image_loss", "cell_loss", "val_macro_auc", "val_map", "val_cell_macro_auc", "val_cell_map"):
+        assert key in last and np.isfinite(last[key]), (key, last)
+    assert last["loss"] == pytest.approx(last["image_loss"] + cfg.cell_weight * last["cell_loss"], rel=0.05)
+    model = models.load_model(out)
+    assert mil.is_bag_model(model) and mil.bag_size(model) == BAG
+    assert json.loads((Path(out) / "preprocess.json").read_text())["bag"] == BAG
+    # the exported float32 model computes what the last checkpoint computes
+    ckpt = models.load_model(trainlib.last_checkpoint(out)[1])
+    split = data.find_split(bag_shards, 0)
+    x = next(iter(data.eval_dataset(split.val_files, 32, 32, 2, 2, bag=BAG)))
+    a, b = model(x, training=False), ckpt(x, training=False)
+    for k in (mil.IMAGE, mil.CELL):
+        np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), atol=1e-5)
+
+
+def test_a_bag_run_refuses_a_cell_dataset_and_the_reverse(bag_shards, tmp_path, synthetic_small):
+    with pytest.raises(ValueError, match="built in 'bag' mode, training asked for --mode cell"):
+        trainlib.train(make_config("smoke", mode="cell", data=bag_shards, out=str(tmp_path / "a")))
+
+
+_MULTI_REPLICA = r"""
+import json, sys
+import numpy as np
+from train_tpu import strategy as S
+S.configure_cpu_replicas(2)
+import tensorflow as tf
+from common import mil, models
+from train_tpu import train as T
+from train_tpu.mil import build_mil_model
+from train_tpu.config import make_config
+
+cfg = make_config("smoke", mode="bag", optimizer="sgd", learning_rate=0.05, warmup_epochs=0.0,
+                  min_lr_ratio=1.0, dropout=0.0, drop_connect_rate=0.0)
+rng = np.random.default_rng(0)
+cells = rng.uniform(0, 255, (2, 3, 32, 32, 4)).astype("float32")
+mask = np.array([[1, 1, 0], [1, 1, 1]], "float32")
+cells[0, 2] = cells[0, 0]  # padding by repetition, as the pipeline pads
+labels = (rng.uniform(size=(2, 19)) < 0.3).astype("float32")
+cell_y = np.where(mask[..., None] > 0, labels[:, None, :], -1.0).astype("float32")
+x = {mil.CELLS: np.concatenate([cells, cells]), mil.MASK: np.concatenate([mask, mask])}
+y = {mil.IMAGE: np.concatenate([labels, labels]), mil.CELL: np.concatenate([cell_y, cell_y])}
+w0 = build_mil_model("efficientnet_b0", 32, bag=3, dropout=0.0, drop_connect_rate=0.0).get_weights()
+
+def one_step(strategy):
+    with strategy.scope():
+        m = build_mil_model("efficientnet_b0", 32, bag=3, dropout=0.0, drop_connect_rate=0.0)
+        models.set_weights(m, w0)
+        T.compile_model(m, cfg, T.make_optimizer(cfg, 1), bag=3)
+    before = np.concatenate([np.ravel(v) for v in m.trainable_weights])
+    ds = tf.data.Dataset.from_tensors((x, y))  # exactly one GLOBAL batch of 4 bags
+    loss = m.fit(ds, epochs=1, steps_per_epoch=1, verbose=0).history["loss"][0]
+    after = np.concatenate([np.ravel(v) for v in m.trainable_weights])
+    return float(loss), after - before
+
+mirrored = S.get_strategy("cpu")
+loss2, d2 = one_step(mirrored)
+loss1, d1 = one_step(tf.distribute.OneDeviceStrategy("/cpu:0"))
+print(json.dumps({"replicas": mirrored.num_replicas_in_sync, "loss2": loss2, "loss1": loss1,
+                  "norm1": float(np.linalg.norm(d1)), "diff": float(np.linalg.norm(d2 - d1))}))
+"""
+
+
+def test_two_replicas_take_the_step_one_replica_takes():
+    """The global batch is two copies of the same 2 bags, so each of 2 replicas sees what one
+    replica sees; the step (loss and weight update) must match."""
+    proc = subprocess.run([sys.executable, "-c", _MULTI_REPLICA], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["replicas"] == 2
+    assert r["loss2"] == pytest.approx(r["loss1"], rel=1e-4)
+    assert r["norm1"] > 0 and r["diff"] < 1e-3 * r["norm1"], r

@@ -1,0 +1,113 @@
+"""The dual-head bag model (red.ai's recipe, 2nd place) and its masked losses; training only.
+
+    cells [B, N, S, S, 4] --reshape--> [B*N, S, S, 4] --backbone + global average pool-->
+      [B*N, C] --reshape--> features [B, N, C]
+      features --dropout--> Dense --sigmoid--> cell  [B, N, 19]   (trained on inherited labels)
+      [features, mask] --MaskedPooling--> [B, C] --dropout--> Dense --sigmoid--> image [B, 19]
+
+Loss: BCE(image, image labels) + cell_weight * BCE(cell, the image's labels for every real
+cell), the cell term averaged over real cells only. The shared layer and the names live in
+`common.mil`, so inference can load the model without this module.
+"""
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from common import mil
+from common import models
+from common.labels import NUM_CLASSES
+
+
+def build_mil_model(backbone: str = "efficientnet_b0", size: int = 224, bag: int = 16,
+                    num_classes: int = NUM_CLASSES, weights: str = "none", dropout: float = 0.2,
+                    drop_connect_rate: float = 0.2, dtype_policy: str | None = None,
+                    bn_momentum: float | None = None, head_bias=None, pooling: str = "max"):
+    """Inputs `{cells: float32 [B, bag, size, size, 4], mask: float32 [B, bag]}`, outputs
+    `{cell: [B, bag, 19], image: [B, 19]}` (float32 sigmoid). Arguments as
+    `common.models.build_model`; `head_bias` starts both heads at the class prior."""
+
+    if bag < 1:
+        raise ValueError(f"bag must be >= 1, got {bag}")
+    single = models.build_model(backbone, size, num_classes=num_classes, weights=weights,
+                                dropout=0.0, drop_connect_rate=drop_connect_rate,
+                                dtype_policy=dtype_policy, bn_momentum=bn_momentum)
+    embed = keras.Model(single.inputs[0], single.get_layer(models.FEATURES_LAYER).output,
+                        name=f"{backbone}_cell_embedding")
+    previous = keras.config.dtype_policy()
+    try:
+        if dtype_policy:
+            keras.config.set_dtype_policy(dtype_policy)
+        cells = keras.Input(shape=(bag, size, size, models.CHANNELS), dtype="float32", name=mil.CELLS)
+        mask = keras.Input(shape=(bag,), dtype="float32", name=mil.MASK)
+        flat = mil.CellsOfBags(name="cells_of_bags")(cells)  # [B*N, S, S, 4]: one backbone call
+        feats = mil.BagsOfCells(bag, name="bags_of_cells")(embed(flat))  # [B, N, C]
+        pooled = mil.MaskedPooling(pooling, name="pool_cells")([feats, mask])
+        if dropout > 0:
+            feats = keras.layers.Dropout(dropout, name="cell_dropout")(feats)
+            pooled = keras.layers.Dropout(dropout, name="image_dropout")(pooled)
+        cell_dense = keras.layers.Dense(num_classes, name="cell_logits")
+        image_dense = keras.layers.Dense(num_classes, name="image_logits")
+        cell_logits, image_logits = cell_dense(feats), image_dense(pooled)
+        if head_bias is not None:
+            bias = np.asarray(head_bias, np.float64).reshape(-1)
+            if bias.shape != (num_classes,) or not np.all(np.isfinite(bias)):
+                raise ValueError(f"head_bias: expected {num_classes} finite values, got {bias.tolist()}")
+            cell_dense.bias.assign(bias.astype(np.float32))
+            image_dense.bias.assign(bias.astype(np.float32))
+        outputs = {
+            mil.CELL: keras.layers.Activation("sigmoid", dtype="float32", name=mil.CELL)(cell_logits),
+            mil.IMAGE: keras.layers.Activation("sigmoid", dtype="float32", name=mil.IMAGE)(image_logits),
+        }
+        return keras.Model({mil.CELLS: cells, mil.MASK: mask}, outputs,
+                           name=f"{backbone}_{size}_bag{bag}_{pooling}")
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+@keras.saving.register_keras_serializable(package="hpa_scc")
+def masked_cell_bce(y_true, y_pred):
+    """BCE over real cells only. `y_true [B, N, 19]` holds -1 in every class of a padding cell
+    (the data pipeline writes it so), which leaves that cell out of the loss and its mean."""
+    ops = keras.ops
+    real = ops.cast(y_true[..., :1] >= 0, "float32")  # [B, N, 1]
+    y = ops.clip(ops.cast(y_true, "float32"), 0.0, 1.0)
+    p = ops.clip(ops.cast(y_pred, "float32"), 1e-7, 1.0 - 1e-7)
+    bce = -(y * ops.log(p) + (1.0 - y) * ops.log(1.0 - p))  # [B, N, 19]
+    per_bag = ops.sum(bce * real, axis=(1, 2)) / ops.maximum(ops.sum(real, axis=(1, 2)) * y_true.shape[-1], 1.0)
+    return per_bag  # [B]: Keras averages over the batch
+
+
+
+def compile_args(cfg, image_loss) -> dict:
+    """`model.compile` keywords for a bag model: the image loss, the masked cell loss weighted
+    by `cfg.cell_weight`, and Keras' running AUC on the image head."""
+    return {
+        "loss": {mil.IMAGE: image_loss, mil.CELL: masked_cell_bce},
+        "loss_weights": {mil.IMAGE: 1.0, mil.CELL: float(cfg.cell_weight)},
+        "metrics": {mil.IMAGE: [keras.metrics.AUC(multi_label=True, num_labels=NUM_CLASSES, name="auc")]},
+    }
+
+
+def validation_metrics(labels: np.ndarray, probs: dict, masks: np.ndarray) -> dict:
+    """Both heads on the validation bags. `labels [K, 19]` image labels, `probs` the model's
+    outputs for those K bags, `masks [K, N]`. The image head gets the usual `val_*` columns
+    (loss, macro AUC, mAP, per class); the cell head, scored against the inherited labels of
+    every real cell, `val_cell_loss`, `val_cell_macro_auc`, `val_cell_map`."""
+    from train_tpu import history
+
+    out = history.validation_metrics(labels, np.asarray(probs[mil.IMAGE], np.float32))
+    real = np.asarray(masks) > 0
+    cell_probs = np.asarray(probs[mil.CELL], np.float32)[real]  # [cells, 19]
+    cell_labels = np.repeat(labels[:, None, :], real.shape[1], axis=1)[real]
+    cells = history.validation_metrics(cell_labels, cell_probs, prefix="val_cell_")
+    out.update({k: cells[k] for k in ("val_cell_loss", "val_cell_macro_auc", "val_cell_map")})
+    return out
+
+
+def export_float32(model, cfg, size: int, bag: int):
+    """A float32, optimizer-free copy of a trained bag model for inference."""
+    out = build_mil_model(cfg.backbone, size, bag=bag, dropout=cfg.dropout, drop_connect_rate=0.0,
+                          dtype_policy="float32", pooling=cfg.pooling)
+    models.set_weights(out, model)
+    return out
