@@ -24,7 +24,6 @@ import numpy as np
 from common.labels import NUM_CLASSES
 
 CHANNELS = 4
-MODEL_FILE = "model.keras"
 # ImageNet statistics on the [0, 1] scale (the values Keras' EfficientNets normalise with).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -324,24 +323,14 @@ def prior_logits(prior, floor: float = 1e-3) -> np.ndarray:
     return np.log(p / (1.0 - p))
 
 
-def model_path(path: str) -> str:
-    """A run folder -> its `model.keras`; a `.keras` file is returned as is."""
-    return path if str(path).endswith(".keras") else _join(path, MODEL_FILE)
-
-
-def _join(base: str, name: str) -> str:
-    from common import storage
-
-    return storage.join(base, name)
-
-
 def load_model(path: str, compile: bool = False, data: bytes | None = None):
-    """Load a `model.keras` (or a run folder holding one), local or `gs://`.
+    """Load a `.keras` model file (or a run folder holding one), local or `gs://`.
 
     compile=True also restores the optimizer state (for resuming training).
     data: the file's bytes when the caller has already read them (no second read or download).
     """
     from common import storage
+    from common.run_folder import model_path
 
     path = model_path(path)
     if data is None and storage.is_gcs(path):
@@ -370,7 +359,7 @@ def save_model(model, path: str) -> None:
     from common import storage
 
     with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, "model.keras")
+        local = os.path.join(tmp, "export.keras")  # Keras wants the suffix
         model.save(local)
         storage.put_file(local, path)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common import models
+from common import models, run_folder
 from common.labels import NUM_CLASSES
 
 keras = pytest.importorskip("keras")
@@ -100,12 +100,12 @@ def test_saved_model_reloads_and_predicts_the_same(tmp_path):
     x = rng.uniform(0, 255, (4, SIZE, SIZE, 4)).astype("float32")
     want = model.predict(x, verbose=0)
     run = tmp_path / "run"
-    models.save_model(model, str(run / models.MODEL_FILE))
-    for path in (str(run), str(run / models.MODEL_FILE)):  # run folder or the file itself
+    models.save_model(model, str(run / run_folder.MODEL_FILE))
+    for path in (str(run), str(run / run_folder.MODEL_FILE)):  # run folder or the file itself
         got = models.load_model(path).predict(x, verbose=0)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     # plain Keras loads it too (no custom objects needed)
-    plain = keras.saving.load_model(str(run / models.MODEL_FILE), compile=False)
+    plain = keras.saving.load_model(str(run / run_folder.MODEL_FILE), compile=False)
     np.testing.assert_allclose(plain.predict(x, verbose=0), want, rtol=1e-5, atol=1e-6)
 
 
@@ -150,7 +150,7 @@ def test_bn_momentum_and_prior_head_bias_are_set_and_saved(tmp_path):
     x = np.random.default_rng(3).uniform(0, 255, (2, SIZE, SIZE, 4)).astype("float32")
     np.testing.assert_allclose(model.predict(x, verbose=0), np.tile(prior, (2, 1)), rtol=1e-5)
     # the momentum is layer configuration: it survives a save and load
-    models.save_model(model, str(tmp_path / models.MODEL_FILE))
+    models.save_model(model, str(tmp_path / run_folder.MODEL_FILE))
     again = models.load_model(str(tmp_path))
     assert {layer.momentum for layer in again.layers
             if isinstance(layer, keras.layers.BatchNormalization)} == {0.9}

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import models, storage
+from common import models, run_folder, storage
 from common.preprocess import TileSpec
 from tests.notebooks import read_notebook
 from tests.train_shards import make_shards, write_manifest
@@ -96,7 +96,7 @@ def test_interrupted_run_resumes_from_the_last_epoch(shards, gcs_bucket):
     with pytest.raises(_Interrupted):
         trainlib.train(cfg, callbacks=[_CrashAfter(1)])
     assert storage.listdir(ckpts) == ["epoch_001.keras"]
-    assert not storage.exists(f"{out}/{models.MODEL_FILE}")
+    assert not storage.exists(f"{out}/{run_folder.MODEL_FILE}")
     assert {"config.json", "preprocess.json", "history.csv", "history.png"} <= set(storage.listdir(out))
     first = history.read_history(hist)
     assert [r["epoch"] for r in first] == [1]
@@ -105,7 +105,7 @@ def test_interrupted_run_resumes_from_the_last_epoch(shards, gcs_bucket):
 
     with pytest.raises(FileExistsError, match="--resume"):
         trainlib.train(cfg)
-    with pytest.raises(ValueError, match="backbone: 'efficientnet_b0' -> 'efficientnet_b1'"):
+    with pytest.raises(ValueError, match="backbone: 'efficientnet_b0' then, 'efficientnet_b1' now"):
         trainlib.train(cfg.replace(backbone="efficientnet_b1"), resume=True)
 
     summary = trainlib.train(cfg, resume=True)

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import pytest
 
-from common import models
+from common import models, run_folder
 from tests.jax_env import ROOT, jax_env
 from tests.train_shards import make_shards
 from train_tpu import history
@@ -133,7 +133,7 @@ def jax_run(shards, tmp_path_factory):
         proc.wait()
     killed = {"returncode": proc.returncode, "log": logs.read_text(),
               "checkpoints": sorted(os.listdir(run / "checkpoints")) if run.exists() else [],
-              "model": (run / models.MODEL_FILE).exists()}
+              "model": (run / run_folder.MODEL_FILE).exists()}
     resumed = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=1200)
     return run, killed, resumed

@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Iterator
 
 from common import storage
 from common.preprocess import PREPROCESS_FILE
+from common.resume import check_same_settings
 from tfrecords_builder import manifest as manifestlib
 from tfrecords_builder import plan as planlib
 from tfrecords_builder.config import RUNTIME_FIELDS, BuildConfig
@@ -146,11 +147,6 @@ def check_segmenter(cfg: BuildConfig) -> None:
         raise BuildError(f"--segmenter hpa: {err}") from None
 
 
-def _diff(a: dict, b: dict) -> str:
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    return ", ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in keys)
-
-
 def _content(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in RUNTIME_FIELDS}
 
@@ -192,12 +188,9 @@ def _load_finished(cfg: BuildConfig) -> BuildResult | None:
     if not storage.exists(path):
         return None
     manifest = json.loads(storage.read_text(path))
-    if _content(manifest.get("config", {})) != cfg.content_dict():
-        raise BuildError(
-            f"{cfg.out} already holds a finished build with another config "
-            f"({_diff(_content(manifest.get('config', {})), cfg.content_dict())}); "
-            "choose another --out or delete it"
-        )
+    check_same_settings(_content(manifest.get("config", {})), cfg.content_dict(), where=cfg.out,
+                        what="already holds a finished build with another config",
+                        advice="choose another --out or delete it")
     if storage.exists(storage.join(cfg.out, STATE_DIR, PLAN_FILE)):
         return None  # finished with skipped images, whose state was kept to try them again
     return BuildResult(cfg.out, manifest, 0, len(manifest["shards"]))
@@ -208,11 +201,9 @@ def _load_or_make_plan(cfg: BuildConfig, runner: Runner, log: Callable[[str], No
     plan_path = storage.join(cfg.out, STATE_DIR, PLAN_FILE)
     if storage.exists(plan_path):
         plan = planlib.Plan.from_json(storage.read_text(plan_path))
-        if plan.config != cfg.content_dict():
-            raise BuildError(
-                f"{cfg.out} holds an unfinished build with another config ({_diff(plan.config, cfg.content_dict())}); "
-                "rerun that command to finish it, or choose another --out"
-            )
+        check_same_settings(plan.config, cfg.content_dict(), where=cfg.out,
+                            what="holds an unfinished build with another config",
+                            advice="rerun that command to finish it, or choose another --out")
         return plan
     stray = [n for n in storage.listdir(cfg.out) if n.endswith(".tfrec")]
     if stray:
@@ -232,8 +223,8 @@ def _load_or_make_plan(cfg: BuildConfig, runner: Runner, log: Callable[[str], No
 def build(cfg: BuildConfig, progress: bool = True, log: Callable[[str], None] = print) -> BuildResult:
     """Build (or finish building) the shards and manifest described by `cfg`.
 
-    Returns the result; `result.exit_code` is 2 when images were skipped. Raises BuildError when
-    the output folder holds a different build.
+    Returns the result; `result.exit_code` is 2 when images were skipped. Raises
+    `common.resume.ResumeError` (a ValueError) when the output folder holds a different build.
     """
     import time
 
