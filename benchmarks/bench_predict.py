@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     seg_options = {"backend": opts.backend, **pipeline.segmentation_options(opts)}
     print(f"device: {device}; {args.n} synthetic images of {args.size} px; {args.backbone} at {args.tile} px; "
           f"{os.cpu_count()} CPU cores")
-    model = models.build_model(args.backbone, size=args.tile, weights="none")
+    model = models.build_model(args.backbone, size=args.tile)
     run = scoring.RunDir(path="bench", spec=spec, model=model, fingerprint="bench")
     group = scoring.model_group(spec, [model], tta=1, batch_size=args.batch_size)
 

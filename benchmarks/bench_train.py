@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
 
-    from common import features, synthetic
+    from common import shard_folder, synthetic
     from tfrecords_builder import build as buildlib
     from tfrecords_builder.config import make_config as builder_config
 
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
                                  masks=os.path.join(src, "masks"), out=out, mode="cell", size=size,
                                  folds=2, shard_mb=0.5, workers=1)
             totals = buildlib.build(cfg, progress=False, log=lambda s: None).manifest["totals"]
-            files = sorted(glob.glob(os.path.join(out, features.SHARD_GLOB)))
+            files = sorted(glob.glob(os.path.join(out, shard_folder.SHARD_GLOB)))
             pipe = pipeline_examples_per_s(files, size, args.batch, args.batches, args.repeats)
             model = model_examples_per_s(size, args.batch, args.steps, args.repeats)
             rows.append((size, model, pipe, totals["examples"], totals["bytes"] / totals["examples"]))

@@ -17,6 +17,7 @@ from common.preprocess import TileSpec
 from tests.notebooks import read_notebook
 from tests.train_shards import make_shards, write_manifest
 from train_tpu import data, history
+from train_tpu import model as trainmodel
 from train_tpu import train as trainlib
 from train_tpu.config import make_config
 
@@ -60,7 +61,7 @@ def test_run_starts_from_the_class_prior_with_the_configured_bn_momentum(shards,
     split = data.find_split(str(folder), cfg.val_fold)
     prior = data.eval_labels(split.train_files, split.train_examples).mean(0)
     # one AdamW step of 1e-4 moves each bias by about 1e-4
-    np.testing.assert_allclose(ckpt.get_layer("logits").bias.numpy(), models.prior_logits(prior),
+    np.testing.assert_allclose(ckpt.get_layer("logits").bias.numpy(), trainmodel.prior_logits(prior),
                                atol=1e-3)
     assert {layer.momentum for layer in ckpt.layers
             if isinstance(layer, keras.layers.BatchNormalization)} == {0.9}

@@ -27,8 +27,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-from common import storage
-from common.preprocess import PREPROCESS_FILE
+from common import shard_folder, storage
 from common.resume import check_same_settings
 from tfrecords_builder import manifest as manifestlib
 from tfrecords_builder import plan as planlib
@@ -79,7 +78,7 @@ class BuildResult:
         if self.images_written:
             lines[0] += f" ({self.images_per_s:.1f} images/s)"
         if self.skipped:
-            lines.append(f"{len(self.skipped)} skipped (all reasons in {manifestlib.MANIFEST_FILE}):")
+            lines.append(f"{len(self.skipped)} skipped (all reasons in {shard_folder.MANIFEST_FILE}):")
             for s in self.skipped[:5]:
                 lines.append(f"  {s['id'] or '<no ID>'} ({s['origin']}): {s['reason']}")
             if len(self.skipped) > 5:
@@ -184,10 +183,9 @@ def make_plan(cfg: BuildConfig, runner: Runner, keep: dict | None = None) -> pla
 
 
 def _load_finished(cfg: BuildConfig) -> BuildResult | None:
-    path = storage.join(cfg.out, manifestlib.MANIFEST_FILE)
-    if not storage.exists(path):
+    manifest = shard_folder.read_manifest(cfg.out)
+    if manifest is None:
         return None
-    manifest = json.loads(storage.read_text(path))
     check_same_settings(_content(manifest.get("config", {})), cfg.content_dict(), where=cfg.out,
                         what="already holds a finished build with another config",
                         advice="choose another --out or delete it")
@@ -213,7 +211,7 @@ def _load_or_make_plan(cfg: BuildConfig, runner: Runner, log: Callable[[str], No
         )
     plan = make_plan(cfg, runner, keep)
     storage.makedirs(cfg.out)
-    cfg.tile_spec().save(storage.join(cfg.out, PREPROCESS_FILE))
+    shard_folder.write_spec(cfg.out, cfg.tile_spec())
     storage.write_text(plan_path, plan.to_json())
     log(f"planned {len(plan.entries)} images into {len(plan.shards)} shards, {cfg.folds} folds "
         f"(~{plan.bytes_per_image / 1e3:.1f} kB per image, {plan.estimate}); {len(plan.skipped)} rows rejected")
@@ -260,7 +258,7 @@ def shards_to_build(cfg: BuildConfig, plan: planlib.Plan, log: Callable[[str], N
     """The planned shards that this run must (re)build, for either engine, after clearing what a
     killed or partly skipped run left: its manifest (a retry is not complete until it ends) and
     local copies killed halfway (never under a final name)."""
-    manifest_path = storage.join(cfg.out, manifestlib.MANIFEST_FILE)
+    manifest_path = shard_folder.manifest_path(cfg.out)
     if storage.exists(manifest_path):  # retrying the skipped images of a finished build
         storage.delete(manifest_path)
     done_dir = storage.join(cfg.out, STATE_DIR, DONE_DIR)
@@ -294,7 +292,7 @@ def finish(cfg: BuildConfig, plan: planlib.Plan, log: Callable[[str], None] = pr
         s["name"]: json.loads(storage.read_text(storage.join(done_dir, s["name"] + ".json"))) for s in plan.shards
     }
     manifest = manifestlib.build_manifest(cfg, plan, shard_records)
-    storage.write_text(storage.join(cfg.out, manifestlib.MANIFEST_FILE), manifestlib.dumps(manifest))
+    shard_folder.write_manifest(cfg.out, manifest)
     decode_skips = sum(len(rec["skipped"]) for rec in shard_records.values())
     if decode_skips:
         log(f"kept {state} so that the same command tries the {decode_skips} skipped image(s) again")

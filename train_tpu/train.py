@@ -19,6 +19,7 @@ from common.preprocess import PREPROCESS_FILE
 from common.resume import check_same_settings
 from train_tpu import backend as backend_lib
 from train_tpu import data, history
+from train_tpu import model as modellib
 from train_tpu import strategy as strategy_lib
 
 log = logging.getLogger("train_tpu")
@@ -240,7 +241,7 @@ def train(cfg, resume: bool = False, callbacks=()) -> dict:
         if prior is None:
             log.info("no class counts in the manifest: the head starts at zero bias")
         else:
-            head_bias = models.prior_logits(prior)
+            head_bias = modellib.prior_logits(prior)
             log.info("head bias from the training class frequencies (%.3f..%.3f)",
                      prior.min(), prior.max())
     with strategy.scope():
@@ -252,10 +253,10 @@ def train(cfg, resume: bool = False, callbacks=()) -> dict:
             import keras
 
             keras.utils.set_random_seed(cfg.seed)  # the initial weights follow --seed too
-            model = models.build_model(cfg.backbone, model_size, weights=cfg.weights,
-                                       dropout=cfg.dropout, drop_connect_rate=cfg.drop_connect_rate,
-                                       dtype_policy=policy, bn_momentum=cfg.bn_momentum or None,
-                                       head_bias=head_bias)
+            model = modellib.build_model(cfg.backbone, model_size, weights=cfg.weights,
+                                         dropout=cfg.dropout, drop_connect_rate=cfg.drop_connect_rate,
+                                         dtype_policy=policy, bn_momentum=cfg.bn_momentum or None,
+                                         head_bias=head_bias)
             optimizer = make_optimizer(cfg, steps)
         compile_model(model, cfg, optimizer, spe)
 
@@ -271,7 +272,7 @@ def train(cfg, resume: bool = False, callbacks=()) -> dict:
     else:
         log.info("%s: all %d epochs already done; exporting", out, cfg.epochs)
 
-    export = models.export_float32(model, cfg.backbone, model_size, dropout=cfg.dropout)
+    export = modellib.export_float32(model, cfg.backbone, model_size, dropout=cfg.dropout)
     log.info("wrote %s", run_folder.write_model(out, export))
     return {"out": out, "epochs": cfg.epochs, "steps_per_epoch": steps, "replicas": replicas,
             "strategy": type(strategy).__name__, "precision": policy, "backend": cfg.backend,
