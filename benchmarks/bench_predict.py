@@ -123,7 +123,8 @@ def main(argv=None) -> int:
 
     import numpy as np
 
-    from common import masks, models, synthetic
+    from common import masks, models
+    from testkit import synthetic
     from common.preprocess import TileSpec
     from infer_gpu import pipeline, scoring
 

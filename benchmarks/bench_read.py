@@ -65,7 +65,8 @@ def main(argv=None) -> int:
 
     import tensorflow as tf
 
-    from common import shard_folder, synthetic
+    from common import shard_folder
+    from testkit import synthetic
     from tfrecords_builder import build as buildlib
     from tfrecords_builder.config import make_config
 

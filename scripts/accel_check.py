@@ -218,7 +218,7 @@ def nvidia_smi_memory() -> list[str]:
 
 
 def build_shards(work: Path, sz: dict) -> Path:
-    from common import synthetic
+    from testkit import synthetic
     from tfrecords_builder import build as buildlib
     from tfrecords_builder.config import make_config as builder_config
 
@@ -403,7 +403,7 @@ def tf_checks(report: Report, args, sz: dict, work: Path) -> None:
     if not train_ok:
         report.line("SKIP", "predict", "no trained run (training failed)")
         return
-    from common import synthetic
+    from testkit import synthetic
 
     data = work / "predict_data"
     t = time.perf_counter()
@@ -495,12 +495,12 @@ def backend_device(backend: str, want: str):
 
 def synthetic_tiles(sz: dict, seed: int = 0):
     """In-memory cell tiles `uint8 [K, t, t, 4]` and their cells' multi-hot labels `[K, 19]`,
-    cut by the project's own functions from common.synthetic images (TF-free)."""
+    cut by the project's own functions from testkit.synthetic images (TF-free)."""
     import numpy as np
 
     from common.labels import NUM_CLASSES
     from common.preprocess import TileSpec, cell_tiles
-    from common.synthetic import CHANNEL_NAMES, render_image
+    from testkit.synthetic import CHANNEL_NAMES, render_image
 
     spec = TileSpec(size=sz["tile"])
     xs, ys = [], []
@@ -618,7 +618,7 @@ def backend_checks(report: Report, args, sz: dict, work: Path, tf_present: bool)
                     if peak else f"not reported by {backend}")
 
     # the TF-free CPU stages of predict, on synthetic images of --image-size px
-    from common import synthetic
+    from testkit import synthetic
     from common.preprocess import TileSpec
     from infer_gpu import pipeline
 

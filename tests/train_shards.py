@@ -1,4 +1,4 @@
-"""Test helper: TFRecord shards in the builder's layout, made from `common.synthetic` data with
+"""Test helper: TFRecord shards in the builder's layout, made from `testkit.synthetic` data with
 the common parts only (images, cell masks, cell_tiles, features.serialize), so the trainer's
 tests do not depend on the TFRecord builder stage."""
 from __future__ import annotations
