@@ -39,10 +39,10 @@ def bag_run(bag_shards, tmp_path_factory):
 
 
 def _weights_free_bag_model(pooling: str, bag: int):
-    from train_tpu.mil import build_mil_model
+    from train_tpu.bag_model import build_bag_model
 
     keras.utils.set_random_seed(1)
-    model = build_mil_model("efficientnet_b0", 32, bag=bag, dropout=0.0, drop_connect_rate=0.0,
+    model = build_bag_model("efficientnet_b0", 32, bag=bag, dropout=0.0, drop_connect_rate=0.0,
                             pooling=pooling)
     # large head weights: an untrained backbone's small feature differences become visible
     rng = np.random.default_rng(2)
@@ -58,7 +58,7 @@ def test_padding_changes_nothing(pooling):
     whatever the padding holds."""
     m4 = _weights_free_bag_model(pooling, 4)
     m2 = _weights_free_bag_model(pooling, 2)
-    models.set_weights(m2, m4)
+    modellib.set_weights(m2, m4)
     rng = np.random.default_rng(0)
     real = rng.uniform(0, 255, (1, 2, 32, 32, 4)).astype("float32")
     mask4 = np.array([[1, 1, 0, 0]], "float32")
@@ -76,7 +76,7 @@ def test_padding_changes_nothing(pooling):
 
 
 def test_masked_cell_loss_leaves_padding_out():
-    from train_tpu.mil import masked_cell_bce
+    from train_tpu.bag_model import masked_cell_bce
 
     y = np.array([[[1.0] * 19, [-1.0] * 19]], "float32")  # one real cell, one padding cell
     p = np.array([[[0.9] * 19, [0.01] * 19]], "float32")
@@ -126,7 +126,7 @@ S.configure_cpu_replicas(2)
 import tensorflow as tf
 from common import mil, models
 from train_tpu import train as T
-from train_tpu.mil import build_mil_model
+from train_tpu.bag_model import build_bag_model
 from train_tpu.config import make_config
 
 cfg = make_config("smoke", mode="bag", optimizer="sgd", learning_rate=0.05, warmup_epochs=0.0,
@@ -139,12 +139,12 @@ labels = (rng.uniform(size=(2, 19)) < 0.3).astype("float32")
 cell_y = np.where(mask[..., None] > 0, labels[:, None, :], -1.0).astype("float32")
 x = {mil.CELLS: np.concatenate([cells, cells]), mil.MASK: np.concatenate([mask, mask])}
 y = {mil.IMAGE: np.concatenate([labels, labels]), mil.CELL: np.concatenate([cell_y, cell_y])}
-w0 = build_mil_model("efficientnet_b0", 32, bag=3, dropout=0.0, drop_connect_rate=0.0).get_weights()
+w0 = build_bag_model("efficientnet_b0", 32, bag=3, dropout=0.0, drop_connect_rate=0.0).get_weights()
 
 def one_step(strategy):
     with strategy.scope():
-        m = build_mil_model("efficientnet_b0", 32, bag=3, dropout=0.0, drop_connect_rate=0.0)
-        models.set_weights(m, w0)
+        m = build_bag_model("efficientnet_b0", 32, bag=3, dropout=0.0, drop_connect_rate=0.0)
+        modellib.set_weights(m, w0)
         T.compile_model(m, cfg, T.make_optimizer(cfg, 1), bag=3)
     before = np.concatenate([np.ravel(v) for v in m.trainable_weights])
     ds = tf.data.Dataset.from_tensors((x, y))  # exactly one GLOBAL batch of 4 bags

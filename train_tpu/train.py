@@ -12,12 +12,14 @@ import re
 import sys
 import time
 
-from common import models, storage
+from common import config as cfglib
+from common import models, run_folder, storage
 from common.labels import NUM_CLASSES
 from common.preprocess import PREPROCESS_FILE
-from train_tpu import config as cfgmod
+from common.resume import check_same_settings
 from train_tpu import backend as backend_lib
 from train_tpu import data, history
+from train_tpu import model as modellib
 from train_tpu import strategy as strategy_lib
 
 log = logging.getLogger("train_tpu")
@@ -104,10 +106,10 @@ def compile_model(model, cfg, optimizer, steps_per_execution: int = 1, bag: int 
     import keras
 
     if bag:
-        from train_tpu import mil
+        from train_tpu import bag_model  # imports Keras: only once the backend is chosen
 
         model.compile(optimizer=optimizer, steps_per_execution=steps_per_execution,
-                      **mil.compile_args(cfg, make_loss(cfg)))
+                      **bag_model.compile_args(cfg, make_loss(cfg)))
         return
     model.compile(
         optimizer=optimizer, loss=make_loss(cfg),
@@ -144,11 +146,11 @@ def _epoch_end_callback():
             row.update({k: float(v) for k, v in logs.items()})
             row["lr"] = current_lr(self.model.optimizer)
             if r.val_count and r.bag:
-                from train_tpu import mil
+                from train_tpu import bag_model
 
                 probs = self.model.predict(r.val_ds, steps=r.val_batches, verbose=0)
                 probs = {k: v[:r.val_count] for k, v in probs.items()}
-                row.update(mil.validation_metrics(r.val_labels, probs, r.val_masks))
+                row.update(bag_model.validation_metrics(r.val_labels, probs, r.val_masks))
             elif r.val_count:
                 probs = self.model.predict(r.val_ds, steps=r.val_batches, verbose=0)[:r.val_count]
                 row.update(history.validation_metrics(r.val_labels, np.asarray(probs, np.float32)))
@@ -185,15 +187,11 @@ class _Run:
 
 
 def _check_resumable(cfg, out: str) -> None:
-    path = storage.join(out, cfgmod.CONFIG_FILE)
-    if not storage.exists(path):
+    if not run_folder.has_config(out):
         return
-    old = cfgmod.load(path)
-    changed = [f"{k}: {getattr(old, k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS
-               if getattr(old, k) != getattr(cfg, k)]
-    if changed:
-        raise ValueError(f"--resume {out}: the run was started with other settings ("
-                         + "; ".join(changed) + "); resume with the same ones or use a new --out")
+    check_same_settings(run_folder.read_config(out), cfglib.to_dict(cfg), keys=RESUME_KEYS,
+                        where=f"--resume {out}", what="the run was started with other settings",
+                        advice="resume with the same ones or use a new --out")
 
 
 def train(cfg, resume: bool = False, callbacks=()) -> dict:
@@ -241,8 +239,8 @@ def train(cfg, resume: bool = False, callbacks=()) -> dict:
     if resume:
         _check_resumable(cfg, out)
     storage.makedirs(out)
-    cfgmod.save(cfg, storage.join(out, cfgmod.CONFIG_FILE))
-    spec.save(storage.join(out, PREPROCESS_FILE))
+    run_folder.write_config(out, cfg)
+    run_folder.write_spec(out, spec)
 
     train_ds = data.train_dataset(split.train_files, cfg, tile_size, model_size, cfg.batch_size,
                                   steps_per_epoch=steps, start_epoch=start_epoch, bag=bag)
@@ -256,7 +254,7 @@ def train(cfg, resume: bool = False, callbacks=()) -> dict:
         if prior is None:
             log.info("no class counts in the manifest: the head starts at zero bias")
         else:
-            head_bias = models.prior_logits(prior)
+            head_bias = modellib.prior_logits(prior)
             log.info("head bias from the training class frequencies (%.3f..%.3f)",
                      prior.min(), prior.max())
     with strategy.scope():
@@ -271,11 +269,11 @@ def train(cfg, resume: bool = False, callbacks=()) -> dict:
             kwargs = dict(weights=cfg.weights, dropout=cfg.dropout, drop_connect_rate=cfg.drop_connect_rate,
                           dtype_policy=policy, bn_momentum=cfg.bn_momentum or None, head_bias=head_bias)
             if bag:
-                from train_tpu import mil
+                from train_tpu import bag_model
 
-                model = mil.build_mil_model(cfg.backbone, model_size, bag=bag, pooling=cfg.pooling, **kwargs)
+                model = bag_model.build_bag_model(cfg.backbone, model_size, bag=bag, pooling=cfg.pooling, **kwargs)
             else:
-                model = models.build_model(cfg.backbone, model_size, **kwargs)
+                model = modellib.build_model(cfg.backbone, model_size, **kwargs)
             optimizer = make_optimizer(cfg, steps)
         compile_model(model, cfg, optimizer, spe, bag=bag)
 
@@ -292,13 +290,12 @@ def train(cfg, resume: bool = False, callbacks=()) -> dict:
         log.info("%s: all %d epochs already done; exporting", out, cfg.epochs)
 
     if bag:
-        from train_tpu import mil
+        from train_tpu import bag_model
 
-        export = mil.export_float32(model, cfg, model_size, bag)
+        export = bag_model.export_float32(model, cfg, model_size, bag)
     else:
-        export = models.export_float32(model, cfg.backbone, model_size, dropout=cfg.dropout)
-    models.save_model(export, storage.join(out, models.MODEL_FILE))
-    log.info("wrote %s", storage.join(out, models.MODEL_FILE))
+        export = modellib.export_float32(model, cfg.backbone, model_size, dropout=cfg.dropout)
+    log.info("wrote %s", run_folder.write_model(out, export))
     return {"out": out, "epochs": cfg.epochs, "steps_per_epoch": steps, "replicas": replicas,
             "strategy": type(strategy).__name__, "precision": policy, "backend": cfg.backend,
             "train_examples": split.train_examples, "val_examples": val_count,

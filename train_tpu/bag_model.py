@@ -16,20 +16,21 @@ import numpy as np
 
 from common import mil
 from common import models
+from train_tpu import model as modellib
 from common.labels import NUM_CLASSES
 
 
-def build_mil_model(backbone: str = "efficientnet_b0", size: int = 224, bag: int = 16,
+def build_bag_model(backbone: str = "efficientnet_b0", size: int = 224, bag: int = 16,
                     num_classes: int = NUM_CLASSES, weights: str = "none", dropout: float = 0.2,
                     drop_connect_rate: float = 0.2, dtype_policy: str | None = None,
                     bn_momentum: float | None = None, head_bias=None, pooling: str = "max"):
     """Inputs `{cells: float32 [B, bag, size, size, 4], mask: float32 [B, bag]}`, outputs
     `{cell: [B, bag, 19], image: [B, 19]}` (float32 sigmoid). Arguments as
-    `common.models.build_model`; `head_bias` starts both heads at the class prior."""
+    `train_tpu.model.build_model`; `head_bias` starts both heads at the class prior."""
 
     if bag < 1:
         raise ValueError(f"bag must be >= 1, got {bag}")
-    single = models.build_model(backbone, size, num_classes=num_classes, weights=weights,
+    single = modellib.build_model(backbone, size, num_classes=num_classes, weights=weights,
                                 dropout=0.0, drop_connect_rate=drop_connect_rate,
                                 dtype_policy=dtype_policy, bn_momentum=bn_momentum)
     embed = keras.Model(single.inputs[0], single.get_layer(models.FEATURES_LAYER).output,
@@ -38,7 +39,7 @@ def build_mil_model(backbone: str = "efficientnet_b0", size: int = 224, bag: int
     try:
         if dtype_policy:
             keras.config.set_dtype_policy(dtype_policy)
-        cells = keras.Input(shape=(bag, size, size, models.CHANNELS), dtype="float32", name=mil.CELLS)
+        cells = keras.Input(shape=(bag, size, size, models.NUM_CHANNELS), dtype="float32", name=mil.CELLS)
         mask = keras.Input(shape=(bag,), dtype="float32", name=mil.MASK)
         flat = mil.CellsOfBags(name="cells_of_bags")(cells)  # [B*N, S, S, 4]: one backbone call
         feats = mil.BagsOfCells(bag, name="bags_of_cells")(embed(flat))  # [B, N, C]
@@ -107,7 +108,7 @@ def validation_metrics(labels: np.ndarray, probs: dict, masks: np.ndarray) -> di
 
 def export_float32(model, cfg, size: int, bag: int):
     """A float32, optimizer-free copy of a trained bag model for inference."""
-    out = build_mil_model(cfg.backbone, size, bag=bag, dropout=cfg.dropout, drop_connect_rate=0.0,
+    out = build_bag_model(cfg.backbone, size, bag=bag, dropout=cfg.dropout, drop_connect_rate=0.0,
                           dtype_policy="float32", pooling=cfg.pooling)
-    models.set_weights(out, model)
+    modellib.set_weights(out, model)
     return out
