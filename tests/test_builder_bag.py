@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from common import features, images, preprocess
+from common import features, images, preprocess, shard_folder
 from common.labels import multi_hot, read_labels_csv
 from tfrecords_builder import beam_engine
 from tfrecords_builder import build as buildlib
@@ -77,7 +77,7 @@ def test_choose_cells_is_deterministic_and_depends_on_image_and_seed():
 
 def test_manifest_counts_one_record_per_image_and_the_cells(bag_build):
     _, out, _ = bag_build
-    manifest = json.loads((out / features.MANIFEST_FILE).read_text())
+    manifest = json.loads((out / shard_folder.MANIFEST_FILE).read_text())
     assert manifest["config"]["mode"] == "bag" and manifest["config"]["max_cells"] == BAG
     assert manifest["totals"]["examples"] == manifest["totals"]["images"] == 6
 

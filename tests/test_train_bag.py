@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from common import mil, models
+from train_tpu import model as modellib
 from tests.train_shards import make_shards, write_manifest
 from train_tpu import data
 from train_tpu import train as trainlib
@@ -125,6 +126,7 @@ from train_tpu import strategy as S
 S.configure_cpu_replicas(2)
 import tensorflow as tf
 from common import mil, models
+from train_tpu import model as modellib
 from train_tpu import train as T
 from train_tpu.bag_model import build_bag_model
 from train_tpu.config import make_config
