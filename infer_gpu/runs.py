@@ -7,7 +7,6 @@ spec and its output has the 19 classes, and fingerprints the weights so that `--
 from __future__ import annotations
 
 import dataclasses
-import zlib
 from dataclasses import dataclass
 
 from common import run_folder
@@ -44,7 +43,7 @@ def load_run(run_dir: str, expect_mode: str | None = None) -> RunDir:
     folder = run_folder.load(run_dir)  # names model.keras when it is missing
     path = folder.model_file
     data = storage.read_bytes(path)  # read once: fingerprinted, then loaded from these bytes
-    fingerprint = f"crc32:{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+    fingerprint = storage.fingerprint(data)
     model = run_folder.load_model(folder, data=data)
     del data
     shape = tuple(model.input_shape)
