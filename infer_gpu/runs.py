@@ -27,6 +27,9 @@ class RunDir:
     spec: TileSpec
     model: object = dataclasses.field(repr=False, default=None)
     fingerprint: str = ""
+    # how the training data's cells were segmented (`common.segmentation.SegmentationSpec`,
+    # from preprocess.json); None = not recorded. `spec` holds the tile spec without it.
+    segmentation: object = None
 
 
 def load_run(run_dir: str, expect_mode: str | None = None) -> RunDir:
@@ -55,7 +58,8 @@ def load_run(run_dir: str, expect_mode: str | None = None) -> RunDir:
     out = tuple(model.output_shape)
     if out[-1] != NUM_CLASSES:
         raise ValueError(f"{path}: model output {out}, expected [B, {NUM_CLASSES}]")
-    return RunDir(path=run_dir, spec=spec, model=model, fingerprint=fingerprint)
+    return RunDir(path=run_dir, spec=spec.replace(segmentation=None), model=model, fingerprint=fingerprint,
+                  segmentation=spec.segmentation)
 
 
 def describe(run: RunDir) -> dict:
