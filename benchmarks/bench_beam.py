@@ -80,7 +80,7 @@ def main(argv=None) -> int:
                    "the current Dataflow price list for your region)")
     args = p.parse_args(argv)
 
-    from common import synthetic
+    from testkit import synthetic
     from common.labels import read_labels_csv
     from tfrecords_builder.config import make_config
 

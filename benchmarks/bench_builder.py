@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-step breakdown")
     args = p.parse_args(argv)
 
-    from common import synthetic
+    from testkit import synthetic
     from common.labels import read_labels_csv
     from tfrecords_builder import build as buildlib
     from tfrecords_builder import plan as planlib

@@ -8,7 +8,7 @@
    PIL on the same 4 threads (one channel each); and the project's per-channel decoder
    (`load_channel`, what `load_image` runs on each thread) on one thread against PIL on one
    thread. The 16-bit single-file comparison is one thread on both sides.
-2. `common.synthetic.generate`: seconds per image (render + PNG/CSV writes) against the
+2. `testkit.synthetic.generate`: seconds per image (render + PNG/CSV writes) against the
    issue's target of "well under a second" for a 512 px image.
 
     .venv/bin/python benchmarks/bench_images.py             # quick
@@ -30,7 +30,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import images, synthetic  # noqa: E402
+from common import images  # noqa: E402
+from testkit import synthetic  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data", "hpa_images")
 

@@ -123,7 +123,8 @@ def main(argv=None) -> int:
 
     import numpy as np
 
-    from common import masks, models, synthetic
+    from common import masks, models
+    from testkit import synthetic
     from common.preprocess import TileSpec
     from infer_gpu import engine, reading, runs, scorer
     from infer_gpu.config import PredictConfig
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
     seg_options = {"backend": reading.segmentation_used(opts).backend, **reading.segmentation_options(opts)}
     print(f"device: {device}; {args.n} synthetic images of {args.size} px; {args.backbone} at {args.tile} px; "
           f"{os.cpu_count()} CPU cores")
-    model = models.build_model(args.backbone, size=args.tile, weights="none")
+    model = models.build_model(args.backbone, size=args.tile)
     run = runs.RunDir(path="bench", spec=spec, model=model, fingerprint="bench")
     group = scorer.model_group(spec, [model], tta=1, batch_size=args.batch_size)
 

@@ -65,7 +65,8 @@ def main(argv=None) -> int:
 
     import tensorflow as tf
 
-    from common import features, synthetic
+    from common import shard_folder
+    from testkit import synthetic
     from tfrecords_builder import build as buildlib
     from tfrecords_builder.config import make_config
 
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
                           masks=os.path.join(data, "masks"), out=os.path.join(tmp, "shards"), mode="cell",
                           size=args.tile, folds=4, shard_mb=0.5, workers=2)
         result = buildlib.build(cfg, progress=False, log=lambda s: None)
-        files = sorted(glob.glob(os.path.join(cfg.out, features.SHARD_GLOB)))
+        files = sorted(glob.glob(os.path.join(cfg.out, shard_folder.SHARD_GLOB)))
         cycle = min(len(files), 8)
         mb = sum(os.path.getsize(f) for f in files) / 1e6
 

@@ -3,7 +3,7 @@ reduced working resolution against the same labelling at full resolution, in the
 
     .venv/bin/python benchmarks/bench_segmentation.py [--images N] [--repeats R] [--work-size 512]
 
-Inputs: N synthetic 2048x2048 images (common.synthetic, with their true cell masks) and, when
+Inputs: N synthetic 2048x2048 images (testkit.synthetic, with their true cell masks) and, when
 ../shared/data is present, the real HPA image 57_F11_1 resized from 1728 to 2048 px.
 Both labelling runs get the SAME probability maps (computed once at full resolution), so the
 timing isolates the labelling step; the reduced run includes shrinking the maps and upscaling
@@ -43,7 +43,8 @@ def _best_time(fn, repeats):
 
 def load_inputs(n: int):
     """[(name, HxWx4 uint8 image at 2048 px, true cell map or None)]."""
-    from common import images, synthetic
+    from common import images
+    from testkit import synthetic
 
     out = []
     for i in range(n):
@@ -70,7 +71,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     from common import segmentation as seg
-    from common.segmentation import classical, compare, labelling
+    from common.segmentation import classical, labelling
+    from testkit import segmentation_compare as compare
 
     inputs = load_inputs(args.images)
     reduced = labelling.LabelParams(work_size=args.work_size)

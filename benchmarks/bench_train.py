@@ -12,7 +12,7 @@ times in one run, in examples per second,
 and prints pipeline/model. Both sides are warmed (one untimed pass) and timed best of
 `--repeats` passes, back to back in one process that both let use every core (TensorFlow's own
 thread pools). The tiles are cut from synthetic images of real size (2048 px by default,
-common.synthetic; HPA images are 1728-3072 px), so a 224 px tile is a cell shrunk to fit, as in
+testkit.synthetic; HPA images are 1728-3072 px), so a 224 px tile is a cell shrunk to fit, as in
 real training, and its PNG is as costly to decode as a real one (mean bytes per example printed).
 The pipeline must deliver at least 5x what the model consumes, so a
 faster accelerator is not starved (on a TPU the model side is ~100x faster; the host's input
@@ -93,7 +93,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
 
-    from common import features, synthetic
+    from common import shard_folder
+    from testkit import synthetic
     from tfrecords_builder import build as buildlib
     from tfrecords_builder.config import make_config as builder_config
 
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
                                  masks=os.path.join(src, "masks"), out=out, mode="cell", size=size,
                                  folds=2, shard_mb=0.5, workers=1)
             totals = buildlib.build(cfg, progress=False, log=lambda s: None).manifest["totals"]
-            files = sorted(glob.glob(os.path.join(out, features.SHARD_GLOB)))
+            files = sorted(glob.glob(os.path.join(out, shard_folder.SHARD_GLOB)))
             pipe = pipeline_examples_per_s(files, size, args.batch, args.batches, args.repeats)
             model = model_examples_per_s(size, args.batch, args.steps, args.repeats)
             rows.append((size, model, pipe, totals["examples"], totals["bytes"] / totals["examples"]))

@@ -28,9 +28,6 @@ CELL_AREA = "cell_area"  # int64: pixels at full resolution (0 for whole images)
 
 WHOLE_IMAGE = -1
 
-# A dataset folder: shards named by `shard_name`, found by this glob, and the builder's manifest.
-SHARD_GLOB = "fold*-*.tfrec"
-MANIFEST_FILE = "manifest.json"
 
 
 def _varint(value: int) -> bytes:
@@ -185,7 +182,3 @@ def multi_hot_ids(label_ids):
     hot = tf.minimum(tf.reduce_sum(tf.one_hot(ids, NUM_CLASSES, dtype=tf.float32), axis=0), 1.0)
     return tf.ensure_shape(hot, [NUM_CLASSES])
 
-
-def shard_name(split: str, index: int, count: int) -> str:
-    """`{split}-{i:05d}-of-{n:05d}.tfrec`."""
-    return f"{split}-{index:05d}-of-{count:05d}.tfrec"

@@ -218,7 +218,7 @@ def nvidia_smi_memory() -> list[str]:
 
 
 def build_shards(work: Path, sz: dict) -> Path:
-    from common import synthetic
+    from testkit import synthetic
     from tfrecords_builder import build as buildlib
     from tfrecords_builder.config import make_config as builder_config
 
@@ -261,11 +261,11 @@ def pipeline_examples_per_s(shards: Path, sz: dict) -> float:
     """The trainer's input pipeline alone, examples/s, best of 3 passes after a warm-up pass."""
     import tensorflow as tf
 
-    from common import features
+    from common import shard_folder
     from train_tpu import data
     from train_tpu.config import make_config
 
-    files = sorted(str(p) for p in shards.glob(features.SHARD_GLOB))
+    files = sorted(str(p) for p in shards.glob(shard_folder.SHARD_GLOB))
     cfg = make_config("smoke", size=sz["tile"], batch_size=sz["batch"], shuffle_buffer=256)
     best, n = float("inf"), 0
     for i in range(4):
@@ -403,7 +403,7 @@ def tf_checks(report: Report, args, sz: dict, work: Path) -> None:
     if not train_ok:
         report.line("SKIP", "predict", "no trained run (training failed)")
         return
-    from common import synthetic
+    from testkit import synthetic
 
     data = work / "predict_data"
     t = time.perf_counter()
@@ -495,12 +495,12 @@ def backend_device(backend: str, want: str):
 
 def synthetic_tiles(sz: dict, seed: int = 0):
     """In-memory cell tiles `uint8 [K, t, t, 4]` and their cells' multi-hot labels `[K, 19]`,
-    cut by the project's own functions from common.synthetic images (TF-free)."""
+    cut by the project's own functions from testkit.synthetic images (TF-free)."""
     import numpy as np
 
     from common.labels import NUM_CLASSES
     from common.preprocess import TileSpec, cell_tiles
-    from common.synthetic import CHANNEL_NAMES, render_image
+    from testkit.synthetic import CHANNEL_NAMES, render_image
 
     spec = TileSpec(size=sz["tile"])
     xs, ys = [], []
@@ -544,6 +544,7 @@ def backend_checks(report: Report, args, sz: dict, work: Path, tf_present: bool)
     t = time.perf_counter()
     try:
         from common import models
+        from train_tpu import model as modellib
 
         model = models.build_model("efficientnet_b0", sz["tile"], dropout=0.0, drop_connect_rate=0.0,
                                    dtype_policy=policy)
@@ -593,12 +594,12 @@ def backend_checks(report: Report, args, sz: dict, work: Path, tf_present: bool)
                 f"{report.train or float('nan'):.1f} ex/s over steps 2..{steps}; first step (compile) "
                 f"{compile_s:.1f} s")
 
-    # inference: the float32 model predict uses (common.models.export_float32 on a GPU)
+    # inference: the float32 model predict uses (train_tpu.model.export_float32 on a GPU)
     infer_model, note = model, "the trained float32 model"
     if gpu and models is not None:
         t = time.perf_counter()
-        infer_model = models.export_float32(model, "efficientnet_b0", sz["tile"], dropout=0.0)
-        note = f"common.models.export_float32 copy (as predict loads), built in {time.perf_counter() - t:.1f} s"
+        infer_model = modellib.export_float32(model, "efficientnet_b0", sz["tile"], dropout=0.0)
+        note = f"train_tpu.model.export_float32 copy (as predict loads), built in {time.perf_counter() - t:.1f} s"
     ib = sz["infer_batch"]
     xb = x[rng.choice(len(x), ib, replace=len(x) < ib)].astype("float32")
     t = time.perf_counter()
@@ -617,7 +618,7 @@ def backend_checks(report: Report, args, sz: dict, work: Path, tf_present: bool)
                     if peak else f"not reported by {backend}")
 
     # the TF-free CPU stages of predict, on synthetic images of --image-size px
-    from common import synthetic
+    from testkit import synthetic
     from common.preprocess import TileSpec
     from infer_gpu import reading
     from infer_gpu.config import PredictConfig

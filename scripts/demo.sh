@@ -10,8 +10,8 @@ step() { printf '\n== %s\n' "$*"; }
 
 step "1/6 synthetic data: training images and a held-out test set"
 # 190 images: every class is the main one of 10 images; 19 test images: of one image each
-$PY -m common.synthetic --out "$OUT/train_data" --n 190 --size 256 --seed 0
-$PY -m common.synthetic --out "$OUT/test_data" --n 19 --size 256 --seed 1
+$PY -m testkit.synthetic --out "$OUT/train_data" --n 190 --size 256 --seed 0
+$PY -m testkit.synthetic --out "$OUT/test_data" --n 19 --size 256 --seed 1
 
 step "2/6 TFRecord shards (cell tiles, 3 folds)"
 $PY -m tfrecords_builder --images "$OUT/train_data/images" --labels "$OUT/train_data/train.csv" \

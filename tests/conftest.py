@@ -23,7 +23,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def synthetic_small(tmp_path_factory) -> Path:
     """A small synthetic dataset (6 images, 256 px, seed 0), generated once per session."""
-    from common import synthetic
+    from testkit import synthetic
 
     out = tmp_path_factory.mktemp("synthetic_small")
     synthetic.generate(str(out), n=6, size=256, seed=0)

@@ -64,7 +64,7 @@ def without_paths(manifest: dict) -> dict:
 @pytest.fixture(scope="module")
 def syn12(tmp_path_factory) -> Path:
     """12 synthetic images of 192 px with masks (more shards than the session's 6-image set)."""
-    from common import synthetic
+    from testkit import synthetic
 
     out = tmp_path_factory.mktemp("syn12")
     synthetic.generate(str(out), n=12, size=192, seed=3)

@@ -65,7 +65,7 @@ def assert_same_build(beam_out: Path, local_out: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def syn10(tmp_path_factory) -> Path:
-    from common import synthetic
+    from testkit import synthetic
 
     out = tmp_path_factory.mktemp("syn10")
     synthetic.generate(str(out), n=10, size=160, seed=5)

@@ -4,6 +4,7 @@ import pytest
 import tensorflow as tf
 
 from common import features as F
+from common import shard_folder
 from common import preprocess as P
 
 
@@ -31,7 +32,7 @@ def test_schema_round_trip_through_a_tfrecord_file(tmp_path):
     lm = _label_map(300, 200)
     spec = P.TileSpec(size=32)
     tiles, ids, boxes = P.cell_tiles(image, lm, spec)
-    path = str(tmp_path / F.shard_name("fold0", 0, 1))
+    path = str(tmp_path / shard_folder.shard_name(0, 0, 1))
     assert path.endswith("fold0-00000-of-00001.tfrec")
     with tf.io.TFRecordWriter(path) as writer:
         for tile, cid, box in zip(tiles, ids, boxes):

@@ -16,7 +16,8 @@ import sys
 import numpy as np
 import pytest
 
-from common import features, models, synthetic
+from common import features, models
+from testkit import synthetic
 from common.labels import NUM_CLASSES
 from tests.jax_env import ROOT, jax_env
 from tests.train_shards import make_shards, write_manifest

@@ -1,11 +1,13 @@
-"""common.models: the factory, the 3->4 channel weight transfer, save/load round trips."""
+"""common.models (the factory, save/load round trips) and train_tpu.model (the 3->4 channel
+weight transfer, BatchNorm momentum, prior head bias, float32 export)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from common import models
+from common import models, run_folder
 from common.labels import NUM_CLASSES
+from train_tpu import model as trainmodel
 
 keras = pytest.importorskip("keras")
 
@@ -47,7 +49,7 @@ def test_weight_transfer_reproduces_the_3_channel_model_on_rgb(backbone, tmp_pat
     src = _source_model(backbone, rng)
     path = str(tmp_path / "src.weights.h5")
     src.save_weights(path)
-    model = models.build_model(backbone, SIZE, weights=path, drop_connect_rate=0.0)
+    model = trainmodel.build_model(backbone, SIZE, weights=path, drop_connect_rate=0.0)
     x = rng.uniform(0, 255, (3, SIZE, SIZE, 4)).astype("float32")  # a random yellow channel too
     want = np.asarray(src(x[..., :3], training=False))
     got = np.asarray(_features(model)(x, training=False))
@@ -75,8 +77,8 @@ def test_keras_imagenet_file_convention_is_corrected(tmp_path):
     norm.adapt_variance.assign(models.IMAGENET_STD)  # what the downloaded .h5 holds
     path = str(tmp_path / "efficientnetb0_notop.weights.h5")
     src.save_weights(path)
-    model = models.build_model("efficientnet_b0", SIZE, weights=path)
-    a, b = models.input_affine(model, SIZE)
+    model = trainmodel.build_model("efficientnet_b0", SIZE, weights=path)
+    a, b = trainmodel.input_affine(model, SIZE)
     mean, std = np.array(models.IMAGENET_MEAN), np.array(models.IMAGENET_STD)
     np.testing.assert_allclose(a[:3], 1 / (255 * std), rtol=1e-5)
     np.testing.assert_allclose(b[:3], -mean / std, rtol=1e-5)
@@ -100,18 +102,18 @@ def test_saved_model_reloads_and_predicts_the_same(tmp_path):
     x = rng.uniform(0, 255, (4, SIZE, SIZE, 4)).astype("float32")
     want = model.predict(x, verbose=0)
     run = tmp_path / "run"
-    models.save_model(model, str(run / models.MODEL_FILE))
-    for path in (str(run), str(run / models.MODEL_FILE)):  # run folder or the file itself
+    models.save_model(model, str(run / run_folder.MODEL_FILE))
+    for path in (str(run), str(run / run_folder.MODEL_FILE)):  # run folder or the file itself
         got = models.load_model(path).predict(x, verbose=0)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     # plain Keras loads it too (no custom objects needed)
-    plain = keras.saving.load_model(str(run / models.MODEL_FILE), compile=False)
+    plain = keras.saving.load_model(str(run / run_folder.MODEL_FILE), compile=False)
     np.testing.assert_allclose(plain.predict(x, verbose=0), want, rtol=1e-5, atol=1e-6)
 
 
 def test_export_float32_matches_a_mixed_precision_model():
     model = models.build_model("efficientnet_b0", SIZE, dtype_policy="mixed_bfloat16")
-    export = models.export_float32(model, "efficientnet_b0", SIZE)
+    export = trainmodel.export_float32(model, "efficientnet_b0", SIZE)
     assert export.get_layer("stem_conv").compute_dtype == "float32"
     x = np.random.default_rng(2).uniform(0, 255, (2, SIZE, SIZE, 4)).astype("float32")
     # bfloat16 keeps ~3 significant digits
@@ -122,11 +124,11 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="unknown backbone 'resnet50'.*efficientnet_b0"):
         models.build_model("resnet50", SIZE)
     with pytest.raises(FileNotFoundError, match="nope.h5"):
-        models.build_model("efficientnet_b0", SIZE, weights=str(tmp_path / "nope.h5"))
+        trainmodel.build_model("efficientnet_b0", SIZE, weights=str(tmp_path / "nope.h5"))
     bad = tmp_path / "garbage.h5"
     bad.write_bytes(b"not an hdf5 file")
     with pytest.raises(ValueError, match="garbage.h5"):
-        models.build_model("efficientnet_b0", SIZE, weights=str(bad))
+        trainmodel.build_model("efficientnet_b0", SIZE, weights=str(bad))
     with pytest.raises(FileNotFoundError, match="model.keras"):
         models.load_model(str(tmp_path / "empty_run"))
 
@@ -140,8 +142,8 @@ def test_registry_covers_v1_and_v2():
 
 def test_bn_momentum_and_prior_head_bias_are_set_and_saved(tmp_path):
     prior = np.linspace(0.01, 0.5, NUM_CLASSES)
-    model = models.build_model("efficientnet_b0", SIZE, dropout=0.0, bn_momentum=0.9,
-                               head_bias=models.prior_logits(prior))
+    model = trainmodel.build_model("efficientnet_b0", SIZE, dropout=0.0, bn_momentum=0.9,
+                                    head_bias=trainmodel.prior_logits(prior))
     bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert len(bns) > 40 and {layer.momentum for layer in bns} == {0.9}
     # with a zero kernel the output is the bias alone: the model starts at the class prior
@@ -150,7 +152,7 @@ def test_bn_momentum_and_prior_head_bias_are_set_and_saved(tmp_path):
     x = np.random.default_rng(3).uniform(0, 255, (2, SIZE, SIZE, 4)).astype("float32")
     np.testing.assert_allclose(model.predict(x, verbose=0), np.tile(prior, (2, 1)), rtol=1e-5)
     # the momentum is layer configuration: it survives a save and load
-    models.save_model(model, str(tmp_path / models.MODEL_FILE))
+    models.save_model(model, str(tmp_path / run_folder.MODEL_FILE))
     again = models.load_model(str(tmp_path))
     assert {layer.momentum for layer in again.layers
             if isinstance(layer, keras.layers.BatchNormalization)} == {0.9}
@@ -160,11 +162,11 @@ def test_bn_momentum_and_prior_head_bias_are_set_and_saved(tmp_path):
             if isinstance(layer, keras.layers.BatchNormalization)} == {0.99}
     assert not np.any(plain.get_layer("logits").bias.numpy())
     # a class absent from the data gets a low but finite logit
-    assert np.isfinite(models.prior_logits([0.0, 1.0])).all()
+    assert np.isfinite(trainmodel.prior_logits([0.0, 1.0])).all()
     with pytest.raises(ValueError, match="head_bias: expected 19 finite values"):
-        models.build_model("efficientnet_b0", SIZE, head_bias=[0.0, 1.0])
+        trainmodel.build_model("efficientnet_b0", SIZE, head_bias=[0.0, 1.0])
     with pytest.raises(ValueError, match="bn_momentum must be in"):
-        models.build_model("efficientnet_b0", SIZE, bn_momentum=1.0)
+        trainmodel.build_model("efficientnet_b0", SIZE, bn_momentum=1.0)
 
 
 @pytest.mark.parametrize("momentum, low, high", [(0.9, 4.0, 5.0), (0.99, 0.5, 1.5)])
@@ -174,7 +176,7 @@ def test_bn_momentum_set_after_building_takes_effect_in_training(momentum, low, 
     exported model uses at inference."""
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.BatchNormalization()(inputs)))
-    assert models.set_bn_momentum(model, momentum) == 1
+    assert trainmodel.set_bn_momentum(model, momentum) == 1
     model.compile("sgd", "mse")
     x = np.full((32, 4), 5.0, np.float32) + np.random.default_rng(0).normal(0, 1, (32, 4)).astype("float32")
     for _ in range(20):
@@ -222,7 +224,7 @@ def test_legacy_keras2_imagenet_h5_file_loads_and_matches_on_rgb(tmp_path):
     with h5py.File(path) as f:  # the legacy layout, not Keras 3's `.weights.h5`
         assert str(f.attrs["keras_version"]).lstrip("b'").startswith("2.") and "stem_conv" in f
         assert [bytes(n) for n in f["stem_conv"].attrs["weight_names"]] == [b"stem_conv/kernel:0"]
-    model = models.build_model("efficientnet_b0", SIZE, weights=path, drop_connect_rate=0.0)
+    model = trainmodel.build_model("efficientnet_b0", SIZE, weights=path, drop_connect_rate=0.0)
     x = rng.uniform(0, 255, (3, SIZE, SIZE, 4)).astype("float32")
     mean, std = np.array(models.IMAGENET_MEAN), np.array(models.IMAGENET_STD)
     # src normalises by sqrt(std); feed it the input whose result is (x/255 - mean) / std

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import metrics, submission, synthetic
+from common import metrics, submission
+from testkit import synthetic
 from common.labels import NEGATIVE, NUM_CLASSES, multi_hot
 from common.preprocess import PREPROCESS_FILE, TileSpec
 from infer_gpu import combine, engine, reading, report, runs
@@ -164,7 +165,7 @@ def trained_run(tmp_path_factory) -> Path:
     with the cells' true labels; saved as a run directory (model.keras, preprocess.json, config.json)."""
     import keras
 
-    from common import synthetic
+    from testkit import synthetic
     from common.images import load_image
     from common.preprocess import cell_tiles
     from common.segmentation import load_labels
@@ -418,7 +419,7 @@ def _merge(sources: dict[str, Path], dst: Path) -> Path:
 
 
 def test_competition_sizes_and_a_non_square_image_in_one_run(tmp_path):
-    from common import synthetic
+    from testkit import synthetic
 
     sizes = {"s1728": (1728, 1728), "s2048": (2048, 2048), "s3072": (3072, 3072), "wide": (2048, 1536)}
     sources = {}

@@ -6,13 +6,15 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from common import images, synthetic
+from common import images
+from testkit import synthetic
 from common import segmentation as seg
-from common.segmentation import classical, compare, labelling
+from common.segmentation import classical, labelling
+from testkit import segmentation_compare as compare
 
 
 def _synthetic(index: int, height: int, width: int):
-    """(HxWx4 uint8 image, true cell map) drawn in memory by common.synthetic."""
+    """(HxWx4 uint8 image, true cell map) drawn in memory by testkit.synthetic."""
     r = synthetic.render_image(0, index, height, width)
     return np.stack([r["channels"][c] for c in images.CHANNELS], axis=-1), r["cells"]
 

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 
 from common import segmentation as seg
-from common.segmentation import compare
+from testkit import segmentation_compare as compare
 from infer_gpu import cli
 from infer_gpu import segment as segment_cmd
 

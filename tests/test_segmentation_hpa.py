@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from common import segmentation as seg
-from common.segmentation import compare, hpa
+from common.segmentation import hpa
+from testkit import segmentation_compare as compare
 
 
 def _unnormalise(batch: np.ndarray) -> np.ndarray:

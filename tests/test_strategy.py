@@ -108,6 +108,7 @@ from train_tpu import strategy as S
 S.configure_cpu_replicas(2)
 import tensorflow as tf
 from common import models
+from train_tpu import model as trainmodel
 from train_tpu import train as T
 from train_tpu.config import make_config
 
@@ -122,7 +123,7 @@ w0 = models.build_model("efficientnet_b0", 32, dropout=0.0, drop_connect_rate=0.
 def one_step(strategy):
     with strategy.scope():
         m = models.build_model("efficientnet_b0", 32, dropout=0.0, drop_connect_rate=0.0)
-        models.set_weights(m, w0)
+        trainmodel.set_weights(m, w0)
         T.compile_model(m, cfg, T.make_optimizer(cfg, 1))
     before = np.concatenate([np.ravel(v) for v in m.trainable_weights])
     ds = tf.data.Dataset.from_tensors((x, y))  # exactly one GLOBAL batch of 8

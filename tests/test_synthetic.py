@@ -1,4 +1,4 @@
-"""common.synthetic: the embedded default data, checked through the files it writes."""
+"""testkit.synthetic: the embedded default data, checked through the files it writes."""
 from __future__ import annotations
 
 import csv
@@ -11,7 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-from common import images, masks, synthetic
+from common import images, masks
+from testkit import synthetic
 from common.labels import NEGATIVE, NUM_CLASSES, parse_labels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,7 +240,7 @@ def test_non_square_and_cli(tmp_path):
     out = tmp_path / "cli"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
-        [sys.executable, "-m", "common.synthetic", "--out", str(out), "--n", "2", "--size", "160",
+        [sys.executable, "-m", "testkit.synthetic", "--out", str(out), "--n", "2", "--size", "160",
          "--height", "96", "--seed", "3"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
@@ -252,7 +253,7 @@ def test_non_square_and_cli(tmp_path):
     cells, _ = _maps(out, "syn_0001")
     tokens = row["PredictionString"].split()
     np.testing.assert_array_equal(masks.decode(tokens[2], 96, 160), cells == 1)
-    help_text = subprocess.run([sys.executable, "-m", "common.synthetic", "--help"], cwd=ROOT, env=env,
+    help_text = subprocess.run([sys.executable, "-m", "testkit.synthetic", "--help"], cwd=ROOT, env=env,
                                capture_output=True, text=True, timeout=60).stdout
     for option in ("--out", "--n", "--size", "--height", "--seed"):
         assert option in help_text

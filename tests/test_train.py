@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import models, storage
+from common import models, run_folder, storage
 from common.preprocess import TileSpec
 from tests.notebooks import read_notebook
 from tests.train_shards import make_shards, write_manifest
 from train_tpu import data, history
+from train_tpu import model as trainmodel
 from train_tpu import train as trainlib
 from train_tpu.config import make_config
 
@@ -65,7 +66,7 @@ def test_run_starts_from_the_class_prior_with_the_configured_bn_momentum(shards,
     split = data.find_split(str(folder), cfg.val_fold)
     prior = data.eval_labels(split.train_files, split.train_examples).mean(0)
     # one AdamW step of 1e-4 moves each bias by about 1e-4
-    np.testing.assert_allclose(ckpt.get_layer("logits").bias.numpy(), models.prior_logits(prior),
+    np.testing.assert_allclose(ckpt.get_layer("logits").bias.numpy(), trainmodel.prior_logits(prior),
                                atol=1e-3)
     assert {layer.momentum for layer in ckpt.layers
             if isinstance(layer, keras.layers.BatchNormalization)} == {0.9}
@@ -101,7 +102,7 @@ def test_interrupted_run_resumes_from_the_last_epoch(shards, gcs_bucket):
     with pytest.raises(_Interrupted):
         trainlib.train(cfg, callbacks=[_CrashAfter(1)])
     assert storage.listdir(ckpts) == ["epoch_001.keras"]
-    assert not storage.exists(f"{out}/{models.MODEL_FILE}")
+    assert not storage.exists(f"{out}/{run_folder.MODEL_FILE}")
     assert {"config.json", "preprocess.json", "history.csv", "history.png"} <= set(storage.listdir(out))
     first = history.read_history(hist)
     assert [r["epoch"] for r in first] == [1]
@@ -110,7 +111,7 @@ def test_interrupted_run_resumes_from_the_last_epoch(shards, gcs_bucket):
 
     with pytest.raises(FileExistsError, match="--resume"):
         trainlib.train(cfg)
-    with pytest.raises(ValueError, match="backbone: 'efficientnet_b0' -> 'efficientnet_b1'"):
+    with pytest.raises(ValueError, match="backbone: 'efficientnet_b0' then, 'efficientnet_b1' now"):
         trainlib.train(cfg.replace(backbone="efficientnet_b1"), resume=True)
 
     summary = trainlib.train(cfg, resume=True)

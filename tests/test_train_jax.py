@@ -21,7 +21,7 @@ import time
 import numpy as np
 import pytest
 
-from common import models
+from common import models, run_folder
 from tests.jax_env import ROOT, jax_env
 from tests.train_shards import make_shards
 from train_tpu import history
@@ -36,6 +36,7 @@ import numpy as np
 import jax, keras
 import tensorflow as tf
 from common import models
+from train_tpu import model as trainmodel
 from train_tpu import data, strategy as S, train as T
 from train_tpu.config import make_config
 from tests.test_models import SIZE, _features, _source_model
@@ -72,7 +73,7 @@ w0 = models.build_model("efficientnet_b0", 32, dropout=0.0, drop_connect_rate=0.
 def one_step(strategy):
     with strategy.scope():
         net = models.build_model("efficientnet_b0", 32, dropout=0.0, drop_connect_rate=0.0)
-        models.set_weights(net, w0)
+        trainmodel.set_weights(net, w0)
         T.compile_model(net, sgd, T.make_optimizer(sgd, 1))
         before = np.concatenate([np.ravel(v) for v in net.trainable_weights])
         loss = net.fit(tf.data.Dataset.from_tensors((bx, by)), epochs=1, steps_per_epoch=1,
@@ -92,7 +93,7 @@ keras.distribution.set_distribution(None)
 rng = np.random.default_rng(0)
 src = _source_model("efficientnet_b0", rng)
 src.save_weights(weights_path)
-grown = models.build_model("efficientnet_b0", SIZE, weights=weights_path, drop_connect_rate=0.0)
+grown = trainmodel.build_model("efficientnet_b0", SIZE, weights=weights_path, drop_connect_rate=0.0)
 xt = rng.uniform(0, 255, (3, SIZE, SIZE, 4)).astype("float32")
 want = np.asarray(src(xt[..., :3], training=False))
 got = np.asarray(_features(grown)(xt, training=False))
@@ -133,7 +134,7 @@ def jax_run(shards, tmp_path_factory):
         proc.wait()
     killed = {"returncode": proc.returncode, "log": logs.read_text(),
               "checkpoints": sorted(os.listdir(run / "checkpoints")) if run.exists() else [],
-              "model": (run / models.MODEL_FILE).exists()}
+              "model": (run / run_folder.MODEL_FILE).exists()}
     resumed = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=1200)
     return run, killed, resumed

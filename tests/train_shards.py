@@ -1,4 +1,4 @@
-"""Test helper: TFRecord shards in the builder's layout, made from `common.synthetic` data with
+"""Test helper: TFRecord shards in the builder's layout, made from `testkit.synthetic` data with
 the common parts only (images, cell masks, cell_tiles, features.serialize), so the trainer's
 tests do not depend on the TFRecord builder stage."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import os
 import cv2
 import numpy as np
 
-from common import features, images
+from common import features, images, shard_folder
 from common.labels import read_labels_csv
 from common.preprocess import PREPROCESS_FILE, TileSpec, cell_tiles, image_tile
 
@@ -46,7 +46,7 @@ def make_shards(synthetic_dir, out_dir, size: int = 32, folds: int = 2, mode: st
     files = []
     for fold, records in per_fold.items():
         for i in range(shards_per_fold):
-            path = os.path.join(out_dir, features.shard_name(f"fold{fold}", i, shards_per_fold))
+            path = os.path.join(out_dir, shard_folder.shard_name(fold, i, shards_per_fold))
             with tf.io.TFRecordWriter(path) as writer:
                 for rec in records[i::shards_per_fold]:
                     writer.write(rec)
@@ -58,16 +58,13 @@ def make_shards(synthetic_dir, out_dir, size: int = 32, folds: int = 2, mode: st
 def write_manifest(out_dir, files, class_counts: bool = True) -> None:
     """A builder-style `manifest.json` for `files` (in `out_dir`), with each shard's own
     counts: examples and, unless `class_counts=False`, positives per class."""
-    import json
-
     from train_tpu import data
 
     rows = []
     for f in files:
         labels = data.eval_labels([str(f)], -1)  # -1: every record, in one pass
-        row = {"name": str(f).rsplit("/", 1)[-1], "examples": len(labels)}
-        if class_counts:
-            row["class_examples"] = labels.sum(0).astype(int).tolist()
-        rows.append(row)
-    with open(os.path.join(str(out_dir), features.MANIFEST_FILE), "w") as fh:
-        json.dump({"shards": rows}, fh)
+        rows.append(shard_folder.shard_entry(
+            shard_folder.base_name(f), shard_folder.fold_of(f), len(labels),
+            labels.sum(0).astype(int).tolist() if class_counts else None))
+    shard_folder.write_manifest(str(out_dir), shard_folder.make_manifest(
+        shards=rows, folds=[], images={}, skipped=[]))

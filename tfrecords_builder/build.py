@@ -26,9 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-from common import storage
+from common import shard_folder, storage
 from common.pool import Pool
-from common.preprocess import PREPROCESS_FILE
+from common.resume import check_same_settings
 from tfrecords_builder import manifest as manifestlib
 from tfrecords_builder import plan as planlib
 from tfrecords_builder.config import RUNTIME_FIELDS, BuildConfig
@@ -78,7 +78,7 @@ class BuildResult:
         if self.images_written:
             lines[0] += f" ({self.images_per_s:.1f} images/s)"
         if self.skipped:
-            lines.append(f"{len(self.skipped)} skipped (all reasons in {manifestlib.MANIFEST_FILE}):")
+            lines.append(f"{len(self.skipped)} skipped (all reasons in {shard_folder.MANIFEST_FILE}):")
             for s in self.skipped[:5]:
                 lines.append(f"  {s['id'] or '<no ID>'} ({s['origin']}): {s['reason']}")
             if len(self.skipped) > 5:
@@ -132,11 +132,6 @@ def check_segmenter(cfg: BuildConfig) -> None:
         raise BuildError(f"--segmenter hpa: {err}") from None
 
 
-def _diff(a: dict, b: dict) -> str:
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    return ", ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in keys)
-
-
 def _content(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in RUNTIME_FIELDS}
 
@@ -174,16 +169,12 @@ def make_plan(cfg: BuildConfig, runner: Runner, keep: dict | None = None) -> pla
 
 
 def _load_finished(cfg: BuildConfig) -> BuildResult | None:
-    path = storage.join(cfg.out, manifestlib.MANIFEST_FILE)
-    if not storage.exists(path):
+    manifest = shard_folder.read_manifest(cfg.out)
+    if manifest is None:
         return None
-    manifest = json.loads(storage.read_text(path))
-    if _content(manifest.get("config", {})) != cfg.content_dict():
-        raise BuildError(
-            f"{cfg.out} already holds a finished build with another config "
-            f"({_diff(_content(manifest.get('config', {})), cfg.content_dict())}); "
-            "choose another --out or delete it"
-        )
+    check_same_settings(_content(manifest.get("config", {})), cfg.content_dict(), where=cfg.out,
+                        what="already holds a finished build with another config",
+                        advice="choose another --out or delete it")
     if storage.exists(storage.join(cfg.out, STATE_DIR, PLAN_FILE)):
         return None  # finished with skipped images, whose state was kept to try them again
     return BuildResult(cfg.out, manifest, 0, len(manifest["shards"]))
@@ -194,11 +185,9 @@ def _load_or_make_plan(cfg: BuildConfig, runner: Runner, log: Callable[[str], No
     plan_path = storage.join(cfg.out, STATE_DIR, PLAN_FILE)
     if storage.exists(plan_path):
         plan = planlib.Plan.from_json(storage.read_text(plan_path))
-        if plan.config != cfg.content_dict():
-            raise BuildError(
-                f"{cfg.out} holds an unfinished build with another config ({_diff(plan.config, cfg.content_dict())}); "
-                "rerun that command to finish it, or choose another --out"
-            )
+        check_same_settings(plan.config, cfg.content_dict(), where=cfg.out,
+                            what="holds an unfinished build with another config",
+                            advice="rerun that command to finish it, or choose another --out")
         return plan
     stray = [n for n in storage.listdir(cfg.out) if n.endswith(".tfrec")]
     if stray:
@@ -208,8 +197,7 @@ def _load_or_make_plan(cfg: BuildConfig, runner: Runner, log: Callable[[str], No
         )
     plan = make_plan(cfg, runner, keep)
     storage.makedirs(cfg.out)
-    spec = cfg.tile_spec().replace(segmentation=segmentation_spec(_job(cfg)))
-    spec.save(storage.join(cfg.out, PREPROCESS_FILE))
+    shard_folder.write_spec(cfg.out, cfg.tile_spec().replace(segmentation=segmentation_spec(_job(cfg))))
     storage.write_text(plan_path, plan.to_json())
     log(f"planned {len(plan.entries)} images into {len(plan.shards)} shards, {cfg.folds} folds "
         f"(~{plan.bytes_per_image / 1e3:.1f} kB per image, {plan.estimate}); {len(plan.skipped)} rows rejected")
@@ -219,8 +207,8 @@ def _load_or_make_plan(cfg: BuildConfig, runner: Runner, log: Callable[[str], No
 def build(cfg: BuildConfig, progress: bool = True, log: Callable[[str], None] = print) -> BuildResult:
     """Build (or finish building) the shards and manifest described by `cfg`.
 
-    Returns the result; `result.exit_code` is 2 when images were skipped. Raises BuildError when
-    the output folder holds a different build.
+    Returns the result; `result.exit_code` is 2 when images were skipped. Raises
+    `common.resume.ResumeError` (a ValueError) when the output folder holds a different build.
     """
     import time
 
@@ -256,7 +244,7 @@ def shards_to_build(cfg: BuildConfig, plan: planlib.Plan, log: Callable[[str], N
     """The planned shards that this run must (re)build, for either engine, after clearing what a
     killed or partly skipped run left: its manifest (a retry is not complete until it ends) and
     local copies killed halfway (never under a final name)."""
-    manifest_path = storage.join(cfg.out, manifestlib.MANIFEST_FILE)
+    manifest_path = shard_folder.manifest_path(cfg.out)
     if storage.exists(manifest_path):  # retrying the skipped images of a finished build
         storage.delete(manifest_path)
     done_dir = storage.join(cfg.out, STATE_DIR, DONE_DIR)
@@ -290,7 +278,7 @@ def finish(cfg: BuildConfig, plan: planlib.Plan, log: Callable[[str], None] = pr
         s["name"]: json.loads(storage.read_text(storage.join(done_dir, s["name"] + ".json"))) for s in plan.shards
     }
     manifest = manifestlib.build_manifest(cfg, plan, shard_records)
-    storage.write_text(storage.join(cfg.out, manifestlib.MANIFEST_FILE), manifestlib.dumps(manifest))
+    shard_folder.write_manifest(cfg.out, manifest)
     decode_skips = sum(len(rec["skipped"]) for rec in shard_records.values())
     if decode_skips:
         log(f"kept {state} so that the same command tries the {decode_skips} skipped image(s) again")

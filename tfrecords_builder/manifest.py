@@ -1,16 +1,12 @@
-"""`manifest.json`: what went into a build, assembled from the plan and each shard's record."""
+"""What went into a build, assembled from the plan and each shard's record: the content of
+`manifest.json` (its layout, writer and reader: `common.shard_folder`)."""
 from __future__ import annotations
 
-import json
-
 from common import config as cfglib
-from common.features import MANIFEST_FILE  # noqa: F401  (re-exported: manifestlib.MANIFEST_FILE)
+from common import shard_folder
 from common.labels import CLASS_NAMES, NUM_CLASSES
 from tfrecords_builder.config import BuildConfig
 from tfrecords_builder.plan import Plan
-
-FORMAT = "hpa-scc-tfrecords"
-VERSION = 1
 
 
 def shard_record(shard: dict, plan_ids: dict, examples_per_image: dict, skipped: list[dict],
@@ -43,8 +39,9 @@ def build_manifest(cfg: BuildConfig, plan: Plan, shard_records: dict[str, dict])
     folds = {}
     for shard in plan.shards:
         rec = shard_records[shard["name"]]
-        shards.append({k: rec[k] for k in ("name", "fold", "examples", "bytes", "crc32c", "class_examples")}
-                      | {"images": len(rec["images"])})
+        shards.append(shard_folder.shard_entry(
+            rec["name"], rec["fold"], rec["examples"], rec["class_examples"], bytes=rec["bytes"],
+            crc32c=rec["crc32c"], images=len(rec["images"])))
         f = folds.setdefault(shard["fold"], {
             "fold": shard["fold"], "images": 0, "examples": 0, "shards": [],
             "class_images": [0] * NUM_CLASSES, "class_examples": [0] * NUM_CLASSES})
@@ -60,27 +57,8 @@ def build_manifest(cfg: BuildConfig, plan: Plan, shard_records: dict[str, dict])
                 f["class_examples"][c] += n
         for s in rec["skipped"]:
             skipped.append(s | {"fold": shard["fold"]})
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "config": cfglib.to_dict(cfg),
-        "preprocess": cfglib.to_dict(cfg.tile_spec()),
-        "classes": list(CLASS_NAMES),
-        "bytes_per_image_estimate": plan.bytes_per_image,
-        "estimate": plan.estimate,
-        "totals": {
-            "images": len(images),
-            "examples": sum(s["examples"] for s in shards),
-            "shards": len(shards),
-            "bytes": sum(s["bytes"] for s in shards),
-            "skipped": len(skipped),
-        },
-        "folds": [folds[k] for k in sorted(folds)],
-        "shards": shards,
-        "images": images,
-        "skipped": skipped,
-    }
-
-
-def dumps(manifest: dict) -> str:
-    return json.dumps(manifest, indent=1, sort_keys=False) + "\n"
+    return shard_folder.make_manifest(
+        config=cfglib.to_dict(cfg), preprocess=cfglib.to_dict(cfg.tile_spec()),
+        classes=list(CLASS_NAMES), bytes_per_image_estimate=plan.bytes_per_image,
+        estimate=plan.estimate, folds=[folds[k] for k in sorted(folds)], shards=shards,
+        images=images, skipped=skipped)

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common import features, labels as labellib
+from common import labels as labellib
+from common import shard_folder
 from tfrecords_builder.config import BuildConfig
 from tfrecords_builder.folds import stratified_folds
 
@@ -117,7 +118,7 @@ def assign_shards(entries: list[Entry], k: int, bytes_per_image: float, shard_by
         n = int(round(len(members) * bytes_per_image / shard_bytes))
         n = min(max(n, 1), len(members))
         for i, chunk in enumerate(np.array_split(order, n)):
-            name = features.shard_name(f"fold{fold}", i, n)
+            name = shard_folder.shard_name(fold, i, n)
             ids = []
             for j in chunk:
                 members[j].shard = name

@@ -7,19 +7,16 @@ the same code reads a local folder or `gs://` shards. Shapes are static, as TPUs
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 
-from common import features, storage
+from common import features
+from common import shard_folder as shards_lib
 from common.labels import NUM_CLASSES
-from common.models import CHANNELS
-from common.preprocess import PREPROCESS_FILE, TileSpec, resize_tiles, to_model_input
+from common.models import NUM_CHANNELS
+from common.preprocess import TileSpec, resize_tiles, to_model_input
 
 log = logging.getLogger("train_tpu")
-
-SHARD_GLOB = features.SHARD_GLOB
-MANIFEST_FILE = features.MANIFEST_FILE
 
 
 @dataclass(frozen=True)
@@ -38,24 +35,9 @@ def _tf():
     return tf
 
 
-def _fold_of(path: str) -> int:
-    head = _shard_name(path).split("-", 1)[0]  # "fold3"
-    try:
-        return int(head[len("fold"):])
-    except ValueError:
-        raise ValueError(f"{path}: shard name does not start with fold<K>-") from None
-
-
 def load_spec(data_dir: str) -> TileSpec:
     """The TileSpec the dataset's tiles were cut with (`DATA/preprocess.json`)."""
-    path = storage.join(data_dir, PREPROCESS_FILE)
-    try:
-        return TileSpec.load(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing; a shard folder needs the preprocess.json the "
-                                f"TFRecord builder writes") from None
-    except ValueError as err:
-        raise ValueError(f"{path}: not a valid tile spec: {err}") from err
+    return shards_lib.read_spec(data_dir)
 
 
 def model_spec(data_spec: TileSpec, size: int, mode: str, where: str = "") -> TileSpec:
@@ -69,36 +51,18 @@ def model_spec(data_spec: TileSpec, size: int, mode: str, where: str = "") -> Ti
     return data_spec.replace(model_size=0 if size == data_spec.size else size)
 
 
-def _shard_name(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[-1]
-
-
-def _manifest_shards(data_dir: str) -> dict[str, dict]:
-    """The manifest's shard entries by file name (`examples`, `class_examples`, ...); empty
-    when the dataset has no manifest, or an unreadable one (with a warning)."""
-    path = storage.join(data_dir, MANIFEST_FILE)
-    try:
-        return {s["name"]: s for s in json.loads(storage.read_text(path)).get("shards", [])}
-    except FileNotFoundError:
-        return {}
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        log.warning("%s: unreadable (%s); records are counted, the head starts at zero bias",
-                    path, err)
-        return {}
-
-
 def class_prior(data_dir: str, train_files) -> "np.ndarray | None":
     """Per-class frequency of positive labels over the training shards, `float64 [19]`, from
     the manifest's per-shard `class_examples` (no data is read); None when the manifest is
     missing or does not give class counts for every training shard."""
     import numpy as np
 
-    shards = _manifest_shards(data_dir)
-    rows = [shards.get(_shard_name(f), {}) for f in train_files]
-    if not rows or not all("class_examples" in r and "examples" in r for r in rows):
+    counts = shards_lib.shard_counts(data_dir)
+    rows = [counts.get(shards_lib.base_name(f)) for f in train_files]
+    if not rows or not all(r is not None and r.class_examples is not None for r in rows):
         return None
-    counts = np.sum([np.asarray(r["class_examples"], np.float64) for r in rows], axis=0)
-    total = float(sum(int(r["examples"]) for r in rows))
+    counts = np.sum([np.asarray(r.class_examples, np.float64) for r in rows], axis=0)
+    total = float(sum(r.examples for r in rows))
     if counts.shape != (NUM_CLASSES,) or total <= 0:
         return None
     return counts / total
@@ -116,23 +80,23 @@ def count_records(files) -> int:
 def find_split(data_dir: str, val_fold: int) -> Split:
     """Training files (every fold but `val_fold`) and validation files (`fold{K}-*`)."""
     tf = _tf()
-    pattern = data_dir.rstrip("/") + "/" + SHARD_GLOB
+    pattern = data_dir.rstrip("/") + "/" + shards_lib.SHARD_GLOB
     files = sorted(tf.io.gfile.glob(pattern))
     if not files:
         raise FileNotFoundError(f"{pattern}: no shards (expected fold<K>-<i>-of-<n>.tfrec files)")
-    folds = sorted({_fold_of(f) for f in files})
-    val = tuple(f for f in files if _fold_of(f) == val_fold)
-    train = tuple(f for f in files if _fold_of(f) != val_fold)
+    folds = sorted({shards_lib.fold_of(f) for f in files})
+    val = tuple(f for f in files if shards_lib.fold_of(f) == val_fold)
+    train = tuple(f for f in files if shards_lib.fold_of(f) != val_fold)
     if not val:
         raise ValueError(f"{data_dir}: no shards for --val-fold {val_fold}; folds present: {folds}")
     if not train:
         raise ValueError(f"{data_dir}: only fold {val_fold} present, nothing left to train on")
-    shards = _manifest_shards(data_dir)
+    counts = shards_lib.shard_counts(data_dir)
 
     def total(group):
-        rows = [shards.get(_shard_name(f), {}) for f in group]
-        if all("examples" in r for r in rows):
-            return sum(int(r["examples"]) for r in rows)
+        rows = [counts.get(shards_lib.base_name(f)) for f in group]
+        if all(r is not None for r in rows):
+            return sum(r.examples for r in rows)
         return count_records(group)
 
     return Split(train, val, total(train), total(val))
@@ -289,7 +253,7 @@ def eval_dataset(files, tile_size: int, model_size: int, global_batch: int, coun
     ds = ds.map(lambda x, y: to_float(x, y)[0], num_parallel_calls=tf.data.AUTOTUNE)
     pad = (-count) % global_batch
     if pad:
-        zeros = tf.zeros([model_size, model_size, CHANNELS], tf.float32)
+        zeros = tf.zeros([model_size, model_size, NUM_CHANNELS], tf.float32)
         ds = ds.concatenate(tf.data.Dataset.from_tensors(zeros).repeat(pad))
     ds = ds.batch(global_batch, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE)

@@ -12,12 +12,14 @@ import re
 import sys
 import time
 
-from common import models, storage
+from common import config as cfglib
+from common import models, run_folder, storage
 from common.labels import NUM_CLASSES
 from common.preprocess import PREPROCESS_FILE
-from train_tpu import config as cfgmod
+from common.resume import check_same_settings
 from train_tpu import backend as backend_lib
 from train_tpu import data, history
+from train_tpu import model as modellib
 from train_tpu import strategy as strategy_lib
 
 log = logging.getLogger("train_tpu")
@@ -173,15 +175,11 @@ class _Run:
 
 
 def _check_resumable(cfg, out: str) -> None:
-    path = storage.join(out, cfgmod.CONFIG_FILE)
-    if not storage.exists(path):
+    if not run_folder.has_config(out):
         return
-    old = cfgmod.load(path)
-    changed = [f"{k}: {getattr(old, k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS
-               if getattr(old, k) != getattr(cfg, k)]
-    if changed:
-        raise ValueError(f"--resume {out}: the run was started with other settings ("
-                         + "; ".join(changed) + "); resume with the same ones or use a new --out")
+    check_same_settings(run_folder.read_config(out), cfglib.to_dict(cfg), keys=RESUME_KEYS,
+                        where=f"--resume {out}", what="the run was started with other settings",
+                        advice="resume with the same ones or use a new --out")
 
 
 def train(cfg, resume: bool = False, callbacks=()) -> dict:
@@ -229,8 +227,8 @@ def train(cfg, resume: bool = False, callbacks=()) -> dict:
     if resume:
         _check_resumable(cfg, out)
     storage.makedirs(out)
-    cfgmod.save(cfg, storage.join(out, cfgmod.CONFIG_FILE))
-    spec.save(storage.join(out, PREPROCESS_FILE))
+    run_folder.write_config(out, cfg)
+    run_folder.write_spec(out, spec)
 
     train_ds = data.train_dataset(split.train_files, cfg, tile_size, model_size, cfg.batch_size,
                                   steps_per_epoch=steps, start_epoch=start_epoch)
@@ -243,7 +241,7 @@ def train(cfg, resume: bool = False, callbacks=()) -> dict:
         if prior is None:
             log.info("no class counts in the manifest: the head starts at zero bias")
         else:
-            head_bias = models.prior_logits(prior)
+            head_bias = modellib.prior_logits(prior)
             log.info("head bias from the training class frequencies (%.3f..%.3f)",
                      prior.min(), prior.max())
     with strategy.scope():
@@ -255,10 +253,10 @@ def train(cfg, resume: bool = False, callbacks=()) -> dict:
             import keras
 
             keras.utils.set_random_seed(cfg.seed)  # the initial weights follow --seed too
-            model = models.build_model(cfg.backbone, model_size, weights=cfg.weights,
-                                       dropout=cfg.dropout, drop_connect_rate=cfg.drop_connect_rate,
-                                       dtype_policy=policy, bn_momentum=cfg.bn_momentum or None,
-                                       head_bias=head_bias)
+            model = modellib.build_model(cfg.backbone, model_size, weights=cfg.weights,
+                                         dropout=cfg.dropout, drop_connect_rate=cfg.drop_connect_rate,
+                                         dtype_policy=policy, bn_momentum=cfg.bn_momentum or None,
+                                         head_bias=head_bias)
             optimizer = make_optimizer(cfg, steps)
         compile_model(model, cfg, optimizer, spe)
 
@@ -274,9 +272,8 @@ def train(cfg, resume: bool = False, callbacks=()) -> dict:
     else:
         log.info("%s: all %d epochs already done; exporting", out, cfg.epochs)
 
-    export = models.export_float32(model, cfg.backbone, model_size, dropout=cfg.dropout)
-    models.save_model(export, storage.join(out, models.MODEL_FILE))
-    log.info("wrote %s", storage.join(out, models.MODEL_FILE))
+    export = modellib.export_float32(model, cfg.backbone, model_size, dropout=cfg.dropout)
+    log.info("wrote %s", run_folder.write_model(out, export))
     return {"out": out, "epochs": cfg.epochs, "steps_per_epoch": steps, "replicas": replicas,
             "strategy": type(strategy).__name__, "precision": policy, "backend": cfg.backend,
             "train_examples": split.train_examples, "val_examples": val_count,

@@ -1,6 +1,6 @@
 """Synthetic HPA-like data: the embedded default for the demo and the tests.
 
-`python -m common.synthetic --out DIR --n N --size S --seed K` (or `generate(...)`) writes
+`python -m testkit.synthetic --out DIR --n N --size S --seed K` (or `generate(...)`) writes
 
 - `DIR/images/{ID}_{red,green,blue,yellow}.png`: uint8 channels. blue = nuclei, red =
   microtubules (radial filaments), yellow = ER (cytoplasm, brighter near the nucleus), green =
@@ -635,7 +635,7 @@ def generate(out_dir: str, n: int = 8, size: int = 512, seed: int = 0, height: i
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m common.synthetic",
+        prog="python -m testkit.synthetic",
         description="Write a synthetic HPA-like dataset: 4-channel PNGs, train.csv, "
         "sample_submission.csv, cell-level truth.csv, label maps and cell_labels.csv.",
     )

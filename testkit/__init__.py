@@ -1,0 +1,2 @@
+"""Helpers for tests, benchmarks and the demo (synthetic data, segmentation agreement); no
+stage imports this package."""

@@ -1,0 +1,225 @@
+"""What only training does to a model: ImageNet weights carried from 3 to 4 channels, the
+BatchNorm momentum, the prior head bias, and the float32 export for inference.
+
+ImageNet weights (downloaded by Keras, or read from a local file for offline Kaggle runs) are
+carried from 3 to 4 channels so that the 4-channel model computes exactly what the 3-channel one
+computes on the RGB channels: the per-channel input normalisation is copied for R, G, B (the
+yellow channel gets the mean of the three) and the stem kernel's yellow slice is zero, so the
+yellow channel starts with no influence and training lets it in. The architecture itself is
+`common.models.build_model`, which inference shares.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from common import models
+from common.labels import NUM_CLASSES
+from common.models import IMAGENET_MEAN, IMAGENET_STD, Backbone
+
+
+def _keras():
+    import keras
+
+    return keras
+
+
+def _backbone_fn(bb: Backbone):
+    return getattr(_keras().applications, bb.keras_fn)
+
+
+def build_model(backbone: str = "efficientnet_b0", size: int = 224, num_classes: int = NUM_CLASSES,
+                weights: str = "none", dropout: float = 0.2, drop_connect_rate: float = 0.2,
+                dtype_policy: str | None = None, bn_momentum: float | None = None,
+                head_bias=None):
+    """`common.models.build_model` ready to train: `float32 [B, size, size, 4]` in [0, 255] ->
+    sigmoid `float32 [B, num_classes]`.
+
+    weights: "none" (random init, ImageNet input normalisation), "imagenet" (Keras downloads the
+    3-channel weights) or a PATH to a 3-channel weights file (`.h5` / `.weights.h5` of the
+    headless Keras model, e.g. Keras' own `efficientnetb0_notop.h5`, or a `.keras` model).
+    dtype_policy: e.g. "mixed_bfloat16"; None keeps the global policy. The final sigmoid always
+    runs in float32. Call inside `strategy.scope()` when training distributed.
+    bn_momentum: the BatchNormalization moving-average momentum of every backbone layer; None
+    keeps Keras' 0.99. With 0.99 the inference statistics trail the weights by ~100 steps, which
+    ruins short from-scratch runs (their inference-mode loss can be several times the training
+    loss); 0.9 follows within ~10 steps.
+    head_bias: initial logit bias per class, e.g. `prior_logits(p)` for the training class
+    frequencies p, so that the first steps start from the prior instead of 0.5 everywhere
+    (the focal-loss paper's initialisation); None = zeros.
+    """
+    bb = models.get_backbone(backbone)
+    weights = "none" if weights in (None, "", "none") else str(weights)
+    src, affine = None, None
+    if weights != "none":
+        # the source model is built in float32, before build_model changes the policy
+        src = _load_source(bb, weights, size)
+        a3, b3 = _fix_keras_imagenet_v1(src, bb, *input_affine(src, size))
+        affine = (np.append(a3, a3.mean()), np.append(b3, b3.mean()))
+    model = models.build_model(backbone, size, num_classes=num_classes, dropout=dropout,
+                               drop_connect_rate=drop_connect_rate, dtype_policy=dtype_policy,
+                               input_affine=affine)
+    if src is not None:
+        transfer_weights(src, model, bb)
+    if bn_momentum is not None:
+        set_bn_momentum(model, bn_momentum)
+    if head_bias is not None:
+        head_bias = np.asarray(head_bias, np.float64).reshape(-1)
+        if head_bias.shape != (num_classes,) or not np.all(np.isfinite(head_bias)):
+            raise ValueError(f"head_bias: expected {num_classes} finite values, got "
+                             f"{head_bias.tolist()}")
+        model.get_layer(models.LOGITS_LAYER).bias.assign(head_bias.astype(np.float32))
+    return model
+
+
+def set_bn_momentum(model, momentum: float) -> int:
+    """Set the moving-average momentum of every BatchNormalization layer; returns how many."""
+    keras = _keras()
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"bn_momentum must be in [0, 1), got {momentum}")
+    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in layers:
+        layer.momentum = float(momentum)  # read at every call, and saved in the layer config
+    return len(layers)
+
+
+def prior_logits(prior, floor: float = 1e-3) -> np.ndarray:
+    """`log(p / (1 - p))` per class, with p clipped to `[floor, 1 - floor]` (a class absent from
+    the training data starts at a very low but finite logit)."""
+    p = np.clip(np.asarray(prior, np.float64), floor, 1.0 - floor)
+    return np.log(p / (1.0 - p))
+
+
+def export_float32(model, backbone: str, size: int, num_classes: int = NUM_CLASSES,
+                   dropout: float = 0.2):
+    """A float32, optimizer-free copy of a trained model (any dtype policy) for inference."""
+    out = build_model(backbone, size, num_classes=num_classes, dropout=dropout,
+                      drop_connect_rate=0.0, dtype_policy="float32")
+    set_weights(out, model)
+    return out
+
+
+def set_weights(model, weights) -> None:
+    """`model.set_weights(weights)` (a list, or another model's weights), then refresh the
+    input Normalization: Keras snapshots its mean/variance, and `set_weights` alone would leave
+    the old snapshot in use."""
+    model.set_weights(weights if isinstance(weights, list) else weights.get_weights())
+    _finalize_normalization(model)
+
+
+def _finalize_normalization(model) -> None:
+    # Keras' Normalization snapshots its mean/variance variables into constants; after
+    # assigning or loading them by hand the snapshot must be refreshed.
+    keras = _keras()
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Normalization):
+            layer.finalize_state()
+
+
+def input_affine(model, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The per-channel `a * x + b` a model applies to [0, 255] input before its stem.
+
+    Measured by running the model's own preprocessing layers on constant images, so it is right
+    whatever those layers are (V1's Rescaling + Normalization + ImageNet fix-up, V2's variants).
+    Returns `(a, b)`, each `(C,)` float64.
+    """
+    keras = _keras()
+    sub = keras.Model(model.inputs[0], _pre_stem_tensor(model))
+    channels = int(model.inputs[0].shape[-1])
+    probe = np.stack([np.zeros((size, size, channels)), np.full((size, size, channels), 255.0)])
+    out = np.asarray(sub(probe.astype(np.float32), training=False), np.float64)
+    f0, f255 = out[0, size // 2, size // 2], out[1, size // 2, size // 2]
+    return (f255 - f0) / 255.0, f0
+
+
+def _pre_stem_tensor(model):
+    """The tensor entering the stem convolution (after the model's own input normalisation)."""
+    names = {layer.name for layer in model.layers}
+    for name in ("stem_conv_pad", "stem_conv"):
+        if name in names:
+            return model.get_layer(name).input
+    raise ValueError(f"model {model.name!r} has no 'stem_conv' layer: not a Keras EfficientNet")
+
+
+def _fix_keras_imagenet_v1(src, bb: Backbone, a: np.ndarray, b: np.ndarray):
+    """Keras' ImageNet V1 files store the std where Normalization expects the variance; Keras
+    corrects it with an extra Rescaling (of the whole normalised value) only when it downloads
+    them itself (weights="imagenet", TF issue 49930). A file holding exactly those values gets
+    the same correction here. Returns the corrected `(a, b)`."""
+    if bb.family != "v1":
+        return a, b
+    keras = _keras()
+    norms = [layer for layer in src.layers if isinstance(layer, keras.layers.Normalization)]
+    extra_rescale = any(
+        isinstance(layer, keras.layers.Rescaling) and np.ndim(layer.scale) > 0 for layer in src.layers
+    )
+    if len(norms) == 1 and hasattr(norms[0], "adapt_variance") and not extra_rescale:
+        var = norms[0].adapt_variance.numpy()
+        mean = norms[0].adapt_mean.numpy()
+        if np.allclose(var, IMAGENET_STD, atol=1e-6) and np.allclose(mean, IMAGENET_MEAN, atol=1e-6):
+            fix = 1.0 / np.sqrt(np.asarray(IMAGENET_STD))
+            return a * fix, b * fix
+    return a, b
+
+
+def _load_source(bb: Backbone, weights: str, size: int):
+    """The 3-channel model that holds the weights to transfer."""
+    keras = _keras()
+    if weights == "imagenet":
+        # The real download path (Keras fetches and caches the file); needs the internet.
+        return _backbone_fn(bb)(include_top=False, weights="imagenet", input_shape=(size, size, 3))
+    if not os.path.exists(weights):
+        raise FileNotFoundError(f"--weights {weights}: no such file (expected 'imagenet', 'none' "
+                                f"or a 3-channel {bb.keras_fn} weights file)")
+    if weights.endswith(".keras"):
+        try:
+            src = keras.saving.load_model(weights, compile=False)
+        except Exception as err:  # Keras raises many types; name the file either way
+            raise ValueError(f"--weights {weights}: cannot load as a Keras model: {err}") from err
+    else:
+        kwargs = dict(include_top=False, weights=None, input_shape=(size, size, 3))
+        if bb.family == "v2":
+            kwargs["include_preprocessing"] = True
+        src = _backbone_fn(bb)(**kwargs)
+        try:
+            src.load_weights(weights)
+        except Exception as err:
+            raise ValueError(
+                f"--weights {weights}: does not fit a headless 3-channel {bb.keras_fn} "
+                f"(include_top=False): {err}") from err
+        _finalize_normalization(src)
+    channels = int(src.inputs[0].shape[-1])
+    if channels != 3:
+        raise ValueError(f"--weights {weights}: expected a 3-channel model, it has {channels}")
+    return src
+
+
+def transfer_weights(src, dst, bb: Backbone) -> None:
+    """Copy a 3-channel backbone's weights into the 4-channel model, layer by layer (by name;
+    the head, which the source lacks, is skipped).
+
+    The stem kernel `[3, 3, 3, F]` becomes `[3, 3, 4, F]` with a zero yellow slice; input
+    normalisation layers are handled separately (`input_affine`).
+    """
+    keras = _keras()
+    src_layers = {layer.name: layer for layer in src.layers}
+    missing = []
+    for layer in dst.layers:
+        if (not layer.weights or isinstance(layer, keras.layers.Normalization)
+                or layer.name in models.HEAD_LAYERS):
+            continue
+        s = src_layers.get(layer.name)
+        if s is None:
+            missing.append(layer.name)
+            continue
+        values = s.get_weights()
+        if layer.name == "stem_conv":
+            kernel = values[0]
+            grown = np.zeros(kernel.shape[:2] + (models.NUM_CHANNELS,) + kernel.shape[3:], kernel.dtype)
+            grown[:, :, :3] = kernel
+            values = [grown] + values[1:]
+        layer.set_weights(values)
+    if missing:
+        raise ValueError(f"source weights lack {len(missing)} {bb.keras_fn} layers, "
+                         f"e.g. {missing[:5]}")
