@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     device = scorer.setup_device(args.device)
     spec = TileSpec(size=args.tile)
     opts = PredictConfig(batch_size=args.batch_size, workers=args.workers, progress=False)
-    seg_options = {"backend": opts.backend, **reading.segmentation_options(opts)}
+    seg_options = {"backend": reading.segmentation_used(opts).backend, **reading.segmentation_options(opts)}
     print(f"device: {device}; {args.n} synthetic images of {args.size} px; {args.backbone} at {args.tile} px; "
           f"{os.cpu_count()} CPU cores")
     model = models.build_model(args.backbone, size=args.tile)

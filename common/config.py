@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from typing import Any, Mapping, TypeVar
 
@@ -22,6 +23,11 @@ def _coerce(tp, value):
     origin = typing.get_origin(tp)
     if value is None:
         return None
+    if origin in (typing.Union, types.UnionType):  # `T | None`: read as T
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return _coerce(args[0], value)
+        return value
     if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
         return from_dict(tp, value)
     if origin is tuple:

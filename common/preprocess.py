@@ -15,6 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from common import config as cfglib
+from common.segmentation import SegmentationSpec
 
 PREPROCESS_FILE = "preprocess.json"
 
@@ -31,6 +32,9 @@ class TileSpec:
     model_size: int = 0  # side the model sees; 0 = `size`. Else tiles are cut at `size` and
     # then resized with `resize_tiles` (one TF op, same in training's tf.data and in inference)
     bag: int = 0  # cell mode: 0 = one cell per example; N = an image's cells as one bag of N
+    # cell mode: how the cells were segmented (`common.segmentation.SegmentationSpec`); None =
+    # not recorded (image mode, or a preprocess.json written before it was recorded)
+    segmentation: SegmentationSpec | None = None
 
     @property
     def input_size(self) -> int:
@@ -50,6 +54,8 @@ class TileSpec:
             raise ValueError(f"TileSpec.bag must be 0, or >= 1 with mode 'cell', got {self.bag}")
         if self.model_size and self.model_size < 8:
             raise ValueError(f"TileSpec.model_size must be 0 or >= 8, got {self.model_size}")
+        if isinstance(self.segmentation, dict):  # TileSpec(**to_dict(spec)), as the builder's jobs do
+            object.__setattr__(self, "segmentation", SegmentationSpec.from_dict(self.segmentation))
 
     def to_json(self) -> str:
         return cfglib.to_json(self)

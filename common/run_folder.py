@@ -1,7 +1,8 @@
 """The run folder: what training writes and inference reads, local or `gs://`.
 
     model.keras       the trained model (float32, no optimizer): `float32 [B, N, N, 4]` -> `[B, 19]`
-    preprocess.json   the TileSpec the model was trained on (inference cuts tiles with it)
+    preprocess.json   the TileSpec the model was trained on (inference cuts tiles with it), with
+                      how the training data's cells were segmented (`TileSpec.segmentation`)
     config.json       the training config that made the run (a rerun reads it back)
 
 The trainer also keeps `history.csv`/`history.png` and `checkpoints/` there (train_tpu's own

@@ -96,6 +96,13 @@ def read_bytes(path: str) -> bytes:
         return fh.read()
 
 
+def fingerprint(data: bytes) -> str:
+    """A short identity of a file's bytes, `crc32:xxxxxxxx` (model weights, segmentation models)."""
+    import zlib
+
+    return f"crc32:{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+
+
 def read_text(path: str, encoding: str = "utf-8") -> str:
     return read_bytes(path).decode(encoding)
 

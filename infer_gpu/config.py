@@ -24,10 +24,13 @@ def _default_workers() -> int:
 class PredictConfig:
     """predict's options; see `python -m infer_gpu predict --help`."""
 
-    backend: str = "default"  # cell segmentation: the weight-free default, or the HPA U-Nets (needs PyTorch, hpacellseg and its model files: see common/segmentation/hpa.py)
-    work_size: int = 512  # segmentation: long side in px of the labelling's working resolution
+    # cell segmentation: the weight-free default, or the HPA U-Nets (needs PyTorch, hpacellseg and its model files: see common/segmentation/hpa.py); not given = the runs' training data's (recorded in their preprocess.json), else default
+    backend: str | None = None
+    work_size: int | None = None  # segmentation: long side in px of the labelling's working resolution; not given = the runs' training data's, else 512
     nuclei_model: str | None = None  # hpa backend: hpacellseg nucleus model file (.pth)
     cell_model: str | None = None  # hpa backend: hpacellseg 3-channel cell model file (.pth)
+    # predict even when its segmentation differs from the one the runs were trained on (else exit 2 naming each difference). Runs trained on precomputed masks (builder --masks) cannot be matched: predict warns and uses the options given, or the default
+    allow_other_segmentation: bool = False
     trust_model_files: bool = False  # hpa backend: allow loading the .pth files, which are pickled PyTorch modules (loading runs code from them): only for files you trust
     tta: int = 1  # test-time augmentation: average over the first N of the 8 flips and rotations of each tile (1 = none)
     batch_size: int = 64  # tiles per model call; batches span the cells of several images
@@ -46,8 +49,8 @@ class PredictConfig:
 
     def __post_init__(self):
         checks = {
-            "backend": self.backend in BACKENDS,
-            "work_size": self.work_size >= 1,
+            "backend": self.backend is None or self.backend in BACKENDS,
+            "work_size": self.work_size is None or self.work_size >= 1,
             "tta": 1 <= self.tta <= 8,
             "batch_size": self.batch_size >= 1,
             "workers": self.workers >= 0,
@@ -71,5 +74,5 @@ class PredictConfig:
 PRESETS = {
     "default": PredictConfig(),
     # seconds on a CPU: tests, CI and a first look at a new machine
-    "smoke": PredictConfig(work_size=256, batch_size=16, workers=1, device="cpu", progress=False),
+    "smoke": PredictConfig(batch_size=16, workers=1, device="cpu", progress=False),
 }

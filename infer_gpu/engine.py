@@ -6,6 +6,7 @@ call behind it. One run, top-down, with the module that does each step:
     read the sample submission, load the runs      reading.read_sample, runs.load_run
     group the runs by tile spec                    scorer.Scorers (device, TTA, compiled fns)
     skip what an earlier run did                   parts.PartStore (--resume)
+    segment as the runs' training data was          reading.segmentation_to_use
     read, segment, tile, encode each image         reading.prepare_image, on common.pool's
                                                    reader threads/processes, ahead of the model
     score tiles in batches that span images        batching.score_stream
@@ -30,7 +31,8 @@ from infer_gpu.batching import CrossImageBatcher, score_stream
 from infer_gpu.combine import image_result
 from infer_gpu.config import PredictConfig
 from infer_gpu.parts import PartStore, part_failed
-from infer_gpu.reading import STAGES, prepare_image, read_sample, segmentation_options
+from infer_gpu.reading import (STAGES, prepare_image, read_sample, segmentation_options,
+                               segmentation_to_use)
 from infer_gpu.report import RunStopped, Summary, run_settings, write_report
 from infer_gpu.writing import PartWriter, assemble
 
@@ -56,12 +58,13 @@ def run_predict(images: str, sample_submission: str, models: Sequence[str], out:
     summary.device = setup_device(config.device)
     runs, image_runs = load_runs(models, image_models, runs, image_runs)
     scorers = Scorers.build([*runs, *image_runs], tta=config.tta, batch_size=config.batch_size)
-    settings = run_settings(sample, runs, image_runs, config)
+    used = segmentation_to_use(config, [*runs, *image_runs])  # the runs' unless told otherwise
+    settings = run_settings(sample, runs, image_runs, config, used)
     store = PartStore(out)
     todo = images_to_do(sample, store.start(settings, resume=config.resume), config.limit, summary)
 
-    read = functools.partial(prepare_image, source=images, specs=scorers.specs, backend=config.backend,
-                             seg_options=segmentation_options(config), keep_image=bool(config.overlays))
+    read = functools.partial(prepare_image, source=images, specs=scorers.specs, backend=used.backend,
+                             seg_options=segmentation_options(config, used), keep_image=bool(config.overlays))
     batcher = CrossImageBatcher(scorers.predictors, config.batch_size)
     prepared = ordered_map(read, todo, workers=config.workers, depth=config.prefetch or config.workers + 2,
                            processes=config.processes, name="reader")

@@ -12,6 +12,7 @@ wrong size, a transient I/O error on every try, memory running out) is returned 
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -53,11 +54,79 @@ def read_sample(path: str) -> list[tuple[str, int, int]]:
     return [(r.image_id, int(r.width), int(r.height)) for r in submission.read_sample_submission(path)]
 
 
-def segmentation_options(config) -> dict:
-    """Keyword options for `common.segmentation.segment` from a PredictConfig; loads the HPA
-    networks once (in this process: the reader threads share them)."""
-    seg = {"work_size": config.work_size, **dict(config.seg_options)}
-    if config.backend == "hpa" and "networks" not in seg and "nuclei_net" not in seg:
+def segmentation_used(config, recorded=None):
+    """The `SegmentationSpec` predict segments with: the options the user gave (backend,
+    work_size not None), else the training data's (`recorded`, from the runs), else the default
+    (`common.segmentation.SegmentationSpec()`). Fingerprints hpa's model files (reads them)."""
+    from common.segmentation import MASKS, SegmentationSpec, spec_for
+
+    base = recorded if recorded is not None and recorded.backend != MASKS else SegmentationSpec()
+    backend = config.backend or base.backend
+    work_size = config.work_size if config.work_size is not None else base.work_size
+    hpa = backend == "hpa"
+    return spec_for(backend, work_size, nuclei_model=config.nuclei_model if hpa else None,
+                    cell_model=config.cell_model if hpa else None, **dict(config.seg_options))
+
+
+def segmentation_to_use(config, runs: Sequence, warn=None):
+    """Check predict's segmentation against the one each run's training data was cut with
+    (`TileSpec.segmentation` in its preprocess.json) and return the `SegmentationSpec` to use.
+
+    Without --backend/--work-size, the runs' is used. Raises ValueError naming each differing
+    field with both values and the run, or the runs that disagree with each other, unless
+    `config.allow_other_segmentation`. Runs that recorded none (older run folders, image
+    mode) are not checked. Runs cut from precomputed masks ("masks") cannot be reproduced:
+    one warning (`warn`, default stderr), then the options or the default are used.
+    """
+    import sys
+
+    from common.segmentation import MASKS
+
+    warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    recorded = [(r.path, _recorded(r)) for r in runs]
+    recorded = [(path, spec) for path, spec in recorded if spec is not None]
+    masks = [path for path, spec in recorded if spec.backend == MASKS]
+    made = [(path, spec) for path, spec in recorded if spec.backend != MASKS]
+    allow = config.allow_other_segmentation
+    problems = []
+    for path, spec in made[1:]:
+        diff = made[0][1].describe_difference(spec, made[0][0], path)
+        if diff:
+            problems.append(f"the runs {made[0][0]} and {path} were trained on different segmentations: "
+                            + "; ".join(diff))
+    used = segmentation_used(config, made[0][1] if made else None)
+    for path, spec in made:
+        theirs = used
+        if used.backend == "hpa" and not used.model_files:  # networks passed as objects: unknown
+            theirs = dataclasses.replace(used, model_files=spec.model_files)
+        diff = spec.describe_difference(theirs, f"training of {path}", "predict")
+        if diff:
+            problems.append(f"predict would segment cells otherwise than the training data of {path}: "
+                            + "; ".join(diff))
+    if problems and not allow:
+        raise ValueError("; ".join(problems) + ". Pass the runs' settings (--backend, --work-size, "
+                         "--nuclei-model/--cell-model), or --allow-other-segmentation to predict anyway")
+    for problem in problems:
+        warn(f"predict: warning: {problem} (--allow-other-segmentation)")
+    if masks:
+        warn(f"predict: warning: {', '.join(masks)} trained on precomputed label maps (builder --masks), "
+             f"which predict cannot make; it segments with backend {used.backend!r}, "
+             f"work size {used.work_size}")
+    return used
+
+
+def _recorded(run):
+    seg = getattr(run, "segmentation", None)
+    return seg if seg is not None else getattr(run.spec, "segmentation", None)
+
+
+def segmentation_options(config, used=None) -> dict:
+    """Keyword options for `common.segmentation.segment` from a PredictConfig and the spec in
+    use (`segmentation_to_use`; None = `segmentation_used(config)`); loads the HPA networks once
+    (in this process: the reader threads share them)."""
+    used = used or segmentation_used(config)
+    seg = {"work_size": used.work_size, **dict(config.seg_options)}
+    if used.backend == "hpa" and "networks" not in seg and "nuclei_net" not in seg:
         if not config.nuclei_model or not config.cell_model:
             raise ValueError("--backend hpa needs --nuclei-model and --cell-model (hpacellseg's .pth files)")
         if config.processes:

@@ -52,10 +52,11 @@ class Summary:
         self.processed += 1
 
 
-def run_settings(sample, runs, image_runs, config) -> dict:
+def run_settings(sample, runs, image_runs, config, segmentation=None) -> dict:
     """What decides the results (a resumed run must match it; batching and threads do not).
 
-    sample: `[(ID, width, height), ...]`; runs / image_runs: `runs.RunDir`s; config: PredictConfig.
+    sample: `[(ID, width, height), ...]`; runs / image_runs: `runs.RunDir`s; config: PredictConfig;
+    segmentation: the `SegmentationSpec` used (None = the config's own, `reading.segmentation_used`).
     """
     from infer_gpu.runs import describe
 
@@ -65,16 +66,19 @@ def run_settings(sample, runs, image_runs, config) -> dict:
         "image_models": [describe(r) for r in image_runs],
         "rule": dataclasses.asdict(config.rule),
         "tta": config.tta,
-        "segmentation": segmentation_settings(config),
+        "segmentation": segmentation_settings(config, segmentation),
         "sample_sha1": hashlib.sha1(ids.encode()).hexdigest(),
     }
 
 
-def segmentation_settings(config) -> dict:
-    """How cells are segmented: backend, working size, model files, extra option names."""
-    return {"backend": config.backend, "work_size": config.work_size,
-            "nuclei_model": config.nuclei_model, "cell_model": config.cell_model,
-            "options": sorted(k for k, _ in config.seg_options)}
+def segmentation_settings(config, segmentation=None) -> dict:
+    """How cells are segmented: the `SegmentationSpec` used (backend, working size, model files'
+    fingerprints, options), with the model files' paths."""
+    if segmentation is None:
+        from infer_gpu.reading import segmentation_used
+
+        segmentation = segmentation_used(config)
+    return {**segmentation.to_dict(), "nuclei_model": config.nuclei_model, "cell_model": config.cell_model}
 
 
 def write_report(summary: Summary, *, config, settings: dict, inputs: dict) -> dict:

@@ -7,7 +7,6 @@ spec and its output has the 19 classes, and fingerprints the weights so that `--
 from __future__ import annotations
 
 import dataclasses
-import zlib
 from dataclasses import dataclass
 
 from common import run_folder
@@ -28,6 +27,9 @@ class RunDir:
     spec: TileSpec
     model: object = dataclasses.field(repr=False, default=None)
     fingerprint: str = ""
+    # how the training data's cells were segmented (`common.segmentation.SegmentationSpec`,
+    # from preprocess.json); None = not recorded. `spec` holds the tile spec without it.
+    segmentation: object = None
 
 
 def load_run(run_dir: str, expect_mode: str | None = None) -> RunDir:
@@ -44,7 +46,7 @@ def load_run(run_dir: str, expect_mode: str | None = None) -> RunDir:
     folder = run_folder.load(run_dir)  # names model.keras when it is missing
     path = folder.model_file
     data = storage.read_bytes(path)  # read once: fingerprinted, then loaded from these bytes
-    fingerprint = f"crc32:{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+    fingerprint = storage.fingerprint(data)
     model = run_folder.load_model(folder, data=data)
     del data
     shape = tuple(model.input_shape)
@@ -56,7 +58,8 @@ def load_run(run_dir: str, expect_mode: str | None = None) -> RunDir:
     out = tuple(model.output_shape)
     if out[-1] != NUM_CLASSES:
         raise ValueError(f"{path}: model output {out}, expected [B, {NUM_CLASSES}]")
-    return RunDir(path=run_dir, spec=spec, model=model, fingerprint=fingerprint)
+    return RunDir(path=run_dir, spec=spec.replace(segmentation=None), model=model, fingerprint=fingerprint,
+                  segmentation=spec.segmentation)
 
 
 def describe(run: RunDir) -> dict:

@@ -651,5 +651,65 @@ def test_a_finished_cli_run_keeps_its_options_models_and_segmentation_in_the_rep
     assert model["path"] == str(trained_run) and model["weights"] == f"crc32:{crc:08x}"
     assert TileSpec.from_json(model["spec"]) == TILE
     assert report["image_models"] == []
-    assert report["segmentation"] == {"backend": "default", "work_size": 320, "nuclei_model": None,
-                                      "cell_model": None, "options": []}
+    # the run records no segmentation (an older run folder): the flags decide, nothing is refused
+    assert report["segmentation"] == {"backend": "default", "work_size": 320, "model_files": [], "options": [],
+                                      "nuclei_model": None, "cell_model": None}
+
+
+# --- the training data's segmentation (TileSpec.segmentation in preprocess.json) --------------
+def _with_segmentation(run: Path, dst: Path, seg) -> Path:
+    """A copy of the run folder `run` whose preprocess.json records the segmentation `seg`."""
+    from common import run_folder
+
+    shutil.copytree(run, dst)
+    run_folder.write_spec(str(dst), run_folder.read_spec(str(dst)).replace(segmentation=seg))
+    return dst
+
+
+def test_predict_segments_as_the_runs_training_data_and_refuses_otherwise(syn, trained_run, tmp_path, capsys):
+    """Without --work-size the run's recorded work size is used; another one is refused (exit 2)
+    naming the field, both values and the run, unless --allow-other-segmentation; the report
+    records the segmentation used."""
+    from common.segmentation import SegmentationSpec
+
+    run256 = _with_segmentation(trained_run, tmp_path / "run256", SegmentationSpec(work_size=256))
+    sample, images = syn / "sample_submission.csv", syn / "images"
+    out = tmp_path / "same.csv"
+    assert run_predict(images, sample, out, models=[str(run256)]).complete
+    used = report.read_report(str(out))["segmentation"]
+    assert (used["backend"], used["work_size"]) == ("default", 256)  # the run's, not the default 512
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    refused = subprocess.run(_cli("--images", images, "--sample-submission", sample, "--model", run256,
+                                  "--out", tmp_path / "other.csv", "--preset", "smoke", "--work-size", "320"),
+                             cwd=ROOT, env=env, capture_output=True, text=True)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "work_size: 256" in refused.stderr and "vs 320" in refused.stderr and str(run256) in refused.stderr
+    assert "--allow-other-segmentation" in refused.stderr and not (tmp_path / "other.csv").exists()
+
+    out = tmp_path / "allowed.csv"
+    assert run_predict(images, sample, out, models=[str(run256)], work_size=320,
+                       allow_other_segmentation=True).complete
+    assert "work_size: 256" in capsys.readouterr().err  # said, not refused
+    used = report.read_report(str(out))["segmentation"]
+    assert (used["backend"], used["work_size"]) == ("default", 320)
+
+
+def test_runs_that_disagree_are_refused_and_masks_runs_only_warn(syn, trained_run, tmp_path, capsys):
+    from common.segmentation import MASKS, SegmentationSpec
+
+    a = _with_segmentation(trained_run, tmp_path / "a", SegmentationSpec(work_size=256))
+    b = _with_segmentation(trained_run, tmp_path / "b", SegmentationSpec(work_size=384))
+    sample, images = syn / "sample_submission.csv", syn / "images"
+    with pytest.raises(ValueError, match="different segmentations") as err:
+        run_predict(images, sample, tmp_path / "ab.csv", models=[str(a), str(b)])
+    assert str(a) in str(err.value) and str(b) in str(err.value) and "384" in str(err.value)
+
+    # HPA's own masks cannot be made at inference: one warning, then the default segmentation
+    masks = _with_segmentation(trained_run, tmp_path / "masks", SegmentationSpec(backend=MASKS, work_size=None))
+    out = tmp_path / "masks.csv"
+    assert run_predict(images, sample, out, models=[str(masks)]).complete
+    warned = capsys.readouterr().err
+    assert warned.count("precomputed label maps") == 1 and str(masks) in warned
+    used = report.read_report(str(out))["segmentation"]
+    assert (used["backend"], used["work_size"]) == ("default", 512)

@@ -274,3 +274,29 @@ def test_real_1000_A12_2_nuclei_survive_the_labelling_step(shared_data):
     m = compare.match(truth, nuclei)
     assert m["true"] == 21 and m["pred"] == 21 and m["matched"] == 21
     assert m["mean_iou"] > 0.95 and m["best_iou"].min() > 0.9
+
+
+def test_segmentation_spec_round_trips_in_preprocess_json_and_names_its_differences(tmp_path):
+    from common.preprocess import TileSpec
+    from common.segmentation import SegmentationSpec, spec_for
+
+    (tmp_path / "n.pth").write_bytes(b"nuclei weights")
+    (tmp_path / "c.pth").write_bytes(b"cell weights")
+    hpa = spec_for("hpa", 256, nuclei_model=str(tmp_path / "n.pth"), cell_model=str(tmp_path / "c.pth"),
+                   networks=object(), label_params=labelling.LabelParams(min_cell_area=10.0))
+    assert hpa.backend == "hpa" and len(hpa.model_files) == 2 and hpa.model_files[0] != hpa.model_files[1]
+    assert [k for k, _ in hpa.options] == ["label_params"]  # networks do not change the masks' recipe
+    spec = TileSpec(size=32, segmentation=hpa)
+    path = str(tmp_path / "preprocess.json")
+    spec.save(path)
+    assert TileSpec.load(path) == spec
+    # a preprocess.json from before segmentation was recorded still loads: unknown
+    (tmp_path / "old.json").write_text('{"size": 32, "mode": "cell"}')
+    assert TileSpec.load(str(tmp_path / "old.json")).segmentation is None
+    (tmp_path / "n.pth").write_bytes(b"other nuclei weights")
+    other = spec_for("hpa", 512, nuclei_model=str(tmp_path / "n.pth"), cell_model=str(tmp_path / "c.pth"))
+    diff = hpa.describe_difference(other, "training", "predict")
+    assert [d.split(":")[0] for d in diff] == ["work_size", "model_files", "options"]
+    assert diff[0] == "work_size: 256 (training) vs 512 (predict)"
+    assert SegmentationSpec().describe_difference(spec_for()) == []
+    assert spec_for(masks=True).backend == "masks"

@@ -28,8 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def shards(synthetic_small, tmp_path_factory):
+    from common.segmentation import MASKS, SegmentationSpec
+
     out = tmp_path_factory.mktemp("train_shards")
-    make_shards(synthetic_small, out, size=32, folds=2)
+    made = make_shards(synthetic_small, out, size=32, folds=2)
+    # the tiles were cut from the synthetic set's label maps, as the builder's --masks records it
+    made["spec"].replace(segmentation=SegmentationSpec(backend=MASKS, work_size=None)).save(
+        str(out / "preprocess.json"))
     return str(out)
 
 
@@ -157,6 +162,9 @@ def test_cli_smoke_writes_a_complete_run_folder(shards, tmp_path):
     # tiles are stored at 32 px and resized to 48 for the model: inference must do the same
     spec = TileSpec.load(str(out / "preprocess.json"))
     assert (spec.size, spec.model_size, spec.input_size, spec.mode) == (32, 48, 48, "cell")
+    # how the training data's cells were segmented goes with the model
+    assert spec.segmentation == TileSpec.load(os.path.join(shards, "preprocess.json")).segmentation
+    assert spec.segmentation.backend == "masks"
     model = models.load_model(str(out))
     assert tuple(model.input.shape[1:]) == (48, 48, 4)
     rows = history.read_history(str(out / "history.csv"))

@@ -32,7 +32,7 @@ from common.resume import check_same_settings
 from tfrecords_builder import manifest as manifestlib
 from tfrecords_builder import plan as planlib
 from tfrecords_builder.config import RUNTIME_FIELDS, BuildConfig
-from tfrecords_builder.worker import Job, Result, Task, init_worker, process
+from tfrecords_builder.worker import Job, Result, Task, init_worker, process, segmentation_spec
 from tfrecords_builder.writer import ShardWriter
 
 STATE_DIR = "_build"
@@ -197,7 +197,7 @@ def _load_or_make_plan(cfg: BuildConfig, runner: Runner, log: Callable[[str], No
         )
     plan = make_plan(cfg, runner, keep)
     storage.makedirs(cfg.out)
-    shard_folder.write_spec(cfg.out, cfg.tile_spec())
+    shard_folder.write_spec(cfg.out, cfg.tile_spec().replace(segmentation=segmentation_spec(_job(cfg))))
     storage.write_text(plan_path, plan.to_json())
     log(f"planned {len(plan.entries)} images into {len(plan.shards)} shards, {cfg.folds} folds "
         f"(~{plan.bytes_per_image / 1e3:.1f} kB per image, {plan.estimate}); {len(plan.skipped)} rows rejected")

@@ -109,6 +109,21 @@ def _hpa_networks(nuclei_model: str, cell_model: str, trust_model_files: bool):
     return hpa.load_networks(nuclei_model, cell_model, trust_model_files=trust_model_files)
 
 
+WORK_SIZE = 512  # segmentation: long side in px of the labelling's working resolution
+
+
+def segmentation_spec(job: Job):
+    """How the job's cells are segmented (`common.segmentation.SegmentationSpec`, saved in the
+    dataset's preprocess.json); None in image mode (no segmentation)."""
+    from common.segmentation import spec_for
+
+    if job.mode != "cell":
+        return None
+    hpa = job.segmenter == "hpa"
+    return spec_for(job.segmenter, WORK_SIZE, masks=bool(job.masks),
+                    nuclei_model=job.nuclei_model if hpa else None, cell_model=job.cell_model if hpa else None)
+
+
 def segment_options(job: Job) -> dict:
     """Keyword options of `common.segmentation.segment` for the job's segmenter."""
     if job.segmenter == "hpa":
@@ -131,7 +146,7 @@ def label_maps(task: Task, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | 
     else:
         from common import segmentation
 
-        seg = segmentation.segment(image, backend=job.segmenter, **segment_options(job))
+        seg = segmentation.segment(image, backend=job.segmenter, work_size=WORK_SIZE, **segment_options(job))
         cells, nuclei = np.asarray(seg.cells), np.asarray(seg.nuclei)
     for name, arr in (("cell", cells), ("nucleus", nuclei)):
         if arr is not None and arr.shape != image.shape[:2]:

@@ -9,14 +9,87 @@ Backends turn an image into a nucleus and a cell probability map; the one labell
 
 Label maps are `HxW int32`, 0 = background; a cell and its nucleus share the id; ids are 1..K.
 Boxes are `(y0, x0, y1, x1)`, half-open, in full-resolution pixels (as in common.preprocess).
+
+`SegmentationSpec` records how a dataset's cells were segmented (stored in its `preprocess.json`,
+see `common.preprocess.TileSpec.segmentation`, and copied into the run folder by the trainer);
+`spec_for` is the one function that makes it from a segmenter's settings, for the builder and
+for predict, which compares the two.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 
 BACKENDS = ("default", "hpa")
+MASKS = "masks"  # SegmentationSpec.backend of a dataset cut from precomputed label maps (--masks)
+# segment() options that change how fast it runs, not the masks it makes: not in the spec
+_RUNTIME_OPTIONS = ("networks", "nuclei_net", "cell_net", "batch_size")
+
+
+@dataclass(frozen=True)
+class SegmentationSpec:
+    """How cells were segmented: what must match for tiles cut at inference to be like training's."""
+
+    backend: str = "default"  # "default", "hpa", or "masks" (precomputed label maps, not reproducible)
+    work_size: int | None = 512  # long side in px of the labelling's working resolution; None = full
+    # hpa: fingerprints (`common.storage.fingerprint`) of the nucleus and cell model files;
+    # empty when the networks were passed in as objects (unknown)
+    model_files: tuple[str, ...] = ()
+    # other options given to `segment` that change the masks, as sorted (name, JSON text) pairs
+    options: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self):
+        if self.backend not in (*BACKENDS, MASKS):
+            raise ValueError(f"SegmentationSpec.backend must be one of {(*BACKENDS, MASKS)}, got {self.backend!r}")
+        object.__setattr__(self, "model_files", tuple(self.model_files))
+        object.__setattr__(self, "options", tuple(tuple(o) for o in self.options))
+
+    def to_dict(self) -> dict:
+        from common import config as cfglib
+
+        return cfglib.to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data) -> "SegmentationSpec":
+        from common import config as cfglib
+
+        return cfglib.from_dict(cls, data)
+
+    def describe_difference(self, other: "SegmentationSpec", mine: str = "this",
+                            theirs: str = "other") -> list[str]:
+        """One line per differing field, naming it and both values, e.g.
+        `work_size: 512 (training) vs 256 (predict)`; [] when equal."""
+        return [f"{f.name}: {getattr(self, f.name)!r} ({mine}) vs {getattr(other, f.name)!r} ({theirs})"
+                for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+
+def spec_for(backend: str = "default", work_size: int | None = 512, masks: bool = False,
+             nuclei_model: str | None = None, cell_model: str | None = None,
+             **options) -> SegmentationSpec:
+    """The SegmentationSpec of a segmenter's settings (the builder's and predict's, the same way).
+
+    backend, work_size, options: as `segment` takes them; masks: label maps were read, not made
+    (backend "masks"); nuclei_model / cell_model: hpa's model files, fingerprinted (read once).
+    """
+    if masks:
+        return SegmentationSpec(backend=MASKS, work_size=None)
+    files = ()
+    if backend == "hpa" and nuclei_model:
+        from common import storage
+
+        files = tuple(storage.fingerprint(storage.read_bytes(p)) for p in (nuclei_model, cell_model) if p)
+    kept = tuple(sorted((k, _option_text(v)) for k, v in options.items() if k not in _RUNTIME_OPTIONS))
+    return SegmentationSpec(backend=backend, work_size=work_size, model_files=files, options=kept)
+
+
+def _option_text(value) -> str:
+    import json
+
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    return json.dumps(value, sort_keys=True, default=repr)
 
 
 @dataclass(frozen=True)
