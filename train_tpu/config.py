@@ -8,8 +8,6 @@ from common import config as cfglib
 from common.models import BACKBONES
 from train_tpu.backend import NAMES as BACKENDS
 
-CONFIG_FILE = "config.json"
-
 
 MODES = ("cell", "image", "bag")
 POOLINGS = ("max", "lse", "attention")  # common.mil.POOLINGS (that module imports Keras lazily)
@@ -140,10 +138,11 @@ PRESETS: dict[str, TrainConfig] = {
                         steps_per_epoch=40, learning_rate=3e-3, warmup_epochs=0.5,
                         shuffle_buffer=1024, dropout=0.0, drop_connect_rate=0.0,
                         bn_momentum=0.9),
-    # the demo's recipe as a bag model (red.ai's dual head): bags of up to 8 cells at 48 px, the
-    # same backbone and steps; 4 bags per step are at most 32 cells, the demo's cell batch
+    # the demo's recipe as a bag model (red.ai's dual head) on bags of up to 16 cells (the
+    # builder's default --max-cells): the same backbone, tiles and steps; 2 bags per step are
+    # up to 32 cells, the demo's cell batch
     "demo_mil": TrainConfig(mode="bag", backbone="efficientnetv2_b0", size=48, epochs=12,
-                            batch_size=4, steps_per_epoch=40, learning_rate=3e-3,
+                            batch_size=2, steps_per_epoch=40, learning_rate=3e-3,
                             warmup_epochs=0.5, shuffle_buffer=256, dropout=0.0,
                             drop_connect_rate=0.0, bn_momentum=0.9),
     # red.ai's recipe on a TPU v3-8: bags of 16 cells at 224 px, 32 bags (512 cells) per step
