@@ -96,47 +96,21 @@ def test_cli_strategy_tpu_without_tpu_fails_clearly(tmp_path):
     assert not (tmp_path / "run").exists()  # nothing written before the hardware check
 
 
-# One SGD step on the same global batch, on 2 mirrored replicas and on 1. Each half of the
-# batch is the same 4 examples, so every replica's BatchNorm sees the batch statistics the
-# single replica sees; what remains to differ is how the gradient is scaled. SGD (unlike Adam)
-# moves the weights in proportion to the gradient, so a per-replica-batch scaling shows up as a
-# 2x update.
+# One SGD step on the same global batch, on 2 mirrored replicas and on 1 (tests/replica_step.py).
 _MULTI_REPLICA = r"""
-import json, sys
-import numpy as np
+import json
 from train_tpu import strategy as S
 S.configure_cpu_replicas(2)
 import tensorflow as tf
 from common import models
-from train_tpu import model as trainmodel
 from train_tpu import train as T
-from train_tpu.config import make_config
+from tests import replica_step as R
 
-cfg = make_config("smoke", optimizer="sgd", learning_rate=0.05, warmup_epochs=0.0,
-                  min_lr_ratio=1.0, dropout=0.0, drop_connect_rate=0.0)
-rng = np.random.default_rng(0)
-half_x = rng.uniform(0, 255, (4, 32, 32, 4)).astype("float32")
-half_y = (rng.uniform(size=(4, 19)) < 0.3).astype("float32")
-x, y = np.concatenate([half_x, half_x]), np.concatenate([half_y, half_y])
-w0 = models.build_model("efficientnet_b0", 32, dropout=0.0, drop_connect_rate=0.0).get_weights()
-
-def one_step(strategy):
-    with strategy.scope():
-        m = models.build_model("efficientnet_b0", 32, dropout=0.0, drop_connect_rate=0.0)
-        trainmodel.set_weights(m, w0)
-        T.compile_model(m, cfg, T.make_optimizer(cfg, 1))
-    before = np.concatenate([np.ravel(v) for v in m.trainable_weights])
-    ds = tf.data.Dataset.from_tensors((x, y))  # exactly one GLOBAL batch of 8
-    loss = m.fit(ds, epochs=1, steps_per_epoch=1, verbose=0).history["loss"][0]
-    after = np.concatenate([np.ravel(v) for v in m.trainable_weights])
-    return float(loss), after - before
-
-mirrored = S.get_strategy("cpu")
-loss2, d2 = one_step(mirrored)
-loss1, d1 = one_step(tf.distribute.OneDeviceStrategy("/cpu:0"))
-print(json.dumps({"replicas": mirrored.num_replicas_in_sync, "loss2": loss2, "loss1": loss1,
-                  "norm1": float(np.linalg.norm(d1)), "norm2": float(np.linalg.norm(d2)),
-                  "diff": float(np.linalg.norm(d2 - d1))}))
+cfg = R.sgd_config()
+x, y = R.doubled_batch((4, 32, 32, 4))  # one GLOBAL batch of 8
+build = lambda: models.build_model("efficientnet_b0", 32, dropout=0.0, drop_connect_rate=0.0)
+print(json.dumps(R.compare(S.get_strategy("cpu"), tf.distribute.OneDeviceStrategy("/cpu:0"), build,
+                           lambda m: T.compile_model(m, cfg, T.make_optimizer(cfg, 1)), x, y)))
 """
 
 

@@ -120,19 +120,17 @@ def test_a_bag_run_refuses_a_cell_dataset_and_the_reverse(bag_shards, tmp_path, 
 
 
 _MULTI_REPLICA = r"""
-import json, sys
+import json
 import numpy as np
 from train_tpu import strategy as S
 S.configure_cpu_replicas(2)
 import tensorflow as tf
-from common import mil, models
-from train_tpu import model as modellib
+from common import mil
 from train_tpu import train as T
 from train_tpu.bag_model import build_bag_model
-from train_tpu.config import make_config
+from tests import replica_step as R
 
-cfg = make_config("smoke", mode="bag", optimizer="sgd", learning_rate=0.05, warmup_epochs=0.0,
-                  min_lr_ratio=1.0, dropout=0.0, drop_connect_rate=0.0)
+cfg = R.sgd_config(mode="bag")
 rng = np.random.default_rng(0)
 cells = rng.uniform(0, 255, (2, 3, 32, 32, 4)).astype("float32")
 mask = np.array([[1, 1, 0], [1, 1, 1]], "float32")
@@ -141,24 +139,9 @@ labels = (rng.uniform(size=(2, 19)) < 0.3).astype("float32")
 cell_y = np.where(mask[..., None] > 0, labels[:, None, :], -1.0).astype("float32")
 x = {mil.CELLS: np.concatenate([cells, cells]), mil.MASK: np.concatenate([mask, mask])}
 y = {mil.IMAGE: np.concatenate([labels, labels]), mil.CELL: np.concatenate([cell_y, cell_y])}
-w0 = build_bag_model("efficientnet_b0", 32, bag=3, dropout=0.0, drop_connect_rate=0.0).get_weights()
-
-def one_step(strategy):
-    with strategy.scope():
-        m = build_bag_model("efficientnet_b0", 32, bag=3, dropout=0.0, drop_connect_rate=0.0)
-        modellib.set_weights(m, w0)
-        T.compile_model(m, cfg, T.make_optimizer(cfg, 1), bag=3)
-    before = np.concatenate([np.ravel(v) for v in m.trainable_weights])
-    ds = tf.data.Dataset.from_tensors((x, y))  # exactly one GLOBAL batch of 4 bags
-    loss = m.fit(ds, epochs=1, steps_per_epoch=1, verbose=0).history["loss"][0]
-    after = np.concatenate([np.ravel(v) for v in m.trainable_weights])
-    return float(loss), after - before
-
-mirrored = S.get_strategy("cpu")
-loss2, d2 = one_step(mirrored)
-loss1, d1 = one_step(tf.distribute.OneDeviceStrategy("/cpu:0"))
-print(json.dumps({"replicas": mirrored.num_replicas_in_sync, "loss2": loss2, "loss1": loss1,
-                  "norm1": float(np.linalg.norm(d1)), "diff": float(np.linalg.norm(d2 - d1))}))
+build = lambda: build_bag_model("efficientnet_b0", 32, bag=3, dropout=0.0, drop_connect_rate=0.0)
+print(json.dumps(R.compare(S.get_strategy("cpu"), tf.distribute.OneDeviceStrategy("/cpu:0"), build,
+                           lambda m: T.compile_model(m, cfg, T.make_optimizer(cfg, 1), bag=3), x, y)))
 """
 
 
@@ -172,3 +155,51 @@ def test_two_replicas_take_the_step_one_replica_takes():
     assert r["replicas"] == 2
     assert r["loss2"] == pytest.approx(r["loss1"], rel=1e-4)
     assert r["norm1"] > 0 and r["diff"] < 1e-3 * r["norm1"], r
+
+
+def test_a_bag_run_resumes_from_its_last_epoch(bag_run, tmp_path):
+    """Resume (one more epoch) continues the bag run: checkpoints, history and the optimizer."""
+    import shutil
+
+    cfg, out, _ = bag_run
+    again = str(tmp_path / "again")
+    shutil.copytree(out, again)
+    summary = trainlib.train(cfg.replace(out=again, epochs=cfg.epochs + 1), resume=True)
+    rows = summary["last"]
+    assert rows["epoch"] == cfg.epochs + 1 and np.isfinite(rows["val_cell_map"])
+    assert trainlib.last_checkpoint(again)[0] == cfg.epochs + 1
+
+
+def test_the_bag_model_builds_in_mixed_precision_with_float32_outputs():
+    from train_tpu.bag_model import build_bag_model
+
+    for pooling in mil.POOLINGS:
+        m = build_bag_model("efficientnet_b0", 32, bag=3, dropout=0.1, drop_connect_rate=0.0,
+                            dtype_policy="mixed_bfloat16", pooling=pooling)
+        x = {mil.CELLS: np.full((1, 3, 32, 32, 4), 100.0, "float32"), mil.MASK: np.array([[1, 1, 0]], "float32")}
+        out = m(x, training=False)
+        assert {keras.backend.standardize_dtype(out[k].dtype) for k in (mil.IMAGE, mil.CELL)} == {"float32"}
+        assert np.all(np.isfinite(np.asarray(out[mil.IMAGE])))
+
+
+def test_the_training_notebook_trains_a_bag_run(bag_shards, tmp_path):
+    """notebooks/train_tpu.ipynb's settings reach a bag run (MODE, POOLING, CELL_WEIGHT)."""
+    import os
+
+    from tests.notebooks import read_notebook
+
+    code, _ = read_notebook(ROOT / "notebooks" / "train_tpu.ipynb")
+
+    def sh(*cmd):
+        subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT,
+                       env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)})
+
+    env = {"sh": sh, "sys": sys, "os": os}
+    exec(next(s for s in code if s.lstrip().startswith("# --- the project")), env)
+    out = tmp_path / "nb_bag"
+    env.update(DATA=bag_shards, OUT=str(out), MODE="bag", PRESET="smoke", WEIGHTS="none", STRATEGY="cpu",
+               BACKEND="tensorflow", EPOCHS=1, STEPS_PER_EPOCH=1, BATCH_SIZE=2, POOLING="lse", CELL_WEIGHT=0.3)
+    exec(next(s for s in code if '"train_tpu"' in s), env)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["mode"], config["pooling"], config["cell_weight"]) == ("bag", "lse", 0.3)
+    assert mil.bag_size(models.load_model(str(out))) == BAG

@@ -59,34 +59,15 @@ m = models.build_model(cfg.backbone, 32, dropout=0.0, drop_connect_rate=0.0)
 T.compile_model(m, cfg, T.make_optimizer(cfg, 8))
 res["losses"] = [float(v) for v in m.fit(ds, epochs=8, steps_per_epoch=1, verbose=0).history["loss"]]
 
-# one SGD step on the same global batch over 2 devices and over 1 (each half of the batch is the
-# same 4 examples, so each device's BatchNorm sees the single device's batch statistics; SGD
-# moves the weights in proportion to the gradient, so a per-device loss scale shows as 2x)
-sgd = make_config("smoke", optimizer="sgd", learning_rate=0.05, warmup_epochs=0.0,
-                  min_lr_ratio=1.0, dropout=0.0, drop_connect_rate=0.0)
-rng = np.random.default_rng(0)
-half_x = rng.uniform(0, 255, (4, 32, 32, 4)).astype("float32")
-half_y = (rng.uniform(size=(4, 19)) < 0.3).astype("float32")
-bx, by = np.concatenate([half_x, half_x]), np.concatenate([half_y, half_y])
-w0 = models.build_model("efficientnet_b0", 32, dropout=0.0, drop_connect_rate=0.0).get_weights()
-
-def one_step(strategy):
-    with strategy.scope():
-        net = models.build_model("efficientnet_b0", 32, dropout=0.0, drop_connect_rate=0.0)
-        trainmodel.set_weights(net, w0)
-        T.compile_model(net, sgd, T.make_optimizer(sgd, 1))
-        before = np.concatenate([np.ravel(v) for v in net.trainable_weights])
-        loss = net.fit(tf.data.Dataset.from_tensors((bx, by)), epochs=1, steps_per_epoch=1,
-                       verbose=0).history["loss"][0]
-        after = np.concatenate([np.ravel(v) for v in net.trainable_weights])
-    return float(loss), after - before
-
+# one SGD step on the same global batch over 2 devices and over 1 (tests/replica_step.py)
+from tests import replica_step as R
+sgd = R.sgd_config()
+bx, by = R.doubled_batch((4, 32, 32, 4))
 two = S.get_strategy("cpu")
-res["replicas"], res["kind"] = two.num_replicas_in_sync, S.device_kind(two)
-loss2, d2 = one_step(two)
-loss1, d1 = one_step(S.JaxStrategy(jax.devices("cpu")[:1], "cpu"))
-res.update(loss2=loss2, loss1=loss1, norm1=float(np.linalg.norm(d1)),
-           diff=float(np.linalg.norm(d2 - d1)))
+res["kind"] = S.device_kind(two)
+res.update(R.compare(two, S.JaxStrategy(jax.devices("cpu")[:1], "cpu"),
+                     lambda: models.build_model("efficientnet_b0", 32, dropout=0.0, drop_connect_rate=0.0),
+                     lambda m: T.compile_model(m, sgd, T.make_optimizer(sgd, 1)), bx, by))
 keras.distribution.set_distribution(None)
 
 # the 3-to-4 channel transfer reproduces the 3-channel model on RGB input

@@ -313,7 +313,7 @@ def eval_dataset(files, tile_size: int, model_size: int, global_batch: int, coun
     ds = ds.map(lambda x, y: to_float(x, y)[0], num_parallel_calls=tf.data.AUTOTUNE)
     pad = (-count) % global_batch
     if pad:
-        zeros = tf.zeros([model_size, model_size, NUM_NUM_CHANNELS], tf.float32)
+        zeros = tf.zeros([model_size, model_size, NUM_CHANNELS], tf.float32)
         ds = ds.concatenate(tf.data.Dataset.from_tensors(zeros).repeat(pad))
     ds = ds.batch(global_batch, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE)
