@@ -51,12 +51,12 @@ def load_run(run_dir: str, expect_mode: str | None = None) -> RunDir:
     fingerprint = storage.fingerprint(data)
     model = run_folder.load_model(folder, data=data)
     del data
-    spec = _checked_spec(model, spec, path)
+    spec = checked_spec(model, spec, path)
     return RunDir(path=run_dir, spec=spec.replace(segmentation=None), model=model, fingerprint=fingerprint,
                   segmentation=spec.segmentation)
 
 
-def _checked_spec(model, spec: TileSpec, path: str) -> TileSpec:
+def checked_spec(model, spec: TileSpec, path: str) -> TileSpec:
     """The run's spec once the model is checked against it: input `[B, S, S, 4]` -> `[B, 19]`,
     or for a bag model (`common.mil`) `[B, N, S, S, 4]` + mask -> cell `[B, N, 19]`, image
     `[B, 19]`. A bag model's N fills in a spec that has no `bag` (an older preprocess.json)."""

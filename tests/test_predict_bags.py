@@ -7,7 +7,6 @@ the chunks with a plain loop, call the Keras model on one bag at a time, and com
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,8 +80,9 @@ def cell_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def loaded(bag4, bag3, cell_run) -> dict:
-    """The runs' models as predict loads them (the references call them)."""
-    return {p: runs.load_run(str(p), expect_mode="cell").model for p in (bag4, bag3, cell_run)}
+    """The runs as predict loads them, once: the references call their models, and predict is
+    given them (`runs=`) so that each test does not load and trace them again."""
+    return {p: runs.load_run(str(p), expect_mode="cell") for p in (bag4, bag3, cell_run)}
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +113,20 @@ def _flip(tiles: np.ndarray, t: int) -> np.ndarray:
     return tiles if t == 0 else tiles[:, :, ::-1]  # TTA transform 1: flip left-right (each cell)
 
 
+_REFERENCES: dict = {}
+
+
 def _bag_reference(model, tiles: np.ndarray, bag: int, tta: int = 1):
     """(cell Kx19, image (19,)) of one bag model, one bag per call: chunks of `bag` cells in
-    order, the last filled by repeating its real cells; image = max over chunks of the TTA mean."""
+    order, the last filled by repeating its real cells; image = max over chunks of the TTA mean.
+    Kept per (model, tiles, tta): the tests reuse each other's references."""
+    key = (id(model), tiles.tobytes(), bag, tta)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = _compute_bag_reference(model, tiles, bag, tta)
+    return _REFERENCES[key]
+
+
+def _compute_bag_reference(model, tiles: np.ndarray, bag: int, tta: int):
     k = len(tiles)
     cell = np.zeros((tta, k, NUM_CLASSES))
     chunk_images = []
@@ -159,8 +170,8 @@ def _assert_same(got: dict, want: dict):
     assert np.std(list(want.values())) > 0.05  # the scores do differ between cells and classes
 
 
-def _predict(syn, sample, out, models, **options):
-    summary = run_predict(syn / "images", sample, out, models=[str(m) for m in models], rule=RULE, **options)
+def _predict(syn, sample, out, runs_, **options):
+    summary = run_predict(syn / "images", sample, out, runs=runs_, rule=RULE, **options)
     assert summary.complete and not summary.errors, summary.errors
     assert submission.validate(str(out), str(sample)) == []
     return _written(out)
@@ -192,23 +203,24 @@ def test_unchunk_takes_real_cells_and_the_max_over_chunks_per_model():
 
 def test_chunking_and_padding_change_nothing_for_the_cell_head(loaded, bag4):
     """7 cells in bags of 4 (the second padded): each cell's probabilities equal those of the
-    cell alone in a bag; padding content and batch sizes change nothing."""
-    model = loaded[bag4]
+    cell alone in a bag (in other batches, beside other bags); padding content changes nothing."""
+    model = loaded[bag4].model
     rng = np.random.default_rng(3)
     tiles = rng.integers(0, 256, (7, SIZE, SIZE, 4)).astype(np.uint8)
     spec = TileSpec(size=SIZE, bag=4)
     chunks, mask = bags.chunk_cells(tiles, 4)
-    group = scorer.BagGroup(spec, [model], batch_size=2)
+    group = scorer.model_group(spec, [model], batch_size=16)  # the group predict builds (4 bags a call)
+    assert isinstance(group, scorer.BagGroup) and group.batch_size == 4
     whole = group.predict((chunks, mask))
     assert whole.shape == (2, 1, 5, NUM_CLASSES)
     cell, image = bags.unchunk(whole, 7)
     singles = [bags.chunk_cells(tiles[k:k + 1], 4) for k in range(7)]  # each cell alone in a bag
     alone = group.predict((np.concatenate([c for c, _ in singles]), np.concatenate([m for _, m in singles])))
     np.testing.assert_allclose(cell, alone[:, 0, 1], atol=1e-5)
-    # other padding (a random cell under mask 0) and another batch size: the same real outputs
+    # other padding (a random cell under mask 0): the same real outputs
     other = chunks.copy()
     other[1, 3] = rng.integers(0, 256, (SIZE, SIZE, 4))
-    again = scorer.BagGroup(spec, [model], batch_size=3).predict((other, mask))
+    again = group.predict((other, mask))
     np.testing.assert_allclose(bags.unchunk(again, 7)[0], cell, atol=1e-5)
     np.testing.assert_allclose(again[:, 0, 0], whole[:, 0, 0], atol=1e-5)  # the image heads
     np.testing.assert_allclose(image, np.max(whole[:, 0, 0], axis=0), rtol=1e-6)
@@ -216,49 +228,50 @@ def test_chunking_and_padding_change_nothing_for_the_cell_head(loaded, bag4):
     assert np.abs(cell[0] - cell[1]).max() > 1e-3 and np.abs(whole[0, 0, 0] - whole[1, 0, 0]).max() > 1e-3
 
 
-def test_load_run_recognises_a_bag_run_and_checks_its_size(bag4, tmp_path):
-    run = runs.load_run(str(bag4), expect_mode="cell")
+def test_load_run_recognises_a_bag_run_and_checks_its_size(bag4, cell_run, loaded):
+    run = loaded[bag4]  # loaded from its folder by runs.load_run
     assert run.spec.bag == 4 and scorer.role(run.spec) == "bag"
-    older = shutil.copytree(bag4, tmp_path / "older")
-    run_folder.write_spec(str(older), TileSpec(size=SIZE))  # a preprocess.json without `bag`
-    assert runs.load_run(str(older)).spec.bag == 4  # the model says N
-    run_folder.write_spec(str(older), TileSpec(size=SIZE, bag=3))
+    assert runs.checked_spec(run.model, TileSpec(size=SIZE), "older").bag == 4  # no `bag`: the model says N
     with pytest.raises(ValueError, match="bag model of 4 cells but preprocess.json gives bag 3"):
-        runs.load_run(str(older))
+        runs.checked_spec(run.model, TileSpec(size=SIZE, bag=3), "run")
+    with pytest.raises(ValueError, match="model input"):
+        runs.checked_spec(run.model, TileSpec(size=2 * SIZE, bag=4), "run")
+    with pytest.raises(ValueError, match="not a bag model"):
+        runs.checked_spec(loaded[cell_run].model, TileSpec(size=SIZE, bag=4), "run")
 
 
 def test_a_bag_run_predicts_the_hand_computed_scores(syn, bag4, loaded, one_image, tmp_path):
     sample, image_id = one_image
-    got = _predict(syn, sample, tmp_path / "sub.csv", [bag4])
+    got = _predict(syn, sample, tmp_path / "sub.csv", [loaded[bag4]])
     tiles, masks, flags = _cells(syn, image_id)
-    cell, image = _bag_reference(loaded[bag4], tiles, 4)
+    cell, image = _bag_reference(loaded[bag4].model, tiles, 4)
     _assert_same(got, _expected(masks, flags, [cell], [image]))
 
 
 def test_tta_averages_both_heads_over_the_transforms(syn, bag4, loaded, one_image, tmp_path):
     sample, image_id = one_image
-    got = _predict(syn, sample, tmp_path / "sub.csv", [bag4], tta=2)
+    got = _predict(syn, sample, tmp_path / "sub.csv", [loaded[bag4]], tta=2)
     tiles, masks, flags = _cells(syn, image_id)
-    cell, image = _bag_reference(loaded[bag4], tiles, 4, tta=2)
+    cell, image = _bag_reference(loaded[bag4].model, tiles, 4, tta=2)
     _assert_same(got, _expected(masks, flags, [cell], [image]))
-    plain = _bag_reference(loaded[bag4], tiles, 4, tta=1)
+    plain = _bag_reference(loaded[bag4].model, tiles, 4, tta=1)
     assert np.abs(plain[0] - cell).max() > 1e-3  # the flip does change the scores
 
 
 def test_two_bag_runs_are_averaged_and_mix_with_a_cell_run(syn, bag4, bag3, cell_run, loaded, one_image, tmp_path):
     sample, image_id = one_image
     tiles, masks, flags = _cells(syn, image_id)
-    c4, i4 = _bag_reference(loaded[bag4], tiles, 4)
-    c3, i3 = _bag_reference(loaded[bag3], tiles, 3)
-    both = _predict(syn, sample, tmp_path / "both.csv", [bag4, bag3])
+    c4, i4 = _bag_reference(loaded[bag4].model, tiles, 4)
+    c3, i3 = _bag_reference(loaded[bag3].model, tiles, 3)
+    both = _predict(syn, sample, tmp_path / "both.csv", [loaded[bag4], loaded[bag3]])
     _assert_same(both, _expected(masks, flags, [c4, c3], [i4, i3]))
-    mixed = _predict(syn, sample, tmp_path / "mixed.csv", [bag4, cell_run])
-    _assert_same(mixed, _expected(masks, flags, [c4, _cell_reference(loaded[cell_run], tiles)], [i4]))
+    mixed = _predict(syn, sample, tmp_path / "mixed.csv", [loaded[bag4], loaded[cell_run]])
+    _assert_same(mixed, _expected(masks, flags, [c4, _cell_reference(loaded[cell_run].model, tiles)], [i4]))
 
 
 def test_predict_cli_with_a_bag_run(syn, bag4, tmp_path):
     sample = tmp_path / "sample.csv"
-    _write_sample(sample, [("syn_0001", 256, 256), ("syn_0002", 256, 256)])
+    _write_sample(sample, [("syn_0001", 256, 256)])
     out = tmp_path / "sub.csv"
     proc = subprocess.run(
         [sys.executable, "-m", "infer_gpu", "predict", "--images", str(syn / "images"), "--sample-submission",
@@ -267,4 +280,4 @@ def test_predict_cli_with_a_bag_run(syn, bag4, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert submission.validate(str(out), str(sample)) == []
     rows = submission.read_submission(str(out))
-    assert [r.image_id for r in rows] == ["syn_0001", "syn_0002"] and all(r.predictions for r in rows)
+    assert [r.image_id for r in rows] == ["syn_0001"] and rows[0].predictions
