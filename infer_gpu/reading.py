@@ -37,7 +37,8 @@ class Prepared:
     touches_border: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     has_nucleus: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     masks: list = field(default_factory=list)  # encoded mask string per cell
-    tiles: dict = field(default_factory=dict)  # spec index -> KxNxNx4 uint8 (1xNxNx4 for image specs; bag specs: bags.chunk_cells's (chunks, mask))
+    # spec index -> KxNxNx4 uint8 (1xNxNx4 for image specs; bag specs: bags.chunk_cells's (chunks, mask))
+    tiles: dict = field(default_factory=dict)
     overlay: tuple | None = None  # (image HxWx4 uint8, cell label map) when overlays are asked for
     seconds: dict = field(default_factory=dict)  # stage -> seconds
 

@@ -38,8 +38,9 @@ def _bag_model(bag: int, seed: int, pooling: str):
     model = build_bag_model("efficientnet_b0", SIZE, bag=bag, dropout=0.0, drop_connect_rate=0.0, pooling=pooling)
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 256, (2, bag, SIZE, SIZE, 4)).astype("float32") * rng.uniform(0, 1, (2, bag, 1, 1, 1))
-    embed = keras.Model(model.inputs, [model.get_layer("bags_of_cells").output, model.get_layer("pool_cells").output])
-    feats = [np.asarray(f).reshape(-1, np.shape(f)[-1]) for f in embed({mil.CELLS: x, mil.MASK: np.ones((2, bag), "float32")})]
+    embed = keras.Model(model.inputs, [model.get_layer(n).output for n in ("bags_of_cells", "pool_cells")])
+    feats = [np.asarray(f).reshape(-1, np.shape(f)[-1])
+             for f in embed({mil.CELLS: x, mil.MASK: np.ones((2, bag), "float32")})]
     for name, f in zip(("cell_logits", "image_logits"), feats):
         kernel = rng.normal(0, 1, (f.shape[1], NUM_CLASSES)) * 2.0 / (f.std(axis=0).mean() * np.sqrt(f.shape[1]))
         model.get_layer(name).set_weights([kernel.astype("float32"), (-f.mean(axis=0) @ kernel).astype("float32")])
