@@ -2,13 +2,16 @@
 
 The combine rule (also in `python -m infer_gpu predict --help`), per cell and class, in order:
 
-1. Cell score `c`: the mean sigmoid probability over the `--model` runs and the TTA transforms.
-   Image score `i`: the same over the `--image-model` runs, one tile of the whole image.
+1. Cell score `c`: the mean sigmoid probability over the `--model` runs and the TTA transforms;
+   a bag run (`infer_gpu.bags`) adds its cell head. Image score `i`: the same over the
+   `--image-model` runs, one tile of the whole image; a bag run adds its image head (the
+   maximum over the image's bags of cells). Every model counts once in its mean.
 2. Combined `s = c**a * i**(1 - a)`, `a = --cell-weight` (default 0.5: the geometric mean,
-   i.e. the square root of the product). A cell can only score high for a class when both the
-   cell and its image show it: the image model sees context that a lone cell lacks, the cell
-   model separates the heterogeneous cells of one image. Only cell runs: `s = c`; only image
-   runs: every cell inherits `s = i`.
+   i.e. the square root of the product, which ranks each class's cells exactly as the product
+   `c * i` of red.ai's dual-head recipe does). A cell can only score high for a class when both
+   the cell and its image show it: the image model sees context that a lone cell lacks, the
+   cell model separates the heterogeneous cells of one image. Only cell runs: `s = c`; only
+   image runs: every cell inherits `s = i`.
 3. Negative (class 18): `s_neg = max(s_neg, prod_k (1 - s_k))` over the 18 other classes, the
    chance that the cell shows none of them if they were independent; never below the model's
    own Negative score.
@@ -35,7 +38,7 @@ from common.labels import NEGATIVE, NUM_CLASSES
 class CombineRule:
     """Parameters of the combine rule (see the module docstring)."""
 
-    cell_weight: float = 0.5  # a in c**a * i**(1-a) when both cell and image models are given
+    cell_weight: float = 0.5  # a in c**a * i**(1-a) when both cell and image scores are given (0.5 ranks as the product c*i)
     border_weight: float = 0.8  # confidence factor for cells touching the image border
     no_nucleus_weight: float = 0.5  # confidence factor for cells without a nucleus
     min_score: float = 0.01  # lowest confidence written as a detection
@@ -91,20 +94,30 @@ def detections(scores: np.ndarray, min_score: float) -> list[list[tuple[int, flo
 
 
 def cell_scores(job, roles: dict, weights: dict) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Average the spec groups of each role ('cell' or 'image'), each model counting once.
+    """The rule's `c` and `i`: the spec groups averaged, each model counting once.
 
-    job: anything with `scores` `{spec index: Kx19}` (a `batching.Job`); roles:
-    `{spec index: 'cell'|'image'}`; weights: `{spec index: number of models}`.
-    Returns `(cell Kx19 or None, image (19,) or None)`.
+    job: anything with `scores` `{spec index: scores}` and `prepared.n_cells` (a
+    `batching.Job`); roles: `{spec index: 'cell'|'image'|'bag'}` (`scorer.role`): a cell
+    group's scores are `Kx19`, an image group's `1x19`, a bag group's its bags' outputs, which
+    `bags.unchunk` turns into both (`Kx19` cells and `(19,)` image); weights: `{spec index:
+    number of models}`. Returns `(cell Kx19 or None, image (19,) or None)`.
     """
+    from infer_gpu.bags import unchunk
+
+    terms: dict = {"cell": [], "image": []}
+    for k, scores in job.scores.items():
+        if roles[k] == "bag":
+            cell, image = unchunk(scores, job.prepared.n_cells)
+            terms["cell"].append((cell, weights[k]))
+            terms["image"].append((image, weights[k]))
+        else:
+            terms[roles[k]].append((scores if roles[k] == "cell" else scores[0], weights[k]))
     out = {}
-    for role in ("cell", "image"):
-        keys = [k for k in job.scores if roles[k] == role]
-        if keys:
-            total = sum(weights[k] for k in keys)
-            out[role] = sum(job.scores[k] * (weights[k] / total) for k in keys)
-    image = out.get("image")
-    return out.get("cell"), (None if image is None else image[0])
+    for role, parts in terms.items():
+        if parts:
+            total = sum(w for _, w in parts)
+            out[role] = sum(s * (w / total) for s, w in parts)
+    return out.get("cell"), out.get("image")
 
 
 def finite_scores(cell, image) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:

@@ -4,13 +4,15 @@ The command line is `infer_gpu.predict` (`python -m infer_gpu predict`); this is
 call behind it. One run, top-down, with the module that does each step:
 
     read the sample submission, load the runs      reading.read_sample, runs.load_run
-    group the runs by tile spec                    scorer.Scorers (device, TTA, compiled fns)
+    group the runs by tile spec                    scorer.Scorers (device, TTA, compiled fns;
+                                                   bag runs: scorer.BagGroup, bags)
     skip what an earlier run did                   parts.PartStore (--resume)
     segment as the runs' training data was          reading.segmentation_to_use
     read, segment, tile, encode each image         reading.prepare_image, on common.pool's
                                                    reader threads/processes, ahead of the model
-    score tiles in batches that span images        batching.score_stream
-    combine cell and image scores into a row       combine.image_result
+    score tiles (bag runs: bags of cells) in       batching.score_stream
+    batches that span images
+    combine cell and image scores into a row       combine.image_result (bag runs: bags.unchunk)
     write the image's part (and overlay)           writing.PartWriter, on a writer thread
     assemble the CSV in sample order, the report   writing.assemble, report.write_report
 
@@ -43,7 +45,7 @@ def run_predict(images: str, sample_submission: str, models: Sequence[str], out:
     """Write `out` (the submission CSV) for every ID of `sample_submission`.
 
     images: folder or `gs://` prefix of `{ID}_{channel}.png`; models / image_models: run
-    directories (cell-mode / image-mode `preprocess.json`). `runs` / `image_runs` may pass
+    directories (cell-mode `preprocess.json`, bag runs included / image-mode). `runs` / `image_runs` may pass
     already-loaded `runs.RunDir`s instead (benchmarks, tests). Returns the Summary; the CSV is
     only written when every image is done (see `config.limit`); the report always is.
     """
@@ -65,7 +67,7 @@ def run_predict(images: str, sample_submission: str, models: Sequence[str], out:
 
     read = functools.partial(prepare_image, source=images, specs=scorers.specs, backend=used.backend,
                              seg_options=segmentation_options(config, used), keep_image=bool(config.overlays))
-    batcher = CrossImageBatcher(scorers.predictors, config.batch_size)
+    batcher = CrossImageBatcher(scorers.predictors, scorers.batch_sizes)
     prepared = ordered_map(read, todo, workers=config.workers, depth=config.prefetch or config.workers + 2,
                            processes=config.processes, name="reader")
     try:

@@ -14,9 +14,11 @@ HELP = "Predict every cell of every test image: segment, score, combine, write s
 EPILOG = """\
 combine rule, per cell and class (module infer_gpu.combine):
   1. c = mean probability over the --model runs and TTA transforms; i = the same over the
-     --image-model runs (one whole-image tile).
-  2. s = c**a * i**(1-a), a = --cell-weight (0.5 = geometric mean); only cell runs: s = c;
-     only image runs: every cell gets s = i.
+     --image-model runs (one whole-image tile). A bag run (--model whose preprocess.json has
+     bag N > 0) scores the image's cells in bags of N (id order; the last bag filled up by
+     repeating its cells): its cell head joins c, its image head (max over the bags) joins i.
+  2. s = c**a * i**(1-a), a = --cell-weight (0.5 = geometric mean, which ranks each class as
+     the product c*i does); only cell runs: s = c; only image runs: every cell gets s = i.
   3. Negative: s_neg = max(s_neg, prod over the other 18 classes of (1 - s_k)).
   4. s *= --border-weight for cells touching the border, *= --no-nucleus-weight for cells
      without a nucleus.
@@ -75,8 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-submission", required=True,
                         help="the competition's sample_submission.csv: which IDs to predict, with their sizes")
     parser.add_argument("--model", action="append", default=[], metavar="RUN_DIR",
-                        help="a trained cell-mode run directory (model.keras + preprocess.json); "
-                             "repeat to average several models")
+                        help="a trained cell-mode run directory (model.keras + preprocess.json), "
+                             "a bag run included (see the rule below); repeat to average several models")
     parser.add_argument("--image-model", action="append", default=[], metavar="RUN_DIR",
                         help="an image-mode run directory whose whole-image score is combined with "
                              "the cell scores (see the rule below); repeatable")

@@ -37,7 +37,8 @@ class Prepared:
     touches_border: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     has_nucleus: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     masks: list = field(default_factory=list)  # encoded mask string per cell
-    tiles: dict = field(default_factory=dict)  # spec index -> KxNxNx4 uint8 (1xNxNx4 for image specs)
+    # spec index -> KxNxNx4 uint8 (1xNxNx4 for image specs; bag specs: bags.chunk_cells's (chunks, mask))
+    tiles: dict = field(default_factory=dict)
     overlay: tuple | None = None  # (image HxWx4 uint8, cell label map) when overlays are asked for
     seconds: dict = field(default_factory=dict)  # stage -> seconds
 
@@ -161,15 +162,25 @@ def segment_cells(image: np.ndarray, backend: str, seg_options: dict):
 
 
 def cut_tiles(image: np.ndarray, cells: np.ndarray, info: list, specs: Sequence[TileSpec]) -> dict:
-    """`{spec index: KxNxNx4 uint8}` (image specs: `1xNxNx4`); the cells' boxes come from `info`."""
+    """`{spec index: KxNxNx4 uint8}` (image specs: `1xNxNx4`; bag specs: the cells' tiles in
+    bags, `bags.chunk_cells`'s `(chunks, mask)`); the cells' boxes come from `info`. Specs that
+    differ only in `bag` share their tiles (cut once)."""
     from common.preprocess import cell_tiles, image_tile
+    from infer_gpu.bags import chunk_cells
 
     if not info:
         return {}
     ids, boxes = [c.id for c in info], [c.bbox for c in info]
-    return {k: image_tile(image, spec)[None] if spec.mode == "image"
-            else cell_tiles(image, cells, spec, cell_ids=ids, boxes=boxes)[0]
-            for k, spec in enumerate(specs)}
+    cut: dict = {}
+
+    def tiles(spec):
+        key = spec.replace(bag=0)
+        if key not in cut:
+            cut[key] = (image_tile(image, spec)[None] if spec.mode == "image"
+                        else cell_tiles(image, cells, spec, cell_ids=ids, boxes=boxes)[0])
+        return cut[key]
+
+    return {k: chunk_cells(tiles(spec), spec.bag) if spec.bag else tiles(spec) for k, spec in enumerate(specs)}
 
 
 def encode_masks(cells: np.ndarray, info: list) -> list[str]:

@@ -20,7 +20,8 @@ class RunDir:
     """One trained run: where it is, its tile spec (`preprocess.json`) and its model.
 
     model: a Keras model, or any callable `(float32 BxNxNx4 tensor, training=False) -> Bx19`
-    usable inside `tf.function`. fingerprint: identifies the weights (resume checks it).
+    usable inside `tf.function` (a bag run, `spec.bag` > 0: `({cells, mask}) -> {cell, image}`,
+    `common.mil`). fingerprint: identifies the weights (resume checks it).
     """
 
     path: str
@@ -34,7 +35,8 @@ class RunDir:
 
 def load_run(run_dir: str, expect_mode: str | None = None) -> RunDir:
     """Load a run folder (local or gs://, `common.run_folder`): its spec, and its model, checked
-    against the spec and the 19 classes. expect_mode: 'cell' (--model) or 'image' (--image-model)."""
+    against the spec and the 19 classes. expect_mode: 'cell' (--model, bag runs included: a
+    spec with `bag` > 0 or a bag model) or 'image' (--image-model)."""
     from common import storage
 
     spec = read_spec(run_dir)
@@ -49,17 +51,46 @@ def load_run(run_dir: str, expect_mode: str | None = None) -> RunDir:
     fingerprint = storage.fingerprint(data)
     model = run_folder.load_model(folder, data=data)
     del data
+    spec = checked_spec(model, spec, path)
+    return RunDir(path=run_dir, spec=spec.replace(segmentation=None), model=model, fingerprint=fingerprint,
+                  segmentation=spec.segmentation)
+
+
+def checked_spec(model, spec: TileSpec, path: str) -> TileSpec:
+    """The run's spec once the model is checked against it: input `[B, S, S, 4]` -> `[B, 19]`,
+    or for a bag model (`common.mil`) `[B, N, S, S, 4]` + mask -> cell `[B, N, 19]`, image
+    `[B, 19]`. A bag model's N fills in a spec that has no `bag` (an older preprocess.json)."""
+    from common import mil
+
+    n = spec.input_size
+    if mil.is_bag_model(model):
+        bag = mil.bag_size(model)
+        if spec.mode != "cell":
+            raise ValueError(f"{path}: a bag model, but preprocess.json gives mode {spec.mode!r}; "
+                             "bag runs are cell-mode runs (--model)")
+        if spec.bag and spec.bag != bag:
+            raise ValueError(f"{path}: a bag model of {bag} cells but preprocess.json gives bag {spec.bag}")
+        shape = next(tuple(t.shape) for t in model.inputs if t.name.split(":")[0] == mil.CELLS)
+        if len(shape) != 5 or shape[-1] != 4 or (shape[2], shape[3]) != (n, n):
+            raise ValueError(f"{path}: bag model input {shape}, expected [B, {bag}, {n}, {n}, 4] "
+                             "(preprocess.json's size)")
+        outs = dict(zip(model.output_names, (tuple(t.shape) for t in model.outputs)))
+        if outs.get(mil.CELL, ())[1:] != (bag, NUM_CLASSES) or outs.get(mil.IMAGE, ())[1:] != (NUM_CLASSES,):
+            raise ValueError(f"{path}: bag model outputs {outs}, expected {mil.CELL} [B, {bag}, "
+                             f"{NUM_CLASSES}] and {mil.IMAGE} [B, {NUM_CLASSES}]")
+        return spec if spec.bag else spec.replace(bag=bag)
+    if spec.bag:
+        raise ValueError(f"{path}: preprocess.json gives bag {spec.bag}, but the model is not a bag "
+                         f"model (inputs {mil.CELLS!r} and {mil.MASK!r})")
     shape = tuple(model.input_shape)
     if len(shape) != 4 or shape[-1] != 4:
         raise ValueError(f"{path}: model input {shape}, expected [B, N, N, 4]")
-    n = spec.input_size
     if shape[1] is not None and (shape[1], shape[2]) != (n, n):
         raise ValueError(f"{path}: model input {shape[1]}x{shape[2]} but preprocess.json gives {n}x{n}")
     out = tuple(model.output_shape)
     if out[-1] != NUM_CLASSES:
         raise ValueError(f"{path}: model output {out}, expected [B, {NUM_CLASSES}]")
-    return RunDir(path=run_dir, spec=spec.replace(segmentation=None), model=model, fingerprint=fingerprint,
-                  segmentation=spec.segmentation)
+    return spec
 
 
 def describe(run: RunDir) -> dict:
