@@ -17,6 +17,7 @@ real training, and its PNG is as costly to decode as a real one (mean bytes per 
 The pipeline must deliver at least 5x what the model consumes, so a
 faster accelerator is not starved (on a TPU the model side is ~100x faster; the host's input
 workers then matter, which this ratio tracks).
+`bench_bag.py` calls the same measurement functions for bags of cells (the MIL model).
 """
 from __future__ import annotations
 
@@ -35,23 +36,39 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REQUIRED_RATIO = 5.0
 
 
-def model_examples_per_s(size: int, batch: int, steps: int, repeats: int) -> float:
-    """B0 training steps per second x batch, on an in-memory batch (input cost excluded); best of
-    `repeats` passes of `steps` steps after a warm-up."""
+def model_examples_per_s(size: int, batch: int, steps: int, repeats: int, backbone: str = "efficientnet_b0",
+                         bag: int = 0, preset: str = "smoke", precision: str = "float32") -> float:
+    """Training examples per second (bags when `bag` > 0) on one in-memory batch (input cost
+    excluded): the model built and compiled as `train_tpu.train` does for `preset` (cell model, or
+    `build_bag_model` + `compile_model(..., bag=N)`), best of `repeats` passes of `steps` steps
+    after a warm-up fit (tracing). `precision`: a Keras dtype policy, e.g. "mixed_float16" as the
+    trainer picks on a GPU; float32 is the trainer's on a CPU."""
     import numpy as np
     import tensorflow as tf
 
-    from common import models
+    from common import mil
+    from train_tpu import model as modellib
     from train_tpu import train as trainlib
     from train_tpu.config import make_config
 
-    cfg = make_config("smoke", size=size, batch_size=batch, epochs=1)
-    model = models.build_model("efficientnet_b0", size, dropout=cfg.dropout,
-                               drop_connect_rate=cfg.drop_connect_rate)
-    trainlib.compile_model(model, cfg, trainlib.make_optimizer(cfg, steps))
+    cfg = make_config(preset, backbone=backbone, size=size, batch_size=batch, epochs=1)
+    kwargs = dict(weights="none", dropout=cfg.dropout, drop_connect_rate=cfg.drop_connect_rate,
+                  bn_momentum=cfg.bn_momentum or None,
+                  dtype_policy=None if precision == "float32" else precision)
     rng = np.random.default_rng(0)
-    x = rng.uniform(0, 255, (batch, size, size, 4)).astype("float32")
-    y = (rng.uniform(size=(batch, 19)) < 0.2).astype("float32")
+    if bag:
+        from train_tpu import bag_model
+
+        model = bag_model.build_bag_model(cfg.backbone, size, bag=bag, pooling=cfg.pooling, **kwargs)
+        x = {mil.CELLS: rng.uniform(0, 255, (batch, bag, size, size, 4)).astype("float32"),
+             mil.MASK: np.ones((batch, bag), "float32")}
+        labels = (rng.uniform(size=(batch, 19)) < 0.2).astype("float32")
+        y = {mil.IMAGE: labels, mil.CELL: np.repeat(labels[:, None], bag, axis=1)}
+    else:
+        model = modellib.build_model(cfg.backbone, size, **kwargs)
+        x = rng.uniform(0, 255, (batch, size, size, 4)).astype("float32")
+        y = (rng.uniform(size=(batch, 19)) < 0.2).astype("float32")
+    trainlib.compile_model(model, cfg, trainlib.make_optimizer(cfg, steps), bag=bag)
     ds = tf.data.Dataset.from_tensors((x, y)).repeat()
     model.fit(ds, epochs=1, steps_per_epoch=1, verbose=0)  # warm-up: tracing
     best = float("inf")
@@ -62,23 +79,40 @@ def model_examples_per_s(size: int, batch: int, steps: int, repeats: int) -> flo
     return steps * batch / best
 
 
-def pipeline_examples_per_s(files: list[str], size: int, batch: int, batches: int, repeats: int) -> float:
-    """The trainer's input pipeline alone: examples per second, best of `repeats` after a warm-up."""
+def pipeline_examples_per_s(files: list[str], size: int, batch: int, batches: int, repeats: int,
+                            bag: int = 0, preset: str = "smoke", precision: str = "float32") -> float:
+    """The trainer's input pipeline alone (`train_tpu.data.train_dataset`, `preset`'s
+    augmentation): examples (bags when `bag` > 0) per second, best of `repeats` after a warm-up."""
     import tensorflow as tf
 
     from train_tpu import data
     from train_tpu.config import make_config
 
-    cfg = make_config("smoke", size=size, batch_size=batch, shuffle_buffer=256)
+    cfg = make_config(preset, size=size, batch_size=batch, shuffle_buffer=256)
     best = float("inf")
     for i in range(repeats + 1):
-        ds = data.train_dataset(files, cfg, size, size, batch).take(batches)
+        ds = data.train_dataset(files, cfg, size, size, batch, bag=bag).take(batches)
         start = time.perf_counter()
-        n = int(ds.reduce(tf.constant(0), lambda c, b: c + tf.shape(b[0])[0]))
+        n = int(ds.reduce(tf.constant(0), lambda c, b: c + tf.shape(tf.nest.flatten(b[1])[0])[0]))
         if i:  # the first pass warms up (tracing, page cache)
             best = min(best, time.perf_counter() - start)
     assert n == batches * batch, n
     return n / best
+
+
+def build_shards(src: str, out: str, size: int, bag: int = 0) -> tuple[list[str], dict]:
+    """Shards of the synthetic data in `src` by the real builder, one worker: cell tiles, or bags
+    of up to `bag` cells (`--mode bag --max-cells bag`). Returns (shard paths, manifest totals)."""
+    from common import shard_folder
+    from tfrecords_builder import build as buildlib
+    from tfrecords_builder.config import make_config as builder_config
+
+    extra = dict(mode="bag", max_cells=bag) if bag else dict(mode="cell")
+    cfg = builder_config(images=os.path.join(src, "images"), labels=os.path.join(src, "train.csv"),
+                         masks=os.path.join(src, "masks"), out=out, size=size, folds=2, shard_mb=0.5,
+                         workers=1, **extra)
+    totals = buildlib.build(cfg, progress=False, log=lambda s: None).manifest["totals"]
+    return sorted(glob.glob(os.path.join(out, shard_folder.SHARD_GLOB))), totals
 
 
 def main(argv=None) -> int:
@@ -93,22 +127,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
 
-    from common import shard_folder
     from testkit import synthetic
-    from tfrecords_builder import build as buildlib
-    from tfrecords_builder.config import make_config as builder_config
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         src = os.path.join(tmp, "data")
         synthetic.generate(src, n=args.n, size=args.image_size, seed=0)
         for size in sizes:
-            out = os.path.join(tmp, f"shards{size}")
-            cfg = builder_config(images=os.path.join(src, "images"), labels=os.path.join(src, "train.csv"),
-                                 masks=os.path.join(src, "masks"), out=out, mode="cell", size=size,
-                                 folds=2, shard_mb=0.5, workers=1)
-            totals = buildlib.build(cfg, progress=False, log=lambda s: None).manifest["totals"]
-            files = sorted(glob.glob(os.path.join(out, shard_folder.SHARD_GLOB)))
+            files, totals = build_shards(src, os.path.join(tmp, f"shards{size}"), size)
             pipe = pipeline_examples_per_s(files, size, args.batch, args.batches, args.repeats)
             model = model_examples_per_s(size, args.batch, args.steps, args.repeats)
             rows.append((size, model, pipe, totals["examples"], totals["bytes"] / totals["examples"]))
