@@ -85,12 +85,17 @@ class TrainConfig:
     # bag mode: loss = BCE(image head, image labels) + cell_weight * BCE(cell head, the image's
     # labels for every real cell)
     cell_weight: float = 0.1
+    # bag mode: cells per training bag, the model's N; 0 = the dataset's bag size. Fewer draws a
+    # new random choice of each image's stored cells every time it is seen, so that a step holds
+    # more images for the same cells; inference then scores chunks of N
+    bag_cells: int = 0
 
     def __post_init__(self):
         checks = {
             "mode": self.mode in MODES,
             "pooling": self.pooling in POOLINGS,
             "cell_weight": self.cell_weight >= 0,
+            "bag_cells": self.bag_cells >= 0,
             "backbone": self.backbone in BACKBONES,
             "strategy": self.strategy in STRATEGIES,
             "backend": self.backend in BACKENDS,

@@ -186,11 +186,22 @@ def augment(image, labels, cfg):
 # A bag example flows through the same chain as `((cells [N, n, n, 4], mask [N]), labels)`:
 # `parse_bag_example` replaces `parse_example`, `per_cell` runs a one-tile step on every cell
 # (each cell gets its own augmentation draws), and `bag_targets` shapes the model's dicts.
-def parse_bag_example(serialized, tile_size: int, bag: int):
-    """Serialized bag -> `((cells uint8 [bag, n, n, 4], mask float32 [bag]), labels [19])`,
-    padded by repeating the real cells (`common.features.parse_bag`)."""
+def parse_bag_example(serialized, tile_size: int, bag: int, cells: int = 0, sample: bool = False):
+    """Serialized bag -> `((cells uint8 [M, n, n, 4], mask float32 [M]), labels [19])`, padded by
+    repeating the real cells (`common.features.parse_bag`). M = `cells` when 0 < cells < bag
+    (the run's smaller training bags): the first `cells` stored cells, or with `sample` a random
+    choice of them drawn anew each time; else M = `bag`."""
     ex = features.parse_bag(serialized, tile_size, bag)
-    return (ex[features.IMAGE], ex["mask"]), ex[features.LABELS]
+    images, mask = ex[features.IMAGE], ex["mask"]
+    if 0 < cells < bag:
+        tf = _tf()
+        real = tf.cast(tf.reduce_sum(mask), tf.int32)
+        pick = tf.random.shuffle(tf.range(real)) if sample else tf.range(real)
+        kept = tf.minimum(real, cells)
+        order = tf.gather(pick, tf.range(cells) % tf.maximum(kept, 1))
+        images = tf.ensure_shape(tf.gather(images, order), [cells] + images.shape[1:].as_list())
+        mask = tf.cast(tf.range(cells) < kept, tf.float32)
+    return (images, mask), ex[features.LABELS]
 
 
 def per_cell(step):
@@ -243,7 +254,7 @@ def epoch_records(files, seed: int, shuffle_buffer: int, epoch, count: int):
 
 
 def train_dataset(files, cfg, tile_size: int, model_size: int, global_batch: int,
-                  steps_per_epoch: int = 0, start_epoch: int = 0, bag: int = 0):
+                  steps_per_epoch: int = 0, start_epoch: int = 0, bag: int = 0, cells: int = 0):
     """The training stream from epoch `start_epoch` (0-based) on: `(float32 [B, s, s, 4],
     float32 [B, 19])`, B = global batch, `steps_per_epoch` batches per epoch.
 
@@ -251,7 +262,8 @@ def train_dataset(files, cfg, tile_size: int, model_size: int, global_batch: int
     at epoch E sees what the uninterrupted run saw from epoch E on, in the same order; the
     element order is deterministic throughout. (Augmentation draws are random, not replayed.)
     steps_per_epoch 0: one pass over the files per epoch's stream, without epoch seeding.
-    bag N > 0: bag records, yielding `bag_targets`' dicts of `[B, N, s, s, 4]` cells.
+    bag N > 0: bag records, yielding `bag_targets`' dicts of `[B, N, s, s, 4]` cells; with
+    0 < cells < N, bags of `cells` drawn at random from each record's stored cells.
     """
     tf = _tf()
     if steps_per_epoch:
@@ -261,7 +273,8 @@ def train_dataset(files, cfg, tile_size: int, model_size: int, global_batch: int
     else:
         ds = epoch_records(files, cfg.seed, cfg.shuffle_buffer, start_epoch, -1)
     if bag:
-        ds = ds.map(lambda s: parse_bag_example(s, tile_size, bag), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda s: parse_bag_example(s, tile_size, bag, cells, sample=True),
+                    num_parallel_calls=tf.data.AUTOTUNE)
         if model_size != tile_size:
             ds = ds.map(lambda x, y: bag_resize(x, y, model_size), num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.map(bag_to_float, num_parallel_calls=tf.data.AUTOTUNE)
@@ -290,17 +303,20 @@ def eval_examples(count: int, val_steps: int, global_batch: int) -> int:
     return min(count, val_steps * global_batch) if val_steps else count
 
 
-def eval_dataset(files, tile_size: int, model_size: int, global_batch: int, count: int, bag: int = 0):
+def eval_dataset(files, tile_size: int, model_size: int, global_batch: int, count: int, bag: int = 0,
+                 cells: int = 0):
     """The first `count` validation tiles in file order, zero-padded to whole global batches
     (fixed shapes; the padding's predictions are dropped). Yields `float32 [B, s, s, 4]`, or
-    the bag model's `{cells, mask}` for `bag` > 0 (padding bags have an all-zero mask)."""
+    the bag model's `{cells, mask}` for `bag` > 0 (padding bags have an all-zero mask); with
+    0 < cells < bag, each bag's first `cells` stored cells."""
     tf = _tf()
     ds = _val_records(files, count)
     if bag:
-        ds = ds.map(lambda s: parse_bag_example(s, tile_size, bag), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda s: parse_bag_example(s, tile_size, bag, cells), num_parallel_calls=tf.data.AUTOTUNE)
         if model_size != tile_size:
             ds = ds.map(lambda x, y: bag_resize(x, y, model_size), num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.map(lambda x, y: bag_targets(*bag_to_float(x, y))[0], num_parallel_calls=tf.data.AUTOTUNE)
+        bag = cells if 0 < cells < bag else bag
         pad = (-count) % global_batch
         if pad:
             empty = {mil.CELLS: tf.zeros([bag, model_size, model_size, NUM_CHANNELS], tf.float32),

@@ -220,6 +220,11 @@ def train(cfg, resume: bool = False, callbacks=()) -> dict:
     spec = data.model_spec(data_spec, cfg.size, cfg.mode,
                            where=storage.join(cfg.data, PREPROCESS_FILE))
     tile_size, model_size, bag = data_spec.size, spec.input_size, data_spec.bag
+    cells = cfg.bag_cells or bag  # cells per training bag: the model's N
+    if bag and cells > bag:
+        raise ValueError(f"--bag-cells {cells}: the dataset's bags hold at most {bag} cells")
+    if bag:
+        spec = spec.replace(bag=cells)  # inference scores chunks of the model's N
     split = data.find_split(cfg.data, cfg.val_fold)
     steps = cfg.steps_per_epoch or split.train_examples // cfg.batch_size
     if steps < 1:
@@ -243,10 +248,11 @@ def train(cfg, resume: bool = False, callbacks=()) -> dict:
     run_folder.write_spec(out, spec)
 
     train_ds = data.train_dataset(split.train_files, cfg, tile_size, model_size, cfg.batch_size,
-                                  steps_per_epoch=steps, start_epoch=start_epoch, bag=bag)
-    val_ds = data.eval_dataset(split.val_files, tile_size, model_size, cfg.batch_size, val_count, bag=bag)
+                                  steps_per_epoch=steps, start_epoch=start_epoch, bag=bag, cells=cells)
+    val_ds = data.eval_dataset(split.val_files, tile_size, model_size, cfg.batch_size, val_count, bag=bag,
+                               cells=cells)
     val_labels = data.eval_labels(split.val_files, val_count)
-    val_masks = data.eval_bag_masks(split.val_files, val_count, bag) if bag else None
+    val_masks = data.eval_bag_masks(split.val_files, val_count, cells) if bag else None
 
     head_bias = None
     if cfg.prior_bias and not ckpt:
@@ -271,7 +277,7 @@ def train(cfg, resume: bool = False, callbacks=()) -> dict:
             if bag:
                 from train_tpu import bag_model
 
-                model = bag_model.build_bag_model(cfg.backbone, model_size, bag=bag, pooling=cfg.pooling, **kwargs)
+                model = bag_model.build_bag_model(cfg.backbone, model_size, bag=cells, pooling=cfg.pooling, **kwargs)
             else:
                 model = modellib.build_model(cfg.backbone, model_size, **kwargs)
             optimizer = make_optimizer(cfg, steps)
@@ -292,7 +298,7 @@ def train(cfg, resume: bool = False, callbacks=()) -> dict:
     if bag:
         from train_tpu import bag_model
 
-        export = bag_model.export_float32(model, cfg, model_size, bag)
+        export = bag_model.export_float32(model, cfg, model_size, cells)
     else:
         export = modellib.export_float32(model, cfg.backbone, model_size, dropout=cfg.dropout)
     log.info("wrote %s", run_folder.write_model(out, export))
