@@ -198,8 +198,37 @@ def test_the_training_notebook_trains_a_bag_run(bag_shards, tmp_path):
     exec(next(s for s in code if s.lstrip().startswith("# --- the project")), env)
     out = tmp_path / "nb_bag"
     env.update(DATA=bag_shards, OUT=str(out), MODE="bag", PRESET="smoke", WEIGHTS="none", STRATEGY="cpu",
-               BACKEND="tensorflow", EPOCHS=1, STEPS_PER_EPOCH=1, BATCH_SIZE=2, POOLING="lse", CELL_WEIGHT=0.3)
+               BACKEND="tensorflow", EPOCHS=1, STEPS_PER_EPOCH=1, BATCH_SIZE=2, POOLING="lse", CELL_WEIGHT=0.3,
+               EXTRA=["--bag-cells", "2"])
     exec(next(s for s in code if '"train_tpu"' in s), env)
     config = json.loads((out / "config.json").read_text())
-    assert (config["mode"], config["pooling"], config["cell_weight"]) == ("bag", "lse", 0.3)
-    assert mil.bag_size(models.load_model(str(out))) == BAG
+    assert (config["mode"], config["pooling"], config["cell_weight"], config["bag_cells"]) == ("bag", "lse", 0.3, 2)
+    # --bag-cells 2: the model takes bags of 2, and the run tells inference to score chunks of 2
+    assert mil.bag_size(models.load_model(str(out))) == 2
+    assert json.loads((out / "preprocess.json").read_text())["bag"] == 2
+
+
+def test_smaller_training_bags_draw_real_cells_at_random(bag_shards):
+    """`--bag-cells`: a bag of 2 drawn from a record's stored cells (4 here): only real cells,
+    no cell twice while there are enough, new draws each time; validation takes the first 2."""
+    import tensorflow as tf
+
+    split = data.find_split(bag_shards, 0)
+    record = next(iter(tf.data.TFRecordDataset(split.train_files)))
+    (full, full_mask), _ = data.parse_bag_example(record, 32, BAG)
+    real = [full[i].numpy() for i in range(BAG) if full_mask[i] > 0]
+    assert len(real) == BAG  # the fixture's images have at least 4 cells
+
+    def index(tile):
+        return next(i for i, r in enumerate(real) if np.array_equal(r, tile))
+
+    draws = set()
+    for _ in range(12):
+        (cells, mask), _ = data.parse_bag_example(record, 32, BAG, cells=2, sample=True)
+        assert cells.shape == (2, 32, 32, 4) and mask.numpy().tolist() == [1.0, 1.0]
+        picked = tuple(index(c.numpy()) for c in cells)
+        assert picked[0] != picked[1]
+        draws.add(picked)
+    assert len(draws) > 1
+    (cells, _), _ = data.parse_bag_example(record, 32, BAG, cells=2)
+    assert [index(c.numpy()) for c in cells] == [0, 1]
