@@ -4,8 +4,8 @@ and cells per second in bag mode against cell mode.
     .venv/bin/python benchmarks/bench_bag.py [--size 48] [--bag 8] [--batch 4]
                                              [--backbone efficientnetv2_b0] [--repeats 2]
 
-Defaults: `demo_mil`'s 48 px cells, 32 cells per step and EfficientNetV2-B0 (demo_mil takes 2 bags
-of up to 16; here 4 bags of 8, so that 4 synthetic images fill a step).
+Defaults: `demo_mil`'s 48 px cells, 32 cells per step and EfficientNetV2-B0 (demo_mil draws 8 bags
+of 4 cells; here 4 bags of 8, so that 4 synthetic images fill a step).
 Bag shards are built by the real builder (`--mode bag --max-cells N`, one worker) from
 testkit.synthetic images of real size (2048 px by default) and their cell masks. Then, in one
 process that lets TensorFlow use every core, each side warmed (one untimed pass / fit) and timed
@@ -51,7 +51,7 @@ REQUIRED_RATIO = bench_train.REQUIRED_RATIO
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=48, help="cell tile side, px (demo_mil: 48; red.ai: 224)")
-    p.add_argument("--bag", type=int, default=8, help="cells per bag (demo_mil: up to 16, in 2 bags per step; red.ai: 16)")
+    p.add_argument("--bag", type=int, default=8, help="cells per bag (demo_mil: 4, in 8 bags per step; red.ai: 16)")
     p.add_argument("--batch", type=int, default=4, help="bags per step; the cell model gets batch*bag tiles")
     p.add_argument("--backbone", default="efficientnetv2_b0", help="both models' backbone")
     p.add_argument("--preset", default="demo_mil", help="train_tpu preset for the loss, augmentation, "
