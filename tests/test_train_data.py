@@ -119,7 +119,7 @@ def test_model_spec_for_inference(shards):
     assert data.model_spec(spec, 32, "cell") == spec
     bigger = data.model_spec(spec, 48, "cell")
     assert bigger.size == 32 and bigger.model_size == 48 and bigger.input_size == 48
-    with pytest.raises(ValueError, match="cut in 'cell' mode, training asked for --mode image"):
+    with pytest.raises(ValueError, match="built in 'cell' mode, training asked for --mode image"):
         data.model_spec(spec, 0, "image", where="x/preprocess.json")
 
 
