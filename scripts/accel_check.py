@@ -626,12 +626,13 @@ def backend_checks(report: Report, args, sz: dict, work: Path, tf_present: bool)
     data = work / "predict_data"
     synthetic.generate(str(data), n=sz["images"], size=sz["image_size"], seed=1)
     opts = PredictConfig()
-    seg = reading.segmentation_options(opts)
+    used = reading.segmentation_used(opts)  # predict's default segmentation (no run to follow here)
+    seg = reading.segmentation_options(opts, used)
     spec = TileSpec(size=sz["tile"])
     total = {s: 0.0 for s in STAGES}
     cells = 0
     for task in reading.read_sample(str(data / "sample_submission.csv")):
-        p = reading.prepare_image(task, str(data / "images"), (spec,), backend=opts.backend, seg_options=seg)
+        p = reading.prepare_image(task, str(data / "images"), (spec,), backend=used.backend, seg_options=seg)
         if p.error:
             report.line("FAIL", "cpu stages", f"{task[0]}: {p.error}")
             return
