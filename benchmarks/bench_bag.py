@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         synthetic.generate(src, n=args.n, size=args.image_size, seed=0)
         files, totals = bench_train.build_shards(src, os.path.join(tmp, "shards"), size, bag=n)
         pipe = bench_train.pipeline_examples_per_s(files, size, b, args.batches, args.repeats,
-                                                   bag=n, preset=args.preset, precision=args.precision)
+                                                   bag=n, preset=args.preset)
     bag_model = bench_train.model_examples_per_s(size, b, args.steps, args.repeats, args.backbone,
                                                  bag=n, preset=args.preset, precision=args.precision)
     cell_model = None if args.no_cell else bench_train.model_examples_per_s(

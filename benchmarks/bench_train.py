@@ -80,7 +80,7 @@ def model_examples_per_s(size: int, batch: int, steps: int, repeats: int, backbo
 
 
 def pipeline_examples_per_s(files: list[str], size: int, batch: int, batches: int, repeats: int,
-                            bag: int = 0, preset: str = "smoke", precision: str = "float32") -> float:
+                            bag: int = 0, preset: str = "smoke") -> float:
     """The trainer's input pipeline alone (`train_tpu.data.train_dataset`, `preset`'s
     augmentation): examples (bags when `bag` > 0) per second, best of `repeats` after a warm-up."""
     import tensorflow as tf

@@ -5,12 +5,12 @@ import dataclasses
 from dataclasses import dataclass
 
 from common import config as cfglib
+from common.mil import POOLINGS  # the bag model's poolings (importing common.mil imports no Keras)
 from common.models import BACKBONES
 from train_tpu.backend import NAMES as BACKENDS
 
 
 MODES = ("cell", "image", "bag")
-POOLINGS = ("max", "lse", "attention")  # common.mil.POOLINGS (that module imports Keras lazily)
 STRATEGIES = ("auto", "tpu", "gpu", "cpu")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 OPTIMIZERS = ("adamw", "sgd")

@@ -27,7 +27,7 @@ log = logging.getLogger("train_tpu")
 CHECKPOINTS = "checkpoints"
 _CKPT = re.compile(r"^epoch_(\d{3,})\.keras$")
 # Fields that must not change when resuming: they define the model and its data.
-RESUME_KEYS = ("backbone", "size", "mode", "data", "val_fold", "batch_size")
+RESUME_KEYS = ("backbone", "size", "mode", "data", "val_fold", "batch_size", "bag_cells", "pooling")
 _SUMMARY = ("val_loss", "val_macro_auc", "val_map")
 
 
@@ -189,7 +189,9 @@ class _Run:
 def _check_resumable(cfg, out: str) -> None:
     if not run_folder.has_config(out):
         return
-    check_same_settings(run_folder.read_config(out), cfglib.to_dict(cfg), keys=RESUME_KEYS,
+    # a config.json written before a field existed had that field's default
+    saved = {**cfglib.to_dict(type(cfg)()), **run_folder.read_config(out)}
+    check_same_settings(saved, cfglib.to_dict(cfg), keys=RESUME_KEYS,
                         where=f"--resume {out}", what="the run was started with other settings",
                         advice="resume with the same ones or use a new --out")
 
