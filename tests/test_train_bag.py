@@ -232,3 +232,35 @@ def test_smaller_training_bags_draw_real_cells_at_random(bag_shards):
     assert len(draws) > 1
     (cells, _), _ = data.parse_bag_example(record, 32, BAG, cells=2)
     assert [index(c.numpy()) for c in cells] == [0, 1]
+
+
+def test_a_run_starts_from_another_runs_weights(bag_run, bag_shards, tmp_path):
+    """`--weights RUN`: a cell-tile model built from a bag run computes the bag run's cell head,
+    and a bag model built from that cell-tile model computes it again in its cell head, its
+    image head starting as the same head on the pooled features. Another backbone is refused."""
+    from train_tpu.bag_model import build_bag_model
+
+    _, out, _ = bag_run
+    trained = models.load_model(out)
+    split = data.find_split(bag_shards, 0)
+    x = next(iter(data.eval_dataset(split.val_files, 32, 32, 2, 2, bag=BAG)))
+    want = np.asarray(trained(x, training=False)[mil.CELL])  # [2, BAG, 19]
+    tiles = np.asarray(x[mil.CELLS]).reshape(-1, 32, 32, 4)
+
+    single = modellib.build_model("efficientnet_b0", 32, weights=out, dropout=0.0, drop_connect_rate=0.0)
+    got = np.asarray(single(tiles, training=False)).reshape(want.shape)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.std(want) > 1e-3  # a trained head, not a constant the prior bias would also give
+
+    cell_run = tmp_path / "cell_run"
+    cell_run.mkdir()
+    single.save(str(cell_run / "model.keras"))
+    again = build_bag_model("efficientnet_b0", 32, bag=BAG, weights=str(cell_run), dropout=0.0,
+                            drop_connect_rate=0.0, pooling="max")
+    np.testing.assert_allclose(np.asarray(again(x, training=False)[mil.CELL]), want, atol=1e-5)
+    np.testing.assert_array_equal(again.get_layer("image_logits").get_weights()[0],
+                                  again.get_layer("cell_logits").get_weights()[0])
+    with pytest.raises(ValueError, match=r"--weights .*cell_run.*same backbone"):
+        modellib.build_model("efficientnetv2_b0", 32, weights=str(cell_run))
+    with pytest.raises(FileNotFoundError, match="no_such_run"):
+        modellib.build_model("efficientnet_b0", 32, weights=str(tmp_path / "no_such_run"))

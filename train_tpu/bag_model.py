@@ -26,7 +26,9 @@ def build_bag_model(backbone: str = "efficientnet_b0", size: int = 224, bag: int
                     bn_momentum: float | None = None, head_bias=None, pooling: str = "max"):
     """Inputs `{cells: float32 [B, bag, size, size, 4], mask: float32 [B, bag]}`, outputs
     `{cell: [B, bag, 19], image: [B, 19]}` (float32 sigmoid). Arguments as
-    `train_tpu.model.build_model`; `head_bias` starts both heads at the class prior."""
+    `train_tpu.model.build_model`; `head_bias` starts both heads at the class prior. `weights`
+    may name a trained run (a cell-tile run, or a bag run): the backbone starts as its
+    backbone and both heads as its cell head."""
 
     if bag < 1:
         raise ValueError(f"bag must be >= 1, got {bag}")
@@ -50,7 +52,13 @@ def build_bag_model(backbone: str = "efficientnet_b0", size: int = 224, bag: int
         cell_dense = keras.layers.Dense(num_classes, name="cell_logits")
         image_dense = keras.layers.Dense(num_classes, name="image_logits")
         cell_logits, image_logits = cell_dense(feats), image_dense(pooled)
-        if head_bias is not None:
+        if modellib.is_run_source(weights):
+            # started from a trained run: both heads start as its (cell) head, the image head
+            # on the pooled features ("the image shows c where its most-c cell does")
+            head = single.get_layer(models.LOGITS_LAYER).get_weights()
+            cell_dense.set_weights(head)
+            image_dense.set_weights(head)
+        elif head_bias is not None:
             bias = np.asarray(head_bias, np.float64).reshape(-1)
             if bias.shape != (num_classes,) or not np.all(np.isfinite(bias)):
                 raise ValueError(f"head_bias: expected {num_classes} finite values, got {bias.tolist()}")

@@ -37,8 +37,10 @@ class TrainConfig:
     # model input side in px; 0 = the dataset's (tiles are resized in the input pipeline when it
     # differs; the effective spec goes to preprocess.json)
     size: int = 0
-    # imagenet (Keras downloads it), none, or a PATH to a 3-channel Keras weights file (e.g.
-    # efficientnetb0_notop.h5) for offline runs; carried to 4 channels
+    # imagenet (Keras downloads it), none, a PATH to a 3-channel Keras weights file (e.g.
+    # efficientnetb0_notop.h5) for offline runs, carried to 4 channels; or a RUN folder (local
+    # or gs://) of the same backbone to start from its trained model (e.g. a bag model from a
+    # cell-tile run: both heads start as its head)
     weights: str = "none"
     epochs: int = 10  # number of epochs
     batch_size: int = 64  # GLOBAL batch size (split over the replicas)

@@ -51,19 +51,26 @@ def build_model(backbone: str = "efficientnet_b0", size: int = 224, num_classes:
     """
     bb = models.get_backbone(backbone)
     weights = "none" if weights in (None, "", "none") else str(weights)
-    src, affine = None, None
+    src, affine, head = None, None, None
     if weights != "none":
         # the source model is built in float32, before build_model changes the policy
         src = _load_source(bb, weights, size)
-        a3, b3 = _fix_keras_imagenet_v1(src, bb, *input_affine(src, size))
-        affine = (np.append(a3, a3.mean()), np.append(b3, b3.mean()))
+        if _channels(src) == models.NUM_CHANNELS:  # a trained run of this project
+            affine = input_affine(src, size)
+        else:
+            a3, b3 = _fix_keras_imagenet_v1(src, bb, *input_affine(src, size))
+            affine = (np.append(a3, a3.mean()), np.append(b3, b3.mean()))
     model = models.build_model(backbone, size, num_classes=num_classes, dropout=dropout,
                                drop_connect_rate=drop_connect_rate, dtype_policy=dtype_policy,
                                input_affine=affine)
-    if src is not None:
+    if src is not None and _channels(src) == models.NUM_CHANNELS:
+        head = copy_run_weights(src, model, weights)
+    elif src is not None:
         transfer_weights(src, model, bb)
     if bn_momentum is not None:
         set_bn_momentum(model, bn_momentum)
+    if head is not None:
+        head_bias = None  # the run's trained head is a better start than the prior
     if head_bias is not None:
         head_bias = np.asarray(head_bias, np.float64).reshape(-1)
         if head_bias.shape != (num_classes,) or not np.all(np.isfinite(head_bias)):
@@ -163,15 +170,36 @@ def _fix_keras_imagenet_v1(src, bb: Backbone, a: np.ndarray, b: np.ndarray):
     return a, b
 
 
+def is_run_source(weights) -> bool:
+    """`--weights` names a run of this project (a run folder, local or gs://, or its
+    `model.keras`) rather than ImageNet weights."""
+    from common import storage
+    from common.run_folder import MODEL_FILE
+
+    weights = str(weights or "")
+    if weights in ("", "none", "imagenet"):
+        return False
+    if storage.is_gcs(weights):
+        return True
+    return os.path.isdir(weights) or (os.path.basename(weights) == MODEL_FILE)
+
+
+def _channels(model) -> int:
+    return int(model.inputs[0].shape[-1])
+
+
 def _load_source(bb: Backbone, weights: str, size: int):
-    """The 3-channel model that holds the weights to transfer."""
+    """The model that holds the weights to transfer: a 3-channel ImageNet backbone, or the
+    single-tile model of a trained run (a bag run's cell embedding, with its cell head)."""
     keras = _keras()
     if weights == "imagenet":
         # The real download path (Keras fetches and caches the file); needs the internet.
         return _backbone_fn(bb)(include_top=False, weights="imagenet", input_shape=(size, size, 3))
+    if is_run_source(weights):
+        return _run_source(weights)
     if not os.path.exists(weights):
-        raise FileNotFoundError(f"--weights {weights}: no such file (expected 'imagenet', 'none' "
-                                f"or a 3-channel {bb.keras_fn} weights file)")
+        raise FileNotFoundError(f"--weights {weights}: no such file (expected 'imagenet', 'none', "
+                                f"a run folder, or a 3-channel {bb.keras_fn} weights file)")
     if weights.endswith(".keras"):
         try:
             src = keras.saving.load_model(weights, compile=False)
@@ -189,10 +217,61 @@ def _load_source(bb: Backbone, weights: str, size: int):
                 f"--weights {weights}: does not fit a headless 3-channel {bb.keras_fn} "
                 f"(include_top=False): {err}") from err
         _finalize_normalization(src)
-    channels = int(src.inputs[0].shape[-1])
+    channels = _channels(src)
     if channels != 3:
         raise ValueError(f"--weights {weights}: expected a 3-channel model, it has {channels}")
     return src
+
+
+def _run_source(weights: str):
+    """A run's model as one tile -> features -> head model. A bag model is cut at its cell
+    embedding; its cell head (`cell_logits`) stands for the single-tile model's head."""
+    from common import mil
+
+    try:
+        model = models.load_model(weights)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"--weights {weights}: {err}") from err
+    except Exception as err:  # Keras raises many types; name the file either way
+        raise ValueError(f"--weights {weights}: cannot load the run's model: {err}") from err
+    if mil.CELLS not in [t.name for t in model.inputs] and len(model.inputs[0].shape) == 4:
+        return model
+    embed = [layer for layer in model.layers if isinstance(layer, _keras().Model)]
+    if len(embed) != 1 or "cell_logits" not in {layer.name for layer in model.layers}:
+        raise ValueError(f"--weights {weights}: neither a tile model nor a bag model of this project")
+    embed = embed[0]
+    head = model.get_layer("cell_logits")
+    out = _keras().layers.Dense(head.units, name=models.LOGITS_LAYER)
+    single = _keras().Model(embed.inputs[0], out(embed.outputs[0]), name=embed.name)
+    out.set_weights(head.get_weights())
+    return single
+
+
+def copy_run_weights(src, dst, weights: str):
+    """Copy a trained 4-channel run's model into `dst` layer by layer (by name; the input
+    normalisation is set by `input_affine`). Returns the source's head `[kernel, bias]`, also
+    copied into `dst` when the class counts agree. Raises ValueError naming `weights` when the
+    backbones differ."""
+    keras = _keras()
+    src_layers = {layer.name: layer for layer in src.layers}
+    missing, head = [], None
+    for layer in dst.layers:
+        if not layer.weights or isinstance(layer, keras.layers.Normalization):
+            continue
+        s = src_layers.get(layer.name)
+        if s is None or [w.shape for w in s.weights] != [w.shape for w in layer.weights]:
+            missing.append(layer.name)
+            continue
+        values = s.get_weights()
+        layer.set_weights(values)
+        if layer.name == models.LOGITS_LAYER:
+            head = values
+    backbone_missing = [m for m in missing if m not in models.HEAD_LAYERS]
+    if backbone_missing:
+        raise ValueError(f"--weights {weights}: its model ({src.name}) lacks or shapes differently "
+                         f"{len(backbone_missing)} layers of this backbone, e.g. {backbone_missing[:5]}; "
+                         "a run can only start from a run of the same backbone")
+    return head
 
 
 def transfer_weights(src, dst, bb: Backbone) -> None:
