@@ -1,0 +1,88 @@
+"""The dual-head MIL recipe learns which classes an image holds (issue #13), checked end to end
+with the real CLIs on fresh synthetic data against the held-out images' cell-level truth.
+
+The recipe as the `demo_mil_ft` preset runs it: a cell-tile model (the `demo` preset, 5 of its
+12 epochs: 200 steps), then 120 steps of bag training started from it (`--weights RUN`).
+The control spends the same 120 steps, from the same model, the same way on cell tiles. Both
+predict the same 19 held-out images; `evaluate` scores the strict mAP (every class counts on
+every image) and the competition's Open Images rule.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.jax_env import ROOT
+
+pytest.importorskip("tensorflow")
+pytestmark = pytest.mark.timeout(1800)
+
+
+def _cli(*args, timeout=900) -> str:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, "-m", *map(str, args)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, (args, res.stdout[-2000:], res.stderr[-4000:])
+    return res.stdout
+
+
+def _map(truth, sub, strict: bool) -> float:
+    out = _cli("infer_gpu", "evaluate", "--truth", truth, "--submission", sub,
+               *(["--all-labels-verified"] if strict else []))
+    last = out.strip().splitlines()[-1]  # "mAP 0.1234"
+    assert last.startswith("mAP "), out[-500:]
+    return float(last.split()[1])
+
+
+@pytest.fixture(scope="module")
+def scores(tmp_path_factory):
+    """{name: (strict mAP, Open Images mAP)} of the recipes on the held-out images."""
+    root = tmp_path_factory.mktemp("learning_mil")
+    train, test = root / "train", root / "test"
+    _cli("testkit.synthetic", "--out", train, "--n", 57, "--size", 256, "--seed", 31)
+    _cli("testkit.synthetic", "--out", test, "--n", 19, "--size", 256, "--seed", 32)
+    for mode in ("cell", "bag"):
+        _cli("tfrecords_builder", "--images", train / "images", "--labels", train / "train.csv",
+             "--out", root / mode, "--mode", mode, "--masks", train / "masks", "--size", 48,
+             "--folds", 3, "--workers", 2)
+    base = root / "base"
+    _cli("train_tpu", "--data", root / "cell", "--mode", "cell", "--out", base, "--preset", "demo",
+         "--epochs", 5, "--strategy", "cpu")
+    _cli("train_tpu", "--data", root / "cell", "--mode", "cell", "--out", root / "cell_more",
+         "--preset", "demo", "--epochs", 3, "--learning-rate", 3e-4, "--weights", base, "--strategy", "cpu")
+    _cli("train_tpu", "--data", root / "bag", "--mode", "bag", "--out", root / "mil",
+         "--preset", "demo_mil_ft", "--weights", base, "--strategy", "cpu")
+    out = {}
+    for name, run, extra in (("cell", "cell_more", ()), ("mil", "mil", ()),
+                             ("mil_cell_head", "mil", ("--cell-weight", "1.0"))):
+        sub = root / f"{name}.csv"
+        _cli("infer_gpu", "predict", "--images", test / "images", "--sample-submission",
+             test / "sample_submission.csv", "--model", root / run, "--out", sub, *extra)
+        out[name] = (_map(test / "truth.csv", sub, True), _map(test / "truth.csv", sub, False))
+    print("strict / Open Images mAP:", {k: f"{s:.3f} / {o:.3f}" for k, (s, o) in out.items()})
+    return out
+
+
+
+def test_the_image_head_lifts_the_strict_map_and_mil_beats_cell_tiles(scores):
+    """Measured (2 CPU cores; runs are not bit-reproducible):
+
+    - here (57 training images): cell tiles 0.404 / 0.860, MIL 0.465 / 0.833, the MIL run's cell
+      head alone 0.395 / 0.848 (strict / Open Images);
+    - the demo's scale (190 images, 480 + 120 steps), two data seeds: MIL minus cell tiles
+      +0.046 and +0.014 strict with log-sum-exp pooling (+0.030, +0.018 with attention), Open
+      Images 0.000 and -0.010.
+
+    So: the image head, multiplied in, lifts the strict mAP over the same model's cell head by
+    well over 0.03 (it was 0.07 to 0.08 in every run: the head knows which classes an image
+    holds); the MIL recipe beats the cell tiles on the strict mAP (margins 0.014 to 0.061, so
+    the bar is "better", not a margin); and the Open Images mAP stays within the run-to-run
+    spread (0.04) of the cell tiles'.
+    """
+    (mil, mil_oi), (head, head_oi), (cell, cell_oi) = scores["mil"], scores["mil_cell_head"], scores["cell"]
+    assert mil > head + 0.03, scores
+    assert mil > cell, scores
+    assert mil_oi > cell_oi - 0.04, scores
