@@ -257,7 +257,9 @@ def train(cfg, resume: bool = False, callbacks=()) -> dict:
     val_masks = data.eval_bag_masks(split.val_files, val_count, cells) if bag else None
 
     head_bias = None
-    if cfg.prior_bias and not ckpt:
+    if not ckpt and modellib.is_run_source(cfg.weights):
+        log.info("starting from the trained run %s (its backbone and head)", cfg.weights)
+    elif cfg.prior_bias and not ckpt:
         prior = data.class_prior(cfg.data, split.train_files)
         if prior is None:
             log.info("no class counts in the manifest: the head starts at zero bias")
