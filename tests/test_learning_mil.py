@@ -71,19 +71,20 @@ def scores(tmp_path_factory):
 def test_the_image_head_lifts_the_strict_map_and_mil_keeps_up_with_cell_tiles(scores):
     """Measured (2 CPU cores; runs are not bit-reproducible), MIL minus cell tiles, strict mAP:
 
-    - here (57 training images, 19 held out): +0.061 and -0.004 in two runs (cell tiles 0.404
-      and 0.433; MIL 0.465 and 0.429); the MIL run's cell head alone 0.395;
+    - here (57 training images, 19 held out): +0.061, -0.004 and +0.046 in three runs (cell
+      tiles 0.404, 0.433, 0.377; MIL 0.465, 0.429, 0.423); the MIL run's cell head alone 0.395
+      and 0.384 (a lift of +0.070 and +0.039 from the image head);
     - the demo's scale (190 images, 480 + 120 steps): +0.046 and +0.014 on two data seeds;
       600 training images and 38 held out: +0.040. Open Images: -0.027 to +0.001.
 
     The gain is real on average (+0.03) but within the run-to-run spread at a scale CI can
     afford, so the bars are what holds in every run: the image head, multiplied in, lifts the
-    strict mAP over the same model's cell head alone by well over 0.03 (+0.07 to +0.08
+    strict mAP over the same model's cell head alone by more than 0.015 (+0.039 to +0.081
     measured: the head knows which classes an image holds); MIL is at least on par with the
     cell tiles on the strict mAP (never more than 0.03 below), and on the Open Images mAP within
     0.04 (the spread).
     """
     (mil, mil_oi), (head, head_oi), (cell, cell_oi) = scores["mil"], scores["mil_cell_head"], scores["cell"]
-    assert mil > head + 0.03, scores
+    assert mil > head + 0.015, scores
     assert mil > cell - 0.03, scores
     assert mil_oi > cell_oi - 0.04, scores
