@@ -25,6 +25,8 @@ CELLS = "cells"  # input: float32 [B, N, S, S, 4] in [0, 255]
 MASK = "mask"  # input: float32 [B, N], 1 = real cell
 CELL = "cell"  # output: float32 [B, N, 19]
 IMAGE = "image"  # output: float32 [B, 19]
+CELL_LOGITS = "cell_logits"  # the cell head's Dense layer (features -> 19 logits)
+IMAGE_LOGITS = "image_logits"  # the image head's Dense layer (pooled features -> 19 logits)
 POOLINGS = ("max", "lse", "attention")
 
 

@@ -49,8 +49,8 @@ def build_bag_model(backbone: str = "efficientnet_b0", size: int = 224, bag: int
         if dropout > 0:
             feats = keras.layers.Dropout(dropout, name="cell_dropout")(feats)
             pooled = keras.layers.Dropout(dropout, name="image_dropout")(pooled)
-        cell_dense = keras.layers.Dense(num_classes, name="cell_logits")
-        image_dense = keras.layers.Dense(num_classes, name="image_logits")
+        cell_dense = keras.layers.Dense(num_classes, name=mil.CELL_LOGITS)
+        image_dense = keras.layers.Dense(num_classes, name=mil.IMAGE_LOGITS)
         cell_logits, image_logits = cell_dense(feats), image_dense(pooled)
         if modellib.is_run_source(weights):
             # started from a trained run: both heads start as its (cell) head, the image head

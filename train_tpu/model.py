@@ -51,11 +51,12 @@ def build_model(backbone: str = "efficientnet_b0", size: int = 224, num_classes:
     """
     bb = models.get_backbone(backbone)
     weights = "none" if weights in (None, "", "none") else str(weights)
-    src, affine, head = None, None, None
+    src, affine, from_run = None, None, False
     if weights != "none":
         # the source model is built in float32, before build_model changes the policy
         src = _load_source(bb, weights, size)
-        if _channels(src) == models.NUM_CHANNELS:  # a trained run of this project
+        from_run = _channels(src) == models.NUM_CHANNELS  # a trained run of this project
+        if from_run:
             affine = input_affine(src, size)
         else:
             a3, b3 = _fix_keras_imagenet_v1(src, bb, *input_affine(src, size))
@@ -63,14 +64,12 @@ def build_model(backbone: str = "efficientnet_b0", size: int = 224, num_classes:
     model = models.build_model(backbone, size, num_classes=num_classes, dropout=dropout,
                                drop_connect_rate=drop_connect_rate, dtype_policy=dtype_policy,
                                input_affine=affine)
-    if src is not None and _channels(src) == models.NUM_CHANNELS:
-        head = copy_run_weights(src, model, weights)
-    elif src is not None:
+    if from_run and copy_run_weights(src, model, weights):
+        head_bias = None  # the run's trained head is a better start than the prior
+    elif src is not None and not from_run:
         transfer_weights(src, model, bb)
     if bn_momentum is not None:
         set_bn_momentum(model, bn_momentum)
-    if head is not None:
-        head_bias = None  # the run's trained head is a better start than the prior
     if head_bias is not None:
         head_bias = np.asarray(head_bias, np.float64).reshape(-1)
         if head_bias.shape != (num_classes,) or not np.all(np.isfinite(head_bias)):
@@ -234,13 +233,13 @@ def _run_source(weights: str):
         raise FileNotFoundError(f"--weights {weights}: {err}") from err
     except Exception as err:  # Keras raises many types; name the file either way
         raise ValueError(f"--weights {weights}: cannot load the run's model: {err}") from err
-    if mil.CELLS not in [t.name for t in model.inputs] and len(model.inputs[0].shape) == 4:
+    if not mil.is_bag_model(model) and len(model.inputs[0].shape) == 4:
         return model
     embed = [layer for layer in model.layers if isinstance(layer, _keras().Model)]
-    if len(embed) != 1 or "cell_logits" not in {layer.name for layer in model.layers}:
+    if len(embed) != 1 or mil.CELL_LOGITS not in {layer.name for layer in model.layers}:
         raise ValueError(f"--weights {weights}: neither a tile model nor a bag model of this project")
     embed = embed[0]
-    head = model.get_layer("cell_logits")
+    head = model.get_layer(mil.CELL_LOGITS)
     out = _keras().layers.Dense(head.units, name=models.LOGITS_LAYER)
     single = _keras().Model(embed.inputs[0], out(embed.outputs[0]), name=embed.name)
     out.set_weights(head.get_weights())
@@ -249,12 +248,11 @@ def _run_source(weights: str):
 
 def copy_run_weights(src, dst, weights: str):
     """Copy a trained 4-channel run's model into `dst` layer by layer (by name; the input
-    normalisation is set by `input_affine`). Returns the source's head `[kernel, bias]`, also
-    copied into `dst` when the class counts agree. Raises ValueError naming `weights` when the
-    backbones differ."""
+    normalisation is set by `input_affine`). Returns whether the head was copied too (it is when
+    the class counts agree). Raises ValueError naming `weights` when the backbones differ."""
     keras = _keras()
     src_layers = {layer.name: layer for layer in src.layers}
-    missing, head = [], None
+    missing = []
     for layer in dst.layers:
         if not layer.weights or isinstance(layer, keras.layers.Normalization):
             continue
@@ -262,16 +260,13 @@ def copy_run_weights(src, dst, weights: str):
         if s is None or [w.shape for w in s.weights] != [w.shape for w in layer.weights]:
             missing.append(layer.name)
             continue
-        values = s.get_weights()
-        layer.set_weights(values)
-        if layer.name == models.LOGITS_LAYER:
-            head = values
+        layer.set_weights(s.get_weights())
     backbone_missing = [m for m in missing if m not in models.HEAD_LAYERS]
     if backbone_missing:
         raise ValueError(f"--weights {weights}: its model ({src.name}) lacks or shapes differently "
                          f"{len(backbone_missing)} layers of this backbone, e.g. {backbone_missing[:5]}; "
                          "a run can only start from a run of the same backbone")
-    return head
+    return models.LOGITS_LAYER not in missing
 
 
 def transfer_weights(src, dst, bb: Backbone) -> None:
