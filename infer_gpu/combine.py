@@ -6,6 +6,12 @@ The combine rule (also in `python -m infer_gpu predict --help`), per cell and cl
    a bag run (`infer_gpu.bags`) adds its cell head. Image score `i`: the same over the
    `--image-model` runs, one tile of the whole image; a bag run adds its image head (the
    maximum over the image's bags of cells). Every model counts once in its mean.
+   With `--image-from-cells`, the image's own cells also say what the image shows: `m` = the
+   highest `c` of any of its cells, per class (an image shows a class where one of its cells
+   does, the multiple-instance assumption); `i = m` without image runs, else `i = sqrt(i * m)`.
+   No training needed: it lowers the cells of images whose best cell for the class is weak.
+   On the synthetic held-out data it lifted the strict mAP of cell-tile runs by 0.06-0.09, the
+   Open Images mAP unchanged (README, "The combine rule").
 2. Combined `s = c**a * i**(1 - a)`, `a = --cell-weight` (default 0.5: the geometric mean,
    i.e. the square root of the product, which ranks each class's cells exactly as the product
    `c * i` of red.ai's dual-head recipe does). A cell can only score high for a class when both
@@ -42,6 +48,7 @@ class CombineRule:
     border_weight: float = 0.8  # confidence factor for cells touching the image border
     no_nucleus_weight: float = 0.5  # confidence factor for cells without a nucleus
     min_score: float = 0.01  # lowest confidence written as a detection
+    image_from_cells: bool = False  # the image score also takes the image's best cell per class (rule step 1)
 
     def __post_init__(self):
         for name in ("cell_weight", "border_weight", "no_nucleus_weight", "min_score"):
@@ -70,6 +77,9 @@ def combine(cell: np.ndarray | None, image: np.ndarray | None, touches_border, h
             raise ValueError(f"{len(cell)} cell score rows for {k} cells")
     if image is not None:
         image = np.clip(np.asarray(image, dtype=np.float64).reshape(NUM_CLASSES), 0.0, 1.0)
+    if rule.image_from_cells and cell is not None and k:
+        best = cell.max(axis=0)  # [19]: what the image shows, by its best cell
+        image = best if image is None else np.sqrt(image * best)
     if cell is None:
         s = np.repeat(image[None, :], k, axis=0)
     elif image is None:

@@ -34,7 +34,7 @@ class PredictConfig:
     trust_model_files: bool = False  # hpa backend: allow loading the .pth files, which are pickled PyTorch modules (loading runs code from them): only for files you trust
     tta: int = 1  # test-time augmentation: average over the first N of the 8 flips and rotations of each tile (1 = none)
     batch_size: int = 64  # tiles per model call; batches span the cells of several images
-    rule: CombineRule = CombineRule()  # the combine rule's parameters (--cell-weight, --border-weight, --no-nucleus-weight, --min-score)
+    rule: CombineRule = CombineRule()  # the combine rule's parameters (--cell-weight, --border-weight, --no-nucleus-weight, --min-score, --image-from-cells)
     workers: int = field(default_factory=_default_workers)  # parallel readers (decode, segment, tiles, mask encoding) running ahead of the model; 0 = inline
     processes: bool = False  # run the readers as processes instead of threads (more CPU parallelism, more memory; not with a GPU segmentation backend)
     device: str = "auto"  # where TensorFlow scores: auto = a GPU when one is listed, else the CPU; gpu fails without one

@@ -17,6 +17,8 @@ combine rule, per cell and class (module infer_gpu.combine):
      --image-model runs (one whole-image tile). A bag run (--model whose preprocess.json has
      bag N > 0) scores the image's cells in bags of N (id order; the last bag filled up by
      repeating its cells): its cell head joins c, its image head (max over the bags) joins i.
+     --image-from-cells: m = the image's highest c per class (its best cell); i = m without
+     image runs, else sqrt(i * m).
   2. s = c**a * i**(1-a), a = --cell-weight (0.5 = geometric mean, which ranks each class as
      the product c*i does); only cell runs: s = c; only image runs: every cell gets s = i.
   3. Negative: s_neg = max(s_neg, prod over the other 18 classes of (1 - s_k)).

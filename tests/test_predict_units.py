@@ -46,6 +46,27 @@ def test_combine_with_one_side_only():
         combine.combine(cell[:2], None, *_flags(3))
 
 
+def test_image_from_cells_takes_the_images_best_cell_per_class():
+    cell = np.full((3, NUM_CLASSES), 0.04)
+    cell[:, 2] = [0.9, 0.2, 0.4]  # class 2: one clear cell, so the image shows it
+    cell[:, 5] = [0.3, 0.2, 0.1]  # class 5: no cell sure of it
+    rule = combine.CombineRule(image_from_cells=True)
+    s = combine.combine(cell, None, *_flags(3), rule)
+    assert np.allclose(s[:, 2], np.sqrt(cell[:, 2] * 0.9))  # i = m = 0.9
+    assert np.allclose(s[:, 5], np.sqrt(cell[:, 5] * 0.3))
+    # the order of an image's cells for a class is kept; a weak image's cells sink: the 0.3 cell
+    # of class 5 now ranks below the 0.2 cell of class 2, which it was above
+    assert s[0, 5] < s[1, 2] and cell[0, 5] > cell[1, 2]
+    assert np.allclose(combine.combine(cell, None, *_flags(3)), combine.combine(
+        cell, None, *_flags(3), combine.CombineRule(image_from_cells=False)))  # off by default
+    image = np.full(NUM_CLASSES, 0.25)  # with an image run: i = sqrt(i_run * m)
+    s = combine.combine(cell, image, *_flags(3), rule)
+    assert np.allclose(s[:, 2], np.sqrt(cell[:, 2] * np.sqrt(0.25 * 0.9)))
+    # only an image run: no cells' scores to take, the rule is unchanged
+    assert np.allclose(combine.combine(None, image, *_flags(2), rule),
+                       combine.combine(None, image, *_flags(2)))
+
+
 def test_negative_is_at_least_the_chance_of_no_other_class():
     cell = np.zeros((3, NUM_CLASSES))
     cell[0, NEGATIVE] = 0.1  # nothing else at all: Negative must become 1
