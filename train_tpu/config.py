@@ -81,6 +81,9 @@ class TrainConfig:
     shuffle_buffer: int = 2048  # shuffle buffer, in examples
     keep_checkpoints: int = 0  # keep the newest K epoch checkpoints; 0 = all
     seed: int = 0  # shuffle and augmentation seed
+    # the same run twice gives the same weights and history (TensorFlow's op determinism, tf.data
+    # included; on the same machine and thread count; a --resume continues, it does not replay)
+    deterministic: bool = False
     # bag mode: how the image head pools the cells' features: max (red.ai), lse (log-sum-exp)
     # or attention (gated attention)
     pooling: str = "max"

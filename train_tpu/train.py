@@ -203,7 +203,26 @@ def train(cfg, resume: bool = False, callbacks=()) -> dict:
     folder that already holds checkpoints is an error (no silent overwrite).
     callbacks: extra Keras callbacks, run after the trainer's own epoch-end work.
     Returns a summary dict (epochs, steps, replicas, the last history row, paths).
+    `cfg.deterministic`: TensorFlow's op determinism (tf.data's order and random draws
+    included) and every seed from `cfg.seed`, for this call only.
     """
+    if not cfg.deterministic:
+        return _train(cfg, resume, callbacks)
+    import keras
+    import tensorflow as tf
+    from tensorflow.python.framework import config as tf_config
+
+    was = tf_config.is_op_determinism_enabled()
+    tf.config.experimental.enable_op_determinism()
+    keras.utils.set_random_seed(cfg.seed)  # random ops need a seed under determinism
+    try:
+        return _train(cfg, resume, callbacks)
+    finally:
+        if not was:
+            tf_config.disable_op_determinism()
+
+
+def _train(cfg, resume: bool, callbacks) -> dict:
     if not cfg.data or not cfg.out:
         raise ValueError("TrainConfig.data and TrainConfig.out are required (--data, --out)")
     out = cfg.out.rstrip("/")
