@@ -22,11 +22,11 @@ $PY -m tfrecords_builder --images "$OUT/train_data/images" --labels "$OUT/train_
     --folds 3 --workers 2
 
 step "3/7 short CPU training on cell tiles (preset demo)"
-$PY -m train_tpu --data "$OUT/shards" --mode cell --out "$OUT/run" --preset demo --strategy cpu --resume
+$PY -m train_tpu --data "$OUT/shards" --mode cell --out "$OUT/run" --preset demo --strategy cpu --deterministic --resume
 
 step "4/7 the dual-head MIL model, started from it (preset demo_mil_ft: bags of cells, cell and image heads)"
 $PY -m train_tpu --data "$OUT/bag_shards" --mode bag --out "$OUT/run_mil" --preset demo_mil_ft \
-    --weights "$OUT/run" --strategy cpu --resume
+    --weights "$OUT/run" --strategy cpu --deterministic --resume
 
 step "5/7 predict the test set (the MIL run: cell head x image head)"
 $PY -m infer_gpu predict --images "$OUT/test_data/images" \

@@ -49,15 +49,17 @@ def scores(tmp_path_factory):
              "--out", root / mode, "--mode", mode, "--masks", train / "masks", "--size", 48,
              "--folds", 3, "--workers", 2)
     base = root / "base"
+    how = ("--strategy", "cpu", "--deterministic")  # the same numbers on every run here
     _cli("train_tpu", "--data", root / "cell", "--mode", "cell", "--out", base, "--preset", "demo",
-         "--epochs", 5, "--strategy", "cpu")
+         "--epochs", 5, *how)
     _cli("train_tpu", "--data", root / "cell", "--mode", "cell", "--out", root / "cell_more",
-         "--preset", "demo", "--epochs", 3, "--learning-rate", 3e-4, "--weights", base, "--strategy", "cpu")
+         "--preset", "demo", "--epochs", 3, "--learning-rate", 3e-4, "--weights", base, *how)
     _cli("train_tpu", "--data", root / "bag", "--mode", "bag", "--out", root / "mil",
-         "--preset", "demo_mil_ft", "--weights", base, "--strategy", "cpu")
+         "--preset", "demo_mil_ft", "--weights", base, *how)
     out = {}
     for name, run, extra in (("cell", "cell_more", ()), ("mil", "mil", ()),
-                             ("mil_cell_head", "mil", ("--cell-weight", "1.0"))):
+                             ("mil_cell_head", "mil", ("--cell-weight", "1.0")),
+                             ("cell_from_cells", "cell_more", ("--image-from-cells",))):
         sub = root / f"{name}.csv"
         _cli("infer_gpu", "predict", "--images", test / "images", "--sample-submission",
              test / "sample_submission.csv", "--model", root / run, "--out", sub, *extra)

@@ -207,9 +207,15 @@ def parse_bag_example(serialized, tile_size: int, bag: int, cells: int = 0, samp
 def per_cell(step):
     """A one-tile step `(image, labels) -> (image, labels)` -> the same step on every cell of a
     bag; `resize` and `to_float` take a bag's `[N, n, n, 4]` at once, so they need no wrapper."""
+    from tensorflow.python.framework import config as tf_config
+
+    # the cells' random draws come from the same ops; iterations run in parallel would take
+    # them in a racy order, so a --deterministic run augments its cells one after another
+    serial = tf_config.is_op_determinism_enabled()
+
     def on_bag(x, labels):
         cells, mask = x
-        out = _tf().map_fn(lambda c: step(c, labels)[0], cells)
+        out = _tf().map_fn(lambda c: step(c, labels)[0], cells, parallel_iterations=1 if serial else None)
         return (out, mask), labels
     return on_bag
 
