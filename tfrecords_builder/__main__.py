@@ -3,6 +3,9 @@
 `--engine beam` runs the same build as an Apache Beam pipeline (DirectRunner, Dataflow).
 Exit status: 0 all images built, 2 some images skipped (reasons in manifest.json; the same
 command again tries them once more), 1 error (an error in the code prints its traceback).
+
+`python -m tfrecords_builder download --list LIST --out DEST` fetches the public HPA images
+(`tfrecords_builder.download`); exit status 0 all arrived, 3 some failed, 1 error.
 """
 from __future__ import annotations
 
@@ -40,6 +43,60 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_download_parser() -> argparse.ArgumentParser:
+    from common import config as cfglib
+    from tfrecords_builder.download import EXTENSIONS, PRESETS, DownloadConfig
+
+    p = argparse.ArgumentParser(
+        prog="python -m tfrecords_builder download",
+        description="Fetch the public HPA images of a list (the hosts' kaggle_2021.tsv, or a plain "
+        "ID,Label,Image CSV) into a folder or gs:// prefix: 4 files {ID}_{red,green,blue,yellow}"
+        ".jpg (or .tif.gz) per image, each decoded before it counts, plus labels.csv (ID,Label,"
+        "Cellline of the images that arrived whole: give it to the builder as --labels, with "
+        "--images DEST) and download_report.json. The selection follows the hosts' notebook: not "
+        "in the competition's train set, with a competition class, of the competition's cell "
+        "lines. Transient errors (timeouts, resets, cut bodies, 429, 5xx) are retried with "
+        "backoff; the same command again fetches only what is missing.",
+        epilog="Exit status: 0 = every selected image arrived whole, 3 = done, with failed images "
+        "(named in the summary and the report), 1 = error. Licence: HPA images are (c) the Human "
+        "Protein Atlas, www.proteinatlas.org, CC BY-SA 3.0: credit the Human Protein Atlas where "
+        "you use or show them, and share alike. A full download (~80k images) is large: try "
+        "--limit first.",
+    )
+    cfglib.add_arguments(
+        p, DownloadConfig, defaults=PRESETS["default"], required=("image_list", "out"),
+        flags={"image_list": "--list"}, choices={"format": tuple(EXTENSIONS)},
+        metavars={"image_list": "LIST", "out": "DEST", "base_url": "URL", "cellline": "NAME"},
+    )
+    p.add_argument("--preset", default="default",
+                   help="named defaults: 'default' (its values are shown above) or 'smoke' "
+                   "(4 images, 2 threads); explicit options override it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", help="print every retry as it happens "
+                   "(by default they are counted in the summary and the report)")
+    return p
+
+
+def download_main(argv) -> int:
+    from common import config as cfglib
+    from tfrecords_builder.download import PRESETS, DownloadConfig, download
+    from tfrecords_builder.public_list import ListError
+
+    import logging
+
+    args = build_download_parser().parse_args(argv)
+    if not args.verbose:  # one warning per retry would bury the progress bar on a long download
+        logging.getLogger("hpa.retry").setLevel(logging.ERROR)
+    try:
+        cfg = cfglib.from_args(DownloadConfig, args, base=cfglib.preset(PRESETS, args.preset))
+        result = download(cfg, progress=not args.no_progress)
+    except (ListError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    return result.exit_code
+
+
 def _run(cfg, beam_args, progress: bool):
     """The engine's build; Beam only imported when asked for."""
     if cfg.engine == "beam":
@@ -66,6 +123,9 @@ def config_from_args(args):
 def main(argv=None) -> int:
     from tfrecords_builder.build import BuildError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["download"]:
+        return download_main(argv[1:])
     parser = build_parser()
     args, beam_args = parser.parse_known_args(argv)
     try:
