@@ -48,3 +48,31 @@ def test_call_retries_transient_errors_only_and_reads_its_settings(monkeypatch):
     assert len(calls) == 1
     calls.clear()
     assert retry.call(flaky, 1, TimeoutError("t"), tries=2, backoff=0.0) == "ok" and len(calls) == 2
+
+
+def test_a_transient_error_may_ask_for_a_longer_wait_and_on_retry_sees_each_one(monkeypatch):
+    waits, slept = [], []
+    monkeypatch.setattr(retry.time, "sleep", slept.append)
+    calls = []
+
+    def busy():
+        calls.append(1)
+        if len(calls) == 1:
+            raise retry.TransientError("HTTP 429", retry_after=7.0)
+        if len(calls) == 2:
+            raise retry.TransientError("HTTP 503")  # no Retry-After: our own backoff
+        return "ok"
+
+    assert retry.is_transient(retry.TransientError("x"))
+    assert retry.call(busy, tries=3, backoff=0.01, on_retry=lambda e, w: waits.append(w)) == "ok"
+    assert waits == slept and waits[0] == 7.0 and waits[1] < 0.05
+    # A server asking for an hour is capped.
+    calls.clear()
+    waits.clear()
+    retry.call(busy, tries=3, backoff=0.0, on_retry=lambda e, w: waits.append(w))
+    assert waits[0] == 7.0
+    err = retry.TransientError("HTTP 429", retry_after=3600)
+    with pytest.raises(retry.TransientError):
+        retry.call(lambda: (_ for _ in ()).throw(err), tries=2, backoff=0.0,
+                   on_retry=lambda e, w: waits.append(w))
+    assert waits[-1] == retry.MAX_RETRY_AFTER
