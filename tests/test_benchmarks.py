@@ -33,6 +33,7 @@ def test_every_benchmark_imports(name):
     ("bench_builder", ["--n", "10", "--size", "64", "--tile", "32", "--workers", "0", "--repeats", "1",
                        "--no-breakdown"]),
     ("bench_images", ["--repeat", "1", "--synthetic", "1", "--size", "64"]),
+    ("bench_download", ["--images", "6", "--workers", "2", "--latency", "0.01", "--size", "64"]),
 ])
 def test_smallest_configuration_runs_and_prints_its_ratio(name, argv, capsys):
     assert _load(name).main(argv) == 0
