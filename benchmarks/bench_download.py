@@ -27,11 +27,10 @@ Both sides are warmed once untimed (a 2-image run each on a fault-free server), 
 run gives the per-request overhead used in the projection). Every file ours fetched is checked
 byte-identical to what the server served. Ends with a projection to the full public set.
 
-The server's accepted sockets are set to TCP_NODELAY here, as production web servers do:
-Python's http.server writes a response's headers and body in separate sends, and on a kept-alive
-connection the second send waits for the client's delayed ACK, ~40 ms per request on Linux. That
-artifact hits only the side that reuses connections (ours) and would decide the benchmark;
-a fresh connection escapes it (Linux ACKs at once early in a connection).
+The server (testkit.http_faults) sets TCP_NODELAY on its accepted sockets, as production web
+servers do: Python's http.server writes a response's headers and body in separate sends, and on
+a kept-alive connection the second send would wait for the client's delayed ACK, ~40 ms per
+request on Linux, an artifact that would hit only the side that reuses connections (ours).
 
     .venv/bin/python benchmarks/bench_download.py             # 40 images, 8 workers, 0.05 s latency
     .venv/bin/python benchmarks/bench_download.py --images 200 --workers 16 --latency 0.1 --repeats 3
@@ -45,7 +44,6 @@ import logging
 import os
 import random
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -97,17 +95,8 @@ def fault_plan(paths: list[str], rate: float, stall: float, seed: int) -> dict[s
 
 @contextlib.contextmanager
 def started(server: FaultServer):
-    """The server, running, its accepted sockets set to TCP_NODELAY (see the module docstring)."""
+    """The server, running (TCP_NODELAY is the server's own, see the module docstring)."""
     server.start()
-    srv = server._server
-    accept = srv.get_request
-
-    def get_request():
-        conn, addr = accept()
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return conn, addr
-
-    srv.get_request = get_request  # looked up per connection by socketserver
     try:
         yield server
     finally:

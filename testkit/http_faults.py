@@ -14,7 +14,8 @@ used one per request (then plain answers), or one action ending in `*` used for 
     garbage       200 with bytes that are no image (an HTML error page)
     reset         close the connection without an answer
 
-`latency` adds a fixed delay to every request (a far-away server). Every request is logged as
+`latency` adds a fixed delay to every request (a far-away server). Accepted sockets are set
+to TCP_NODELAY, as production servers do (see `Handler.setup`). Every request is logged as
 `(monotonic time, path, action)` in `log`, so a test can say which files were asked for.
 """
 from __future__ import annotations
@@ -85,6 +86,13 @@ class FaultServer:
 
             def log_message(self, *args):  # quiet
                 pass
+
+            def setup(self):
+                # http.server sends headers and body in two writes; on a kept-alive connection
+                # Nagle then holds the second for the client's delayed ACK (~40 ms a request on
+                # Linux). Production servers set TCP_NODELAY, so does this one.
+                self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                super().setup()
 
             def _send(self, code: int, body: bytes = b"", headers: Mapping[str, str] | None = None,
                       cut: int | None = None) -> None:
