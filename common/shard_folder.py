@@ -3,8 +3,9 @@
     fold{K}-{i:05d}-of-{n:05d}.tfrec   shard i of n of fold K; records per `common.features`
     preprocess.json                     the TileSpec every tile was cut with (written first)
     manifest.json                       what went in: the build's config, counts per shard, per
-                                        fold and per class, every image's fold and shard, and
-                                        every skipped image with its reason
+                                        fold and per class, every image's fold, shard and fold
+                                        group, the groups' summary, and every skipped image
+                                        with its reason
 
 This module is the only one that spells the shard names and the manifest's layout: the builder
 computes the content and the trainer reads the counts back (`shard_counts`).
@@ -94,9 +95,15 @@ def shard_entry(name: str, fold: int, examples: int, class_examples: Iterable[in
 
 
 def make_manifest(*, shards: list[dict], folds: list[dict], images: dict[str, dict],
-                  skipped: list[dict], **header) -> dict:
+                  skipped: list[dict], groups: dict | None = None, **header) -> dict:
     """The manifest dict. `shards` from `shard_entry`; `header`: config, preprocess, classes,
-    estimates. The totals are derived here. No timestamps: a resumed build writes the same file."""
+    estimates. The totals are derived here. No timestamps: a resumed build writes the same file.
+
+    groups: the fold groups (what never straddles two folds): `by` (the builder's --group-by),
+    `count`, `largest` (images in the largest group) and `largest_group`, `per_fold` (groups in
+    each fold) and `thin_classes` (classes in fewer groups than folds); each image's entry in
+    `images` names its `group`. A manifest written before groups existed has neither (its folds
+    were per image); nothing that reads a manifest needs them."""
     return {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
@@ -108,6 +115,7 @@ def make_manifest(*, shards: list[dict], folds: list[dict], images: dict[str, di
             "bytes": sum(s.get("bytes", 0) for s in shards),
             "skipped": len(skipped),
         },
+        **({"groups": groups} if groups is not None else {}),
         "folds": folds,
         "shards": shards,
         "images": images,

@@ -136,6 +136,23 @@ def _content(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in RUNTIME_FIELDS}
 
 
+def check_resume(saved: dict, cfg: BuildConfig, image_ids: Iterable[str], *, what: str, advice: str) -> None:
+    """`check_same_settings` of a saved build (a plan or a manifest) against `cfg`, for a build
+    saved before --group-by too: it lacks `group_by` and its folds were per image. It then goes
+    on with `--group-by image`, or with `auto` when auto finds no group of two or more images
+    among its `image_ids` (e.g. all competition UUIDs); any other grouping is refused."""
+    saved = dict(saved)
+    if "group_by" not in saved:
+        per_image = cfg.group_by == planlib.PER_IMAGE or (
+            cfg.group_by == planlib.AUTO
+            and all(planlib.group_key(i, planlib.AUTO) == planlib.image_group(i) for i in image_ids))
+        saved["group_by"] = cfg.group_by if per_image else planlib.PER_IMAGE
+        if not per_image:
+            advice = ("this build was made before --group-by, with per-image folds: pass --group-by "
+                      "image to finish it")
+    check_same_settings(saved, cfg.content_dict(), where=cfg.out, what=what, advice=advice)
+
+
 def estimate_bytes_per_image(entries: list[planlib.Entry], job: Job, runner: Runner,
                              keep: dict | None = None) -> tuple[float, str]:
     """Mean record bytes per image over the first PILOT_IMAGES usable images (deterministic).
@@ -172,9 +189,10 @@ def _load_finished(cfg: BuildConfig) -> BuildResult | None:
     manifest = shard_folder.read_manifest(cfg.out)
     if manifest is None:
         return None
-    check_same_settings(_content(manifest.get("config", {})), cfg.content_dict(), where=cfg.out,
-                        what="already holds a finished build with another config",
-                        advice="choose another --out or delete it")
+    ids = list(manifest.get("images", {})) + [s["id"] for s in manifest.get("skipped", []) if "fold" in s]
+    check_resume(_content(manifest.get("config", {})), cfg, ids,
+                 what="already holds a finished build with another config",
+                 advice="choose another --out or delete it")
     if storage.exists(storage.join(cfg.out, STATE_DIR, PLAN_FILE)):
         return None  # finished with skipped images, whose state was kept to try them again
     return BuildResult(cfg.out, manifest, 0, len(manifest["shards"]))
@@ -185,9 +203,9 @@ def _load_or_make_plan(cfg: BuildConfig, runner: Runner, log: Callable[[str], No
     plan_path = storage.join(cfg.out, STATE_DIR, PLAN_FILE)
     if storage.exists(plan_path):
         plan = planlib.Plan.from_json(storage.read_text(plan_path))
-        check_same_settings(plan.config, cfg.content_dict(), where=cfg.out,
-                            what="holds an unfinished build with another config",
-                            advice="rerun that command to finish it, or choose another --out")
+        check_resume(plan.config, cfg, (e.image_id for e in plan.entries),
+                     what="holds an unfinished build with another config",
+                     advice="rerun that command to finish it, or choose another --out")
         return plan
     stray = [n for n in storage.listdir(cfg.out) if n.endswith(".tfrec")]
     if stray:
@@ -199,8 +217,12 @@ def _load_or_make_plan(cfg: BuildConfig, runner: Runner, log: Callable[[str], No
     storage.makedirs(cfg.out)
     shard_folder.write_spec(cfg.out, cfg.tile_spec().replace(segmentation=segmentation_spec(_job(cfg))))
     storage.write_text(plan_path, plan.to_json())
+    groups = manifestlib.group_summary(plan, cfg)
     log(f"planned {len(plan.entries)} images into {len(plan.shards)} shards, {cfg.folds} folds "
-        f"(~{plan.bytes_per_image / 1e3:.1f} kB per image, {plan.estimate}); {len(plan.skipped)} rows rejected")
+        f"(~{plan.bytes_per_image / 1e3:.1f} kB per image, {plan.estimate}); {len(plan.skipped)} rows rejected; "
+        f"{groups['count']} fold groups (--group-by {cfg.group_by}, largest {groups['largest']} images)")
+    if groups["thin_classes"]:
+        log("warning: " + manifestlib.thin_classes_text(groups["thin_classes"], cfg.folds))
     return plan
 
 

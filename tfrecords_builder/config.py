@@ -38,6 +38,11 @@ class BuildConfig:
     mode: str = "image"
     size: int = 0  # tile side in pixels; 0 = 512 in image mode, 224 in cell and bag modes
     folds: int = 5  # number K of multilabel-stratified folds
+    # what must not straddle folds. auto: from each ID, {plate}_{well}_{field} -> the well,
+    # {antibody}_{plate}_{well}_{field} -> the antibody, any other ID (competition UUIDs) -> the
+    # image; image: each image by itself (the folds of builds before --group-by); any other
+    # value: a column of the label list(s) (e.g. Antibody), whose value names the group
+    group_by: str = "auto"
     # target shard size in MB (10^6 bytes); shard counts are planned from a pilot of 8 images
     shard_mb: float = 100.0
     workers: int = 1  # decoding processes; 0 decodes in the main process
@@ -97,6 +102,8 @@ class BuildConfig:
             raise ValueError(f"limit must be >= 0, got {self.limit}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be 'local' or 'beam', got {self.engine!r}")
+        if not self.group_by.strip():
+            raise ValueError("group_by must be 'auto', 'image' or a column of the label lists, got ''")
         if self.segmenter not in SEGMENTERS:
             raise ValueError(f"segmenter must be 'default' or 'hpa', got {self.segmenter!r}")
         self.tile_spec()  # validates size, margin, interpolation

@@ -2,6 +2,8 @@
 `manifest.json` (its layout, writer and reader: `common.shard_folder`)."""
 from __future__ import annotations
 
+from collections import Counter
+
 from common import config as cfglib
 from common import shard_folder
 from common.labels import CLASS_NAMES, NUM_CLASSES
@@ -29,8 +31,9 @@ def shard_record(shard: dict, plan_ids: dict, examples_per_image: dict, skipped:
 
 
 def build_manifest(cfg: BuildConfig, plan: Plan, shard_records: dict[str, dict]) -> dict:
-    """The manifest dict: config, tile spec, per-image fold and shard, per-shard and per-fold counts
-    (examples and images per class), every skipped image with its reason. No timestamps, so an
+    """The manifest dict: config, tile spec, per-image fold, shard and group, the fold groups
+    (`group_summary`), per-shard and per-fold counts (examples and images per class), every
+    skipped image with its reason. No timestamps, so an
     interrupted-and-resumed build writes the same manifest as an uninterrupted one."""
     by_id = plan.by_id()
     images: dict[str, dict] = {}
@@ -51,7 +54,7 @@ def build_manifest(cfg: BuildConfig, plan: Plan, shard_records: dict[str, dict])
         for image_id, n in rec["images"].items():
             e = by_id[image_id]
             images[image_id] = {"fold": e.fold, "shard": shard["name"], "examples": n,
-                                "labels": e.labels, "origin": e.origin}
+                                "labels": e.labels, "group": e.group_key, "origin": e.origin}
             for c in e.labels:
                 f["class_images"][c] += 1
                 f["class_examples"][c] += n
@@ -60,5 +63,37 @@ def build_manifest(cfg: BuildConfig, plan: Plan, shard_records: dict[str, dict])
     return shard_folder.make_manifest(
         config=cfglib.to_dict(cfg), preprocess=cfglib.to_dict(cfg.tile_spec()),
         classes=list(CLASS_NAMES), bytes_per_image_estimate=plan.bytes_per_image,
-        estimate=plan.estimate, folds=[folds[k] for k in sorted(folds)], shards=shards,
-        images=images, skipped=skipped)
+        estimate=plan.estimate, groups=group_summary(plan, cfg), folds=[folds[k] for k in sorted(folds)],
+        shards=shards, images=images, skipped=skipped)
+
+
+def group_summary(plan: Plan, cfg: BuildConfig) -> dict:
+    """The fold groups of the planned images (`--group-by`): how many, the largest, how many in
+    each fold, and every class in fewer groups than folds (present, yet unable to reach every
+    fold: a validation fold without it cannot score it)."""
+    k = cfg.folds
+    sizes = Counter(e.group_key for e in plan.entries)
+    fold_of = {e.group_key: e.fold for e in plan.entries}
+    per_fold = [0] * k
+    for f in fold_of.values():
+        per_fold[f] += 1
+    class_groups: list[set] = [set() for _ in range(NUM_CLASSES)]
+    class_images = [0] * NUM_CLASSES
+    for e in plan.entries:
+        for c in e.labels:
+            class_groups[c].add(e.group_key)
+            class_images[c] += 1
+    thin = [{"class": c, "name": CLASS_NAMES[c], "groups": len(g), "images": class_images[c],
+             "folds": len({fold_of[key] for key in g})}
+            for c, g in enumerate(class_groups) if 0 < len(g) < k]
+    # the first largest in plan order (Counter keeps insertion order, max the first maximum)
+    largest, largest_size = max(sizes.items(), key=lambda kv: kv[1], default=("", 0))
+    return {"by": cfg.group_by, "count": len(sizes), "largest": largest_size, "largest_group": largest,
+            "per_fold": per_fold, "thin_classes": thin}
+
+
+def thin_classes_text(thin: list[dict], k: int) -> str:
+    """One line on the classes of `group_summary(...)["thin_classes"]`."""
+    names = ", ".join(f"{t['class']} {t['name']} ({t['groups']} groups, {t['images']} images)" for t in thin)
+    return (f"{len(thin)} class(es) in fewer fold groups than the {k} folds cannot reach every fold: "
+            f"{names}")
