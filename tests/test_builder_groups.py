@@ -449,7 +449,8 @@ def test_resume_with_another_group_by_is_refused(wells12, tmp_path, monkeypatch)
     assert "holds an unfinished build with another config (group_by: 'auto' then, 'image' now)" in str(err.value)
     done = buildlib.build(cfg, progress=False, log=lambda s: None)  # the same command finishes it
     assert done.exit_code == 0 and done.shards_reused == len(done.manifest["shards"])
-    with pytest.raises(ResumeError, match=r"finished build with another config \(group_by: 'auto' then, 'Cellline' now\)"):
+    refused = r"finished build with another config \(group_by: 'auto' then, 'Cellline' now\)"
+    with pytest.raises(ResumeError, match=refused):
         buildlib.build(_cfg(wells12, tmp_path / "out", group_by="Cellline"), progress=False, log=lambda s: None)
 
 
