@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         p, BuildConfig, defaults=PRESETS["default"], required=("images", "labels", "out"),
         choices={"mode": tuple(DEFAULT_SIZE), "segmenter": SEGMENTERS,
                  "interpolation": INTERPOLATIONS, "engine": ENGINES},
-        metavars={"images": "DIR_or_gs", "labels": "CSV", "out": "DIR_or_gs", "masks": "DIR_or_gs"},
+        metavars={"images": "DIR_or_gs", "labels": "CSV", "out": "DIR_or_gs", "masks": "DIR_or_gs",
+                  "group_by": "auto|image|COLUMN"},
         false_flags={"mask_outside": "--keep-outside"},
     )
     p.add_argument("--preset", default="default",
