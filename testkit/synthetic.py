@@ -16,8 +16,9 @@
 Cells touch (a noisy, weighted Voronoi tessellation around the nuclei, limited in distance),
 have one nucleus each, vary in size (diameter ~ 1/6 .. 1/3 of the image side), and some are
 cut by the border. Each image draws 1-3 classes; each cell shows a random subset of them or
-nothing (Negative), so image labels are weak for single cells, as in the competition. As in
-the competition's train.csv, Negative (18) is an image label only when no cell shows a pattern.
+nothing (Negative), so image labels are weak for single cells, as in the competition (how weak:
+`--share`, `--negative-cells`). As in the competition's train.csv, Negative (18) is an image
+label only when no cell shows a pattern.
 
 Deterministic: image i depends only on (seed, i), and the same arguments give byte-identical
 files. Everything is drawn in crops around each cell, so a 512 px image takes a few tens of ms.
@@ -46,6 +47,11 @@ _POSITIVE = tuple(c for c in range(NUM_CLASSES) if c != NEGATIVE)
 # A cell reaches this far (in units of its radius) unless a neighbour is closer: above 1 so
 # that neighbours, packed at 0.85 x the sum of their radii, share borders.
 _EXTENT = 1.1
+# How weak the image labels are for single cells (`generate(share=, negative=)`): a cell of a
+# positive image shows nothing with probability NEGATIVE_CELLS, else each of the image's classes
+# with probability SHARE. Changing these defaults changes every dataset's bytes.
+SHARE = 0.6
+NEGATIVE_CELLS = 0.2
 
 
 # ------------------------------------------------------------------------------ geometry
@@ -457,10 +463,12 @@ _PATTERNS: dict[int, Callable[[_Ctx, _Cell], np.ndarray]] = {
 
 
 # ------------------------------------------------------------------------------ one image
-def _assign_labels(rng: np.random.Generator, n_cells: int, primary: int) -> list[list[int]]:
-    """Per-cell label lists. The image draws `primary` and 0-2 more classes; each cell shows a
-    random non-empty subset of them, or nothing (Negative) with probability 0.2; every drawn
-    class is shown by at least one cell. `primary == NEGATIVE`: every cell is negative."""
+def _assign_labels(rng: np.random.Generator, n_cells: int, primary: int, share: float = SHARE,
+                   negative: float = NEGATIVE_CELLS) -> list[list[int]]:
+    """Per-cell label lists. The image draws `primary` and 0-2 more classes; each cell shows
+    nothing (Negative) with probability `negative`, else each class with probability `share`
+    (a cell that drew none shows one of them at random); every drawn class is shown by at least
+    one cell. `primary == NEGATIVE`: every cell is negative."""
     if primary == NEGATIVE:
         return [[NEGATIVE] for _ in range(n_cells)]
     others = [c for c in _POSITIVE if c != primary]
@@ -468,10 +476,10 @@ def _assign_labels(rng: np.random.Generator, n_cells: int, primary: int) -> list
     classes = [primary] + sorted(int(c) for c in extra)
     out: list[list[int]] = []
     for _ in range(n_cells):
-        if rng.random() < 0.2:
+        if rng.random() < negative:
             out.append([NEGATIVE])
             continue
-        subset = [c for c in classes if rng.random() < 0.6]
+        subset = [c for c in classes if rng.random() < share]
         out.append(subset or [classes[int(rng.integers(len(classes)))]])
     for cls in classes:
         if n_cells and not any(cls in labels for labels in out):
@@ -501,8 +509,17 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def render_image(seed: int, index: int, height: int, width: int) -> dict:
-    """Draw synthetic image `index` of dataset `seed` (depends on nothing else).
+def _check_probability(name: str, value: float) -> float:
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+    return value
+
+
+def render_image(seed: int, index: int, height: int, width: int, share: float = SHARE,
+                 negative: float = NEGATIVE_CELLS) -> dict:
+    """Draw synthetic image `index` of dataset `seed` (depends on nothing else but `share` and
+    `negative`, which only change the cells' labels: see `_assign_labels`).
 
     Returns `{"channels": {name: HxW uint8}, "cells": HxW int32, "nuclei": HxW int32,
     "cell_labels": [[int, ...] per cell id 1..K]}`.
@@ -513,7 +530,7 @@ def render_image(seed: int, index: int, height: int, width: int) -> dict:
     h, w = int(height), int(width)
     cells_map, nuclei_map, cells = _layout(layout_rng, h, w)
     primary = (seed + index) % NUM_CLASSES  # cycle through all classes, Negative included
-    for c, labels in zip(cells, _assign_labels(label_rng, len(cells), primary)):
+    for c, labels in zip(cells, _assign_labels(label_rng, len(cells), primary, share, negative)):
         c.labels = labels
 
     s = float(np.sqrt(h * w)) / 512.0
@@ -574,8 +591,13 @@ def _csv_text(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 def generate(out_dir: str, n: int = 8, size: int = 512, seed: int = 0, height: int | None = None,
-             *, progress: bool = False) -> dict:
+             *, share: float = SHARE, negative: float = NEGATIVE_CELLS, progress: bool = False) -> dict:
     """Write `n` synthetic images of `size` px wide (`height` px high, default square) to `out_dir`.
+
+    `share`: the probability that a cell of a positive image shows each of its image's classes
+    (a cell that drew none shows one of them, so in a one-class image every cell that is not
+    Negative shows it); `negative`: the probability that such a cell shows none (Negative). Lower `share` / higher
+    `negative` = weaker image labels for single cells. The defaults give the same bytes as ever.
 
     `out_dir` is a local folder or `gs://` prefix; see the module docstring for the files.
     Returns a summary: `{"out_dir", "ids", "width", "height", "seed", "cells" (total),
@@ -587,6 +609,8 @@ def generate(out_dir: str, n: int = 8, size: int = 512, seed: int = 0, height: i
     height = int(height) if height is not None else width
     if width < 32 or height < 32:
         raise ValueError(f"images must be at least 32x32 px, got {height}x{width} (HxW)")
+    share = _check_probability("share", share)
+    negative = _check_probability("negative", negative)
     from tqdm import tqdm
 
     start = time.perf_counter()
@@ -597,7 +621,7 @@ def generate(out_dir: str, n: int = 8, size: int = 512, seed: int = 0, height: i
     total_cells = 0
     for index in tqdm(range(n), desc="synthetic images", unit="img", disable=not progress):
         image_id = ID_FORMAT.format(index)
-        img = render_image(seed, index, height, width)
+        img = render_image(seed, index, height, width, share, negative)
         for name in CHANNEL_NAMES:
             storage.write_bytes(storage.join(out_dir, "images", f"{image_id}_{name}.png"), _png(img["channels"][name]))
         storage.write_bytes(storage.join(out_dir, "masks", f"{image_id}_cells.png"), _png(img["cells"].astype(np.uint16)))
@@ -644,8 +668,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=512, help="image width in pixels (default 512)")
     parser.add_argument("--height", type=int, default=None, help="image height in pixels (default: --size, square)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
+    parser.add_argument("--share", type=float, default=SHARE,
+                        help=f"probability that a cell of a positive image shows each of its image's "
+                        f"classes (default {SHARE})")
+    parser.add_argument("--negative-cells", type=float, default=NEGATIVE_CELLS,
+                        help=f"probability that a cell of a positive image shows none of them, i.e. is "
+                        f"Negative (default {NEGATIVE_CELLS})")
     args = parser.parse_args(argv)
-    summary = generate(args.out, n=args.n, size=args.size, seed=args.seed, height=args.height, progress=True)
+    try:
+        summary = generate(args.out, n=args.n, size=args.size, seed=args.seed, height=args.height,
+                           share=args.share, negative=args.negative_cells, progress=True)
+    except ValueError as err:
+        parser.error(str(err))
     print(
         f"wrote {len(summary['ids'])} images ({summary['height']}x{summary['width']} px, "
         f"{summary['cells']} cells) to {args.out} in {summary['seconds']:.2f} s"

@@ -277,3 +277,47 @@ def test_generate_to_gcs_writes_the_same_bytes(tmp_path, gcs_bucket):
     assert remote == local and len(local) == 6 + 4
     img = images.load_image(storage.join(prefix, "images"), "syn_0000")
     np.testing.assert_array_equal(img, images.load_image(str(tmp_path / "images"), "syn_0000"))
+
+
+# sha256 of train.csv + cell_labels.csv of generate(n=3, size=64, seed=5), made before `share` and
+# `negative` were parameters: their defaults must keep every dataset's labels (and the random
+# stream behind them) as they were.
+_LABELS_SHA256 = "3f21e8f98df703f816ab91d81ba52b63fb7a6e4e339b7628dface48678300381"
+
+
+def _labels_digest(folder: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256((folder / "train.csv").read_bytes() + (folder / "cell_labels.csv").read_bytes()).hexdigest()
+
+
+def test_share_and_negative_defaults_keep_the_bytes_and_change_the_cells(tmp_path):
+    synthetic.generate(str(tmp_path / "default"), n=3, size=64, seed=5)
+    assert _labels_digest(tmp_path / "default") == _LABELS_SHA256
+    synthetic.generate(str(tmp_path / "explicit"), n=3, size=64, seed=5, share=synthetic.SHARE,
+                       negative=synthetic.NEGATIVE_CELLS)
+    assert _files(tmp_path / "explicit") == _files(tmp_path / "default")
+
+    def shares(share, negative):
+        out = tmp_path / f"s{share}_{negative}"
+        synthetic.generate(str(out), n=12, size=96, seed=1, share=share, negative=negative)
+        table = _cell_labels(out)
+        shown = had = negatives = 0
+        for row in _rows(out / "train.csv"):
+            image = parse_labels(row["Label"])
+            if image == [NEGATIVE]:
+                continue
+            for labels in table[row["ID"]].values():
+                assert set(labels) <= set(image) | {NEGATIVE}  # still a subset of the image's
+                assert NEGATIVE not in labels or labels == [NEGATIVE]
+                negatives += labels == [NEGATIVE]
+                had += len(image)
+                shown += sum(c in labels for c in image)
+        return shown / had, negatives
+
+    low, high = shares(0.3, 0.2), shares(0.9, 0.2)
+    assert low[0] + 0.2 < high[0]  # share x (1 - negative), plus one class for a cell that drew none
+    assert shares(0.6, 0.0)[1] == 0 and shares(0.6, 0.6)[1] > 2 * low[1]
+    for bad in (dict(share=1.5), dict(negative=-0.1)):
+        with pytest.raises(ValueError, match="probability"):
+            synthetic.generate(str(tmp_path / "bad"), n=1, size=64, **bad)
