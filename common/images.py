@@ -355,6 +355,35 @@ def load_image(source: str, image_id: str, channels: Sequence[str] = CHANNELS) -
     return np.stack(planes, axis=-1)
 
 
+def image_size(source: str, image_id: str, channels: Sequence[str] = CHANNELS) -> tuple[int, int]:
+    """`(width, height)` of an image from its first channel file that can be read: a PNG's
+    header only (its first 24 bytes, read alone from a local file), any other format decoded.
+    Raises ImageLoadError when no channel file gives a size. Cheap, but it does not check the
+    image: `load_image` does (every channel, the same size)."""
+    found = _find_files(source, image_id, tuple(channels))
+    errors = []
+    for channel in channels:
+        if channel not in found:
+            continue
+        path = found[channel]
+        try:
+            if storage.is_gcs(path):
+                head = storage.read_bytes(path)
+            else:
+                with open(path, "rb") as fh:
+                    head = fh.read(24)
+            if head.startswith(_PNG_MAGIC) and len(head) >= 24 and head[12:16] == b"IHDR":
+                width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+                if width > 0 and height > 0:
+                    return width, height
+            plane = read_channel_raw(path, channel)
+            return int(plane.shape[1]), int(plane.shape[0])
+        except (ImageLoadError, OSError) as err:
+            errors.append(str(err))
+    raise ImageLoadError(f"image {image_id}: no channel file gives its size in {source}"
+                         + (f" ({'; '.join(errors)})" if errors else ""), image_id=image_id)
+
+
 def composite_rgb(image: np.ndarray) -> np.ndarray:
     """`HxWx4 uint8` (R, G, B, Y) -> `HxWx3 uint8` for display, the usual HPA composite.
 

@@ -65,6 +65,13 @@ def combine(cell: np.ndarray | None, image: np.ndarray | None, touches_border, h
     cell: `Kx19` cell-model probabilities or None; image: `(19,)` image-model probabilities or
     None; touches_border, has_nucleus: `(K,)` bools. Returns `Kx19 float32` in [0, 1].
     """
+    return combine_terms(cell, image, touches_border, has_nucleus, rule)[0]
+
+
+def combine_terms(cell: np.ndarray | None, image: np.ndarray | None, touches_border, has_nucleus,
+                  rule: CombineRule = CombineRule()) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """`combine`, also returning the rule's `c` (`Kx19`, clipped) and `i` (`(19,)`, after
+    `--image-from-cells`) as it used them (None where absent): `(s, c, i)`, the cell table's."""
     touches_border = np.asarray(touches_border, dtype=bool).reshape(-1)
     has_nucleus = np.asarray(has_nucleus, dtype=bool).reshape(-1)
     k = len(touches_border)
@@ -92,7 +99,7 @@ def combine(cell: np.ndarray | None, image: np.ndarray | None, touches_border, h
     s = s.copy()
     s[:, NEGATIVE] = np.maximum(s[:, NEGATIVE], np.prod(1.0 - others, axis=1))
     weight = np.where(touches_border, rule.border_weight, 1.0) * np.where(has_nucleus, 1.0, rule.no_nucleus_weight)
-    return (s * weight[:, None]).astype(np.float32)
+    return (s * weight[:, None]).astype(np.float32), cell, image
 
 
 def detections(scores: np.ndarray, min_score: float) -> list[list[tuple[int, float]]]:
@@ -155,9 +162,12 @@ class ImageResult:
     """One image's outcome: its row (the part `parts.PartStore` keeps) and what the run counts."""
 
     record: dict  # {"id", "width", "height", "prediction", "error", "failed"}
-    scores: np.ndarray | None = None  # Kx19 combined, for the overlay; None without cells
+    scores: np.ndarray | None = None  # Kx19 combined (the rule's s): overlay, cell table; None without cells
     detections: int = 0
     note: str | None = None  # an error to report: the image's failure, or non-finite scores
+    # the rule's c (Kx19) and i ((19,)) as combined, for the cell table; None where absent
+    cell: np.ndarray | None = None
+    image: np.ndarray | None = None
 
     @property
     def failed(self) -> bool:
@@ -174,7 +184,7 @@ def image_result(job, roles: dict, weights: dict, rule: CombineRule) -> ImageRes
     if p.error or not p.n_cells:
         return ImageResult(record, note=p.error)
     cell, image, note = finite_scores(*cell_scores(job, roles, weights))
-    scores = combine(cell, image, p.touches_border, p.has_nucleus, rule)
+    scores, cell, image = combine_terms(cell, image, p.touches_border, p.has_nucleus, rule)
     triples = prediction_triples(p, scores, rule.min_score)
     record.update(prediction=format_prediction_string(triples), error=note)
-    return ImageResult(record, scores=scores, detections=len(triples), note=note)
+    return ImageResult(record, scores=scores, detections=len(triples), note=note, cell=cell, image=image)

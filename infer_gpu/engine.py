@@ -3,7 +3,8 @@
 The command line is `infer_gpu.predict` (`python -m infer_gpu predict`); this is the library
 call behind it. One run, top-down, with the module that does each step:
 
-    read the sample submission, load the runs      reading.read_sample, runs.load_run
+    read the sample submission (or label list),    reading.read_sample (read_labelled),
+    load the runs                                  runs.load_run
     group the runs by tile spec                    scorer.Scorers (device, TTA, compiled fns;
                                                    bag runs: scorer.BagGroup, bags)
     skip what an earlier run did                   parts.PartStore (--resume)
@@ -14,7 +15,8 @@ call behind it. One run, top-down, with the module that does each step:
     batches that span images
     combine cell and image scores into a row       combine.image_result (bag runs: bags.unchunk)
     write the image's part (and overlay)           writing.PartWriter, on a writer thread
-    assemble the CSV in sample order, the report   writing.assemble, report.write_report
+    assemble the CSV in sample order (and the      writing.assemble, report.write_report
+    --cells table), the report                     (common.cell_table)
 
 Memory stays bounded by the readers' depth, the batcher's image cap (`max_pending`) and the
 writer's queue. An image whose data is bad gets a part marked `failed` with an empty row, and
@@ -33,35 +35,49 @@ from infer_gpu.batching import CrossImageBatcher, score_stream
 from infer_gpu.combine import image_result
 from infer_gpu.config import PredictConfig
 from infer_gpu.parts import PartStore, part_failed
-from infer_gpu.reading import (STAGES, prepare_image, read_sample, segmentation_options,
+from infer_gpu.reading import (STAGES, prepare_image, read_labelled, read_sample, segmentation_options,
                                segmentation_to_use)
 from infer_gpu.report import RunStopped, Summary, run_settings, write_report
 from infer_gpu.writing import PartWriter, assemble
 
 
-def run_predict(images: str, sample_submission: str, models: Sequence[str], out: str,
+def run_predict(images: str, sample_submission: str | None, models: Sequence[str], out: str,
                 image_models: Sequence[str] = (), config: PredictConfig | None = None,
-                runs=None, image_runs=None) -> Summary:
-    """Write `out` (the submission CSV) for every ID of `sample_submission`.
+                runs=None, image_runs=None, cells: str | None = None, labels: str | None = None) -> Summary:
+    """Write `out` (the submission CSV) for every ID of `sample_submission`, or of the label
+    list `labels` (`ID,Label` CSV; sizes from the image files): exactly one of the two.
 
     images: folder or `gs://` prefix of `{ID}_{channel}.png`; models / image_models: run
     directories (cell-mode `preprocess.json`, bag runs included / image-mode). `runs` / `image_runs` may pass
-    already-loaded `runs.RunDir`s instead (benchmarks, tests). Returns the Summary; the CSV is
-    only written when every image is done (see `config.limit`); the report always is.
+    already-loaded `runs.RunDir`s instead (benchmarks, tests). cells: also write the per-cell
+    table there (`common.cell_table`: `.parquet` or `.csv`). Returns the Summary; the CSV (and
+    the table) are only written when every image is done (see `config.limit`); the report always is.
     """
-    from infer_gpu.scorer import Scorers, setup_device
-
     config = config or PredictConfig()
     wall = time.perf_counter()
+    if (sample_submission is None) == (labels is None):
+        raise ValueError("predict needs exactly one of --sample-submission and --labels")
+    if cells is not None:
+        from common.cell_table import format_of
+
+        format_of(cells)  # an unsupported extension is refused before any work
+        if str(cells) == str(out):
+            raise ValueError(f"--cells {cells} is also --out: give the cell table its own path")
     if not (models or image_models or runs or image_runs):
         raise ValueError("predict needs at least one --model or --image-model run directory")
-    sample = read_sample(sample_submission)
+    sample = read_sample(sample_submission) if labels is None else read_labelled(labels)
+
+    from infer_gpu.scorer import Scorers, setup_device
+
     summary = Summary(out=out, total=len(sample), seconds={s: 0.0 for s in STAGES})
     summary.device = setup_device(config.device)
     runs, image_runs = load_runs(models, image_models, runs, image_runs)
     scorers = Scorers.build([*runs, *image_runs], tta=config.tta, batch_size=config.batch_size)
     used = segmentation_to_use(config, [*runs, *image_runs])  # the runs' unless told otherwise
     settings = run_settings(sample, runs, image_runs, config, used)
+    if cells is not None:
+        settings["cell_table"] = True  # the parts hold cell rows: a resume must ask for them too
+    inputs = {"images": images, "sample_submission": sample_submission, **({"labels": labels} if labels else {})}
     store = PartStore(out)
     todo = images_to_do(sample, store.start(settings, resume=config.resume), config.limit, summary)
 
@@ -71,7 +87,8 @@ def run_predict(images: str, sample_submission: str, models: Sequence[str], out:
     prepared = ordered_map(read, todo, workers=config.workers, depth=config.prefetch or config.workers + 2,
                            processes=config.processes, name="reader")
     try:
-        with _progress(len(todo), config.progress) as bar, PartWriter(store, config.overlays) as writer:
+        with _progress(len(todo), config.progress) as bar, \
+                PartWriter(store, config.overlays, cells=cells is not None) as writer:
             for job in score_stream(prepared, batcher, config.max_pending):
                 result = image_result(job, scorers.roles, scorers.weights, config.rule)
                 _report_problem(result)
@@ -90,14 +107,16 @@ def run_predict(images: str, sample_submission: str, models: Sequence[str], out:
     summary.seconds["score"] = batcher.score_seconds
     summary.wall_seconds = time.perf_counter() - wall
     summary.images_per_second = summary.processed / max(summary.wall_seconds, 1e-9)
-    errors = assemble(out, sample, store)
+    provenance = {**settings, "inputs": inputs, "combine": "infer_gpu.combine (the rule's c, i, s)"}
+    errors = assemble(out, sample, store, cells=cells, provenance=provenance)
     if errors is not None:
         summary.complete, summary.errors = True, errors
         summary.failed = sum(1 for e in errors if e["failed"])
         if not config.keep_parts and not summary.failed:  # kept, so --resume can retry the failed
             store.remove()
-    write_report(summary, config=config, settings=settings,
-                 inputs={"images": images, "sample_submission": sample_submission})
+    if cells is not None:
+        inputs = {**inputs, "cells": cells}
+    write_report(summary, config=config, settings=settings, inputs=inputs)
     return summary
 
 

@@ -26,7 +26,8 @@ combine rule, per cell and class (module infer_gpu.combine):
      without a nucleus.
   5. every (cell, class) with s >= --min-score becomes a detection (mAP rewards recall).
 
-Every ID of the sample submission is written once with its width and height; an image with
+Every ID of the sample submission (or of --labels, with its files' size; 0 x 0 when no file
+of a failed ID gives one) is written once with its width and height; an image with
 no cells gets an empty PredictionString. An image that fails (a missing, corrupt or wrongly
 sized file; a read that still fails after the retries of transient I/O errors, see
 HPA_IO_TRIES / HPA_IO_BACKOFF in README; memory running out) is reported on stderr and in
@@ -35,6 +36,14 @@ do not fit the tiles) stops the run with its traceback. Results are kept per ima
 OUT.parts/ until the final CSV is written (atomically), so --resume after a kill continues
 and gives the same file as an uninterrupted run; --resume also tries every failed image
 again (OUT.parts/ is kept while some image failed).
+
+--cells PATH: one row per cell of every image that did not fail (module common.cell_table):
+ID, width, height, cell (its id in the label map), y0 x0 y1 x1 (box, full-resolution px),
+area, touches_border, has_nucleus, c_00..c_18 / i_00..i_18 / s_00..s_18 (per class the rule's
+c, i and s; null where a kind is absent, e.g. i without image runs unless --image-from-cells),
+mask (the submission's string). Parquet (provenance - runs with their weights' fingerprints,
+segmentation, rule, failed IDs - in its metadata), or CSV (the same, PATH.meta.json). Written
+from OUT.parts/ with the CSV; the detections of OUT are its rows' classes with s >= --min-score.
 
 exit status:
   0  OUT written, every image done
@@ -76,8 +85,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.add_argument("--images", required=True,
                         help="folder or gs:// prefix holding {ID}_{red,green,blue,yellow}.png (or .tif/.tif.gz/.jpg)")
-    parser.add_argument("--sample-submission", required=True,
-                        help="the competition's sample_submission.csv: which IDs to predict, with their sizes")
+    ids = parser.add_mutually_exclusive_group(required=True)
+    ids.add_argument("--sample-submission",
+                     help="the competition's sample_submission.csv: which IDs to predict, with their sizes")
+    ids.add_argument("--labels", metavar="CSV",
+                     help="instead of --sample-submission: a label list (ID,Label CSV such as train.csv; "
+                          "other columns ignored): its IDs in file order, sizes from the image files; an ID "
+                          "whose files are missing or unreadable fails like any image (empty row)")
     parser.add_argument("--model", action="append", default=[], metavar="RUN_DIR",
                         help="a trained cell-mode run directory (model.keras + preprocess.json), "
                              "a bag run included (see the rule below); repeat to average several models")
@@ -85,6 +99,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an image-mode run directory whose whole-image score is combined with "
                              "the cell scores (see the rule below); repeatable")
     parser.add_argument("--out", required=True, help="the submission CSV to write (local or gs://)")
+    parser.add_argument("--cells", metavar="PATH",
+                        help="also write the per-cell table (see below): PATH.parquet, or PATH.csv with "
+                             "its provenance in PATH.csv.meta.json")
     parser.add_argument("--preset", default="default", choices=tuple(PRESETS),
                         help="the base options (infer_gpu.config.PRESETS; smoke: seconds on a CPU); "
                              "the options below change it")
@@ -125,7 +142,8 @@ def run(args) -> int:
     try:
         config = config_from_args(args)
         summary = run_predict(args.images, args.sample_submission, args.model, args.out,
-                              image_models=args.image_model, config=config)
+                              image_models=args.image_model, config=config, cells=args.cells,
+                              labels=args.labels)
     except (FileNotFoundError, ValueError, ResumeError, RuntimeError, PermissionError, ImportError) as err:
         print(f"predict: {err}", file=sys.stderr)
         return 2
@@ -139,7 +157,7 @@ def run(args) -> int:
     if not s.complete:
         print(f"stopped before the end (--limit); {s.out} not written yet: rerun with --resume")
         return 0
-    print(f"wrote {s.out}")
+    print(f"wrote {s.out}" + (f" and {args.cells}" if args.cells else ""))
     if s.failed:
         every = "every image" if s.failed == s.total else f"{s.failed} of {s.total} images"
         print(f"predict: {every} failed and got an empty row (see {s.out}.report.json); "

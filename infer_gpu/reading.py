@@ -36,6 +36,8 @@ class Prepared:
     cell_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     touches_border: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     has_nucleus: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.int64))  # Kx4 (y0, x0, y1, x1), full resolution
+    areas: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # px per cell
     masks: list = field(default_factory=list)  # encoded mask string per cell
     # spec index -> KxNxNx4 uint8 (1xNxNx4 for image specs; bag specs: bags.chunk_cells's (chunks, mask))
     tiles: dict = field(default_factory=dict)
@@ -53,6 +55,29 @@ def read_sample(path: str) -> list[tuple[str, int, int]]:
 
     # read_sample_submission rejects duplicates and bad sizes, naming the rows.
     return [(r.image_id, int(r.width), int(r.height)) for r in submission.read_sample_submission(path)]
+
+
+def read_labelled(path: str) -> list[tuple[str, int, int]]:
+    """`[(ID, 0, 0), ...]` of a label list (`ID,Label` CSV, `common.labels.read_label_rows`),
+    in file order: predict without a sample submission. Size 0 = taken from the image files
+    (`prepare_image`). Raises ValueError naming the file for a missing ID/Label column, an
+    empty ID or an ID listed twice."""
+    from common.labels import read_label_rows
+
+    out, seen, problems = [], {}, []
+    for row in read_label_rows(path):
+        image_id = (row.get("ID") or "").strip()
+        if not image_id:
+            problems.append(f"row {row['_row']}: empty ID")
+        elif image_id in seen:
+            problems.append(f"row {row['_row']}: ID {image_id} appears again (first at row {seen[image_id]})")
+        else:
+            seen[image_id] = row["_row"]
+            out.append((image_id, 0, 0))
+    if problems:
+        more = f"; ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise ValueError(f"{path}: " + "; ".join(problems[:10]) + more)
+    return out
 
 
 def segmentation_used(config, recorded=None):
@@ -142,12 +167,12 @@ def segmentation_options(config, used=None) -> dict:
 # --- the steps ---------------------------------------------------------------------------------
 def read_image(source: str, image_id: str, width: int, height: int) -> np.ndarray:
     """`HxWx4 uint8` of one ID; transient read errors are retried (`common.retry`), a size
-    other than the sample submission's is an ImageLoadError."""
+    other than the sample submission's is an ImageLoadError (width, height 0: not checked)."""
     from common import retry
     from common.images import ImageLoadError, load_image
 
     image = retry.call(load_image, source, image_id, what=f"image {image_id}")
-    if image.shape[:2] != (height, width):
+    if (width or height) and image.shape[:2] != (height, width):
         raise ImageLoadError(f"image is {image.shape[1]}x{image.shape[0]} (WxH) but the sample "
                              f"submission says {width}x{height}")
     return image
@@ -210,8 +235,10 @@ def prepare_image(task: tuple, source: str, specs: Sequence[TileSpec], backend: 
                   seg_options: dict | None = None, keep_image: bool = False) -> Prepared:
     """Read, segment, cut tiles for every spec and encode every cell mask of one image.
 
-    task: `(image_id, width, height)` from the sample submission. A bad image does not raise:
-    see the module docstring.
+    task: `(image_id, width, height)` from the sample submission; size 0 (a label list,
+    `read_labelled`) = the image files' size. A bad image does not raise: see the module
+    docstring (a failed image of unknown size gets its files' size when a channel file's
+    header gives it, else 0 x 0).
     """
     from common.images import is_image_failure
 
@@ -220,12 +247,15 @@ def prepare_image(task: tuple, source: str, specs: Sequence[TileSpec], backend: 
     clock = _Clock(out.seconds)
     try:
         image = read_image(source, image_id, width, height)
+        out.height, out.width = (int(n) for n in image.shape[:2])
         clock.lap("segment")
         seg, info = segment_cells(image, backend, seg_options or {})
         clock.lap("tiles")
         out.cell_ids = np.asarray([c.id for c in info], dtype=np.int64)
         out.touches_border = np.asarray([c.touches_border for c in info], dtype=bool)
         out.has_nucleus = np.asarray([c.has_nucleus for c in info], dtype=bool)
+        out.boxes = np.asarray([c.bbox for c in info], dtype=np.int64).reshape(-1, 4)
+        out.areas = np.asarray([c.area for c in info], dtype=np.int64)
         out.tiles = cut_tiles(image, seg.cells, info, specs)
         clock.lap("encode")
         out.masks = encode_masks(seg.cells, info)
@@ -237,6 +267,21 @@ def prepare_image(task: tuple, source: str, specs: Sequence[TileSpec], backend: 
         if not is_image_failure(err):
             raise RunStopped(f"image {image_id}, stage {clock.stage}: {type(err).__name__}: {err} "
                              "(not a problem of the image's data: see the traceback above)") from err
-        return Prepared(image_id=image_id, width=width, height=height, seconds=out.seconds,
+        if not (out.width and out.height):
+            out.width, out.height = _size_of_failed(source, image_id)
+        return Prepared(image_id=image_id, width=out.width, height=out.height, seconds=out.seconds,
                         error=f"{clock.stage}: {type(err).__name__}: {err}")
     return out
+
+
+def _size_of_failed(source: str, image_id: str) -> tuple[int, int]:
+    """`(width, height)` of an image that failed before its size was known, from a channel
+    file's header when one gives it, else `(0, 0)`."""
+    from common.images import image_size, is_image_failure
+
+    try:
+        return image_size(source, image_id)
+    except Exception as err:  # noqa: BLE001 - only the image's own failures are swallowed
+        if is_image_failure(err):
+            return 0, 0
+        raise

@@ -112,10 +112,10 @@ def stand_in_run(model, spec: TileSpec = TILE, name: str = "stand-in") -> runs.R
     return runs.RunDir(path=name, spec=spec, model=model, fingerprint=name)
 
 
-def run_predict(images, sample, out, models=(), runs=None, image_runs=None, **options) -> report.Summary:
+def run_predict(images, sample, out, models=(), runs=None, image_runs=None, cells=None, **options) -> report.Summary:
     opts = PredictConfig(**{"progress": False, "workers": 2, "batch_size": 16, **options})
     return engine.run_predict(str(images), str(sample), list(models), str(out), config=opts,
-                              runs=runs, image_runs=image_runs)
+                              runs=runs, image_runs=image_runs, cells=cells)
 
 
 def check(out, data: Path, sample=None) -> float:
@@ -356,14 +356,16 @@ def test_resume_after_kill_and_after_limit_gives_the_same_file(syn, trained_run,
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
     full = tmp_path / "full.csv"
-    done = subprocess.run(_cli(*common, "--out", full), cwd=ROOT, env=env, capture_output=True, text=True)
+    done = subprocess.run(_cli(*common, "--out", full, "--cells", tmp_path / "full.parquet"), cwd=ROOT, env=env,
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "wrote" in done.stdout
 
     # 1) a real kill (SIGKILL) once some images are done
     killed = tmp_path / "killed.csv"
     parts = Path(str(killed) + ".parts")
-    proc = subprocess.Popen(_cli(*common, "--out", killed), cwd=ROOT, env=env,
+    killed_cells = ["--cells", tmp_path / "killed.parquet"]
+    proc = subprocess.Popen(_cli(*common, "--out", killed, *killed_cells), cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -376,27 +378,30 @@ def test_resume_after_kill_and_after_limit_gives_the_same_file(syn, trained_run,
     assert not killed.exists()
     n_done = _finished_parts(parts)
     assert 3 <= n_done < 30
-    resumed = subprocess.run(_cli(*common, "--out", killed, "--resume"), cwd=ROOT, env=env,
+    resumed = subprocess.run(_cli(*common, "--out", killed, "--resume", *killed_cells), cwd=ROOT, env=env,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"({n_done} from an earlier run)" in resumed.stdout
     # Same rows; a resumed run batches tiles differently, which can move a TF model's output
     # by a float ulp (and a printed confidence's last digit), so confidences get a tolerance.
     _assert_same_rows(killed, full)
+    _assert_same_cells(tmp_path / "killed.parquet", tmp_path / "full.parquet")  # the cell table, likewise
 
     # 2) --limit stops early without the CSV; --resume with other options is refused
     sliced = tmp_path / "sliced.csv"
-    first = subprocess.run(_cli(*common, "--out", sliced, "--limit", "7"), cwd=ROOT, env=env,
+    cells = ["--cells", tmp_path / "sliced_cells.csv"]
+    first = subprocess.run(_cli(*common, "--out", sliced, "--limit", "7", *cells), cwd=ROOT, env=env,
                            capture_output=True, text=True)
     assert first.returncode == 0 and "--resume" in first.stdout and not sliced.exists()
-    refused = subprocess.run(_cli(*common, "--out", sliced, "--resume", "--tta", "2"), cwd=ROOT, env=env,
+    refused = subprocess.run(_cli(*common, "--out", sliced, "--resume", "--tta", "2", *cells), cwd=ROOT, env=env,
                              capture_output=True, text=True)
     assert refused.returncode == 2 and "tta: 1 then, 2 now" in refused.stderr
-    rest = subprocess.run(_cli(*common, "--out", sliced, "--resume", "--batch-size", "5"), cwd=ROOT, env=env,
+    rest = subprocess.run(_cli(*common, "--out", sliced, "--resume", "--batch-size", "5", *cells), cwd=ROOT, env=env,
                           capture_output=True, text=True)  # batch size does not change results
     assert rest.returncode == 0, rest.stderr[-3000:]
     assert "(7 from an earlier run)" in rest.stdout
     _assert_same_rows(sliced, full)
+    _assert_same_cells(tmp_path / "sliced_cells.csv", tmp_path / "full.parquet")
 
 
 def _merge(sources: dict[str, Path], dst: Path) -> Path:
@@ -517,6 +522,18 @@ def _assert_same_rows(a: Path, b: Path, tol: float = 1e-5) -> None:
         assert [(p.label, p.mask) for p in x.predictions] == [(p.label, p.mask) for p in y.predictions], x.image_id
         assert np.allclose([p.confidence for p in x.predictions], [p.confidence for p in y.predictions],
                            atol=tol, rtol=0), x.image_id
+
+
+def _assert_same_cells(a: Path, b: Path, tol: float = 1e-5) -> None:
+    """Two cell tables (`common.cell_table`) with the same rows; scores equal within `tol`."""
+    from common import cell_table
+
+    ta, tb = cell_table.read(str(a)), cell_table.read(str(b))
+    assert len(ta) > 100 and ta.ids == tb.ids and ta.masks == tb.masks
+    assert np.array_equal(ta.box, tb.box) and np.array_equal(ta.cell, tb.cell)
+    for kind in cell_table.SCORE_KINDS:
+        assert np.allclose(ta.scores[kind], tb.scores[kind], atol=tol, rtol=0, equal_nan=True), kind
+    assert ta.meta["models"] == tb.meta["models"] and ta.meta["failed"] == tb.meta["failed"] == []
 
 
 def test_a_failed_image_is_tried_again_by_resume_cli(syn, trained_run, tmp_path):
