@@ -384,3 +384,19 @@ def test_load_from_gcs_matches_local(tmp_path, gcs_bucket):
         images.load_image(prefix, "g2")
     with pytest.raises(ImageLoadError, match="invalid image ID"):
         images.load_image(prefix, "../imgs/g1")
+
+
+@pytest.mark.parametrize("writer,ext", [(_write_png, ".png"), (lambda p, a: _write_tif(p, a, gz=True), ".tif.gz")])
+def test_image_size_from_a_header_or_one_channel(tmp_path, writer, ext):
+    _four(tmp_path, "img1", h=40, w=56, writer=writer, ext=ext)
+    assert images.image_size(str(tmp_path), "img1") == (56, 40)  # (width, height)
+    if ext == ".png":  # a PNG's header is enough: its pixels are not decoded
+        red = tmp_path / "img1_red.png"
+        red.write_bytes(red.read_bytes()[:24])
+        assert images.image_size(str(tmp_path), "img1") == (56, 40)
+    # a missing or corrupt first channel: the next one that reads gives the size
+    os.remove(tmp_path / f"img1_red{ext}")
+    (tmp_path / f"img1_green{ext}").write_bytes(b"\x00not an image")
+    assert images.image_size(str(tmp_path), "img1") == (56, 40)
+    with pytest.raises(ImageLoadError, match="no channel file gives its size"):
+        images.image_size(str(tmp_path), "absent")
