@@ -14,6 +14,7 @@ COMMANDS = {
     "predict": "infer_gpu.predict",
     "validate": "infer_gpu.validate",
     "evaluate": "infer_gpu.evaluate",
+    "pseudo-label": "infer_gpu.pseudo_label",
 }
 
 
