@@ -113,7 +113,8 @@ def evaluate(cells_path: str, data_dir: str, rules, work: str) -> list[tuple[str
         path = os.path.join(work, "cell_labels.csv")
         make(cells_path, storage.join(data_dir, "train.csv"), path, rule)
         targets = cell_labels.read(path).targets
-        name = f"tau {rule.tau:g} neg-min {rule.negative_min:g} floor {rule.floor:g}" + ("" if rule.negative else " no-neg")
+        name = f"tau {rule.tau:g} neg-min {rule.negative_min:g} floor {rule.floor:g}"
+        name += "" if rule.negative else " no-neg"
         out.append((name, score(targets, truth, image_labels, matched)))
     return out
 

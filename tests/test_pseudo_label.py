@@ -72,7 +72,8 @@ def test_perfect_scores_give_exactly_the_true_cell_labels(data, tmp_path):
     meta = table.meta
     assert table.segmentation() == spec_for(masks=True)
     assert meta["rule"]["name"] == "relative-max" and meta["rule"]["tau"] == PseudoLabelRule().tau
-    assert meta["source"]["cells"]["path"] == str(cells) and meta["source"]["cells"]["fingerprint"].startswith("crc32:")
+    source = meta["source"]["cells"]
+    assert source["path"] == str(cells) and source["fingerprint"].startswith("crc32:")
 
 
 def test_noisy_scores_beat_inheriting_the_image_labels(data, tmp_path):
