@@ -132,9 +132,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="data and noise seed")
     p.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3], help="noise sd of the truth table")
     p.add_argument("--spread", type=float, default=0.5, help="per image and class factor a ~ U(1 - spread, 1)")
-    p.add_argument("--tau", type=float, nargs="+", default=[0.5], help="rule taus")
-    p.add_argument("--negative-min", type=float, nargs="+", default=[0.5], help="rule negative-mins")
-    p.add_argument("--floor", type=float, nargs="+", default=[0.0], help="rule floors")
+    default = PseudoLabelRule()
+    p.add_argument("--tau", type=float, nargs="+", default=[default.tau], help="rule taus")
+    p.add_argument("--negative-min", type=float, nargs="+", default=[default.negative_min], help="rule negative-mins")
+    p.add_argument("--floor", type=float, nargs="+", default=[default.floor], help="rule floors")
     args = p.parse_args(argv)
     if args.cells and not args.data:
         p.error("--cells needs --data (the true cell labels of its images)")
