@@ -30,6 +30,9 @@ TOUCHES_BORDER = "touches_border"  # int64 0/1
 HAS_NUCLEUS = "has_nucleus"  # int64 0/1
 CELL_AREA = "cell_area"  # int64: pixels at full resolution (0 for whole images)
 CELL_COUNT = "cell_count"  # int64, bags only: the image's cells before choosing the bag's
+# float32 x 19 per cell (x K in a bag), only in builds with --cell-labels: the cell's soft
+# targets in [0, 1] (common.cell_labels), or its image's labels as 0/1 where the table has none
+CELL_TARGETS = "cell_targets"
 
 WHOLE_IMAGE = -1
 
@@ -51,7 +54,11 @@ def _field(number: int, payload: bytes) -> bytes:
 
 
 def _feature(value) -> bytes:
-    """`bytes` -> Feature{bytes_list}; a sequence of ints -> Feature{int64_list} (packed)."""
+    """`bytes` -> Feature{bytes_list}; a float NumPy array -> Feature{float_list} (packed
+    float32); a sequence of ints -> Feature{int64_list} (packed)."""
+    if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+        packed = value.astype("<f4").reshape(-1).tobytes()
+        return _field(2, _field(1, packed) if packed else b"")  # Feature.float_list = 2, FloatList.value = 1
     if isinstance(value, (bytes, bytearray)):
         return _field(1, _field(1, bytes(value)))  # Feature.bytes_list = 1, BytesList.value = 1
     if value and isinstance(value[0], (bytes, bytearray)):  # several byte strings
@@ -62,7 +69,7 @@ def _feature(value) -> bytes:
 
 
 def encode_example(feature: dict) -> bytes:
-    """`{key: bytes | [int, ...]}` -> serialized `tf.train.Example`, keys in sorted order.
+    """`{key: bytes | [int, ...] | float ndarray}` -> serialized `tf.train.Example`, keys in sorted order.
 
     Written straight in protobuf wire format, so builder worker processes need no TensorFlow
     (5 s and ~0.5 GB each to import, and it does not mix with fork), and the bytes are
@@ -105,11 +112,13 @@ def serialize(
     touches_border: bool = False,
     has_nucleus: bool = True,
     cell_area: int = 0,
+    cell_targets: Sequence[float] | None = None,
 ) -> bytes:
     """One tile and its facts -> a serialized `tf.train.Example` (no TensorFlow needed).
 
     tile: `NxNx4 uint8`; source_size: full image `(height, width)`; bbox `(y0, x0, y1, x1)`
-    in full-resolution pixels, default the full frame.
+    in full-resolution pixels, default the full frame; cell_targets: the cell's `(19,)` soft
+    targets in [0, 1] (builds with cell labels), None = no `cell_targets` key.
     """
     if tile.ndim != 3 or tile.shape[0] != tile.shape[1]:
         raise ValueError(f"{image_id}: tiles are square, got {tile.shape}")
@@ -118,7 +127,8 @@ def serialize(
             raise ValueError(f"{image_id}: label {v} outside 0-{NUM_CLASSES - 1}")
     h, w = int(source_size[0]), int(source_size[1])
     bbox = (0, 0, h, w) if bbox is None else tuple(int(v) for v in bbox)
-    return encode_example({
+    extra = {} if cell_targets is None else {CELL_TARGETS: _targets(cell_targets, 1, image_id)}
+    return encode_example(extra | {
         IMAGE: encode_tile(tile),
         TILE_SIZE: [tile.shape[0]],
         LABELS: [int(v) for v in labels],
@@ -147,8 +157,10 @@ def serialize_bag(
     has_nucleus: Sequence[bool],
     cell_areas: Sequence[int],
     cell_count: int,
+    cell_targets: Sequence[Sequence[float]] | None = None,
 ) -> bytes:
-    """An image's chosen cells (`K x N x N x 4 uint8`, K >= 1) and their facts -> one example."""
+    """An image's chosen cells (`K x N x N x 4 uint8`, K >= 1) and their facts -> one example;
+    cell_targets: `(K, 19)` soft targets (builds with cell labels), None = no such key."""
     k = len(tiles)
     if k < 1 or tiles.ndim != 4 or tiles.shape[1] != tiles.shape[2]:
         raise ValueError(f"{image_id}: a bag holds K >= 1 square tiles, got {tiles.shape}")
@@ -159,7 +171,8 @@ def serialize_bag(
     for v in labels:
         if not 0 <= int(v) < NUM_CLASSES:
             raise ValueError(f"{image_id}: label {v} outside 0-{NUM_CLASSES - 1}")
-    return encode_example({
+    extra = {} if cell_targets is None else {CELL_TARGETS: _targets(cell_targets, k, image_id)}
+    return encode_example(extra | {
         IMAGE: [encode_tile(t) for t in tiles],
         TILE_SIZE: [tiles.shape[1]],
         LABELS: [int(v) for v in labels],
@@ -176,7 +189,25 @@ def serialize_bag(
     })
 
 
-def bag_feature_spec() -> dict:
+def _targets(values, cells: int, image_id: str) -> np.ndarray:
+    """`cells` cells' soft targets -> `float32 [cells * 19]`, checked to lie in [0, 1]."""
+    t = np.asarray(values, np.float32).reshape(-1)
+    if t.size != cells * NUM_CLASSES:
+        raise ValueError(f"{image_id}: {t.size} cell targets for {cells} cell(s), expected "
+                         f"{cells * NUM_CLASSES}")
+    if not np.all((t >= 0) & (t <= 1)):  # NaN fails too
+        raise ValueError(f"{image_id}: cell targets outside [0, 1]")
+    return t
+
+
+def has_targets(serialized: bytes) -> bool:
+    """Whether a serialized record carries `cell_targets` (a build with cell labels)."""
+    import tensorflow as tf
+
+    return CELL_TARGETS in tf.train.Example.FromString(serialized).features.feature
+
+
+def bag_feature_spec(targets: bool = False) -> dict:
     import tensorflow as tf
 
     scalar = tf.io.FixedLenFeature([], tf.int64)
@@ -195,10 +226,11 @@ def bag_feature_spec() -> dict:
         HAS_NUCLEUS: listed,
         CELL_AREA: listed,
         CELL_COUNT: scalar,
+        **({CELL_TARGETS: tf.io.FixedLenSequenceFeature([], tf.float32, allow_missing=True)} if targets else {}),
     }
 
 
-def parse_bag(serialized, tile_size: int, bag: int) -> dict:
+def parse_bag(serialized, tile_size: int, bag: int, targets: bool = False) -> dict:
     """Serialized bag example -> fixed-shape tensors (TPUs need static shapes).
 
     `image uint8 [bag, S, S, 4]`: the K stored cells, then the same cells again in order until
@@ -206,11 +238,12 @@ def parse_bag(serialized, tile_size: int, bag: int) -> dict:
     cells); `mask float32 [bag]`: 1 for the first K; `labels float32 [19]`; per-cell keys
     (`cell_index`, `touches_border`, `has_nucleus`, `cell_area`: `[bag]`, `bbox`: `[bag, 4]`)
     padded the same way; `cell_count`: the image's cells before the builder's choice.
-    A record with more than `bag` cells keeps its first `bag`.
+    A record with more than `bag` cells keeps its first `bag`. targets: also `cell_targets
+    float32 [bag, 19]`, padded the same way (a record without them is an error).
     """
     import tensorflow as tf
 
-    ex = tf.io.parse_single_example(serialized, bag_feature_spec())
+    ex = tf.io.parse_single_example(serialized, bag_feature_spec(targets))
     pngs = ex[IMAGE][:bag]
     k = tf.shape(pngs)[0]
     order = tf.range(bag) % tf.maximum(k, 1)
@@ -226,14 +259,38 @@ def parse_bag(serialized, tile_size: int, bag: int) -> dict:
         out[key] = tf.ensure_shape(tf.gather(ex[key], order), [bag])
     for key in (TILE_SIZE, IMAGE_ID, FOLD, SOURCE_HEIGHT, SOURCE_WIDTH, CELL_COUNT):
         out[key] = ex[key]
+    if targets:
+        out[CELL_TARGETS] = _bag_targets(ex[CELL_TARGETS], k, order, bag)
     return out
 
 
-def feature_spec() -> dict:
+def _bag_targets(flat, k, order, bag: int):
+    """A bag's stored `cell_targets` (K * 19 floats) -> `[bag, 19]` in the cells' `order`; a
+    record whose count is not 19 per stored cell fails here."""
+    import tensorflow as tf
+
+    rows = tf.reshape(flat, [-1, NUM_CLASSES])
+    tf.debugging.assert_greater_equal(tf.shape(rows)[0], k, message="cell_targets: fewer rows than cells")
+    return tf.ensure_shape(tf.gather(rows, order), [bag, NUM_CLASSES])
+
+
+def parse_bag_targets(serialized, bag: int):
+    """Serialized bag -> `cell_targets float32 [bag, 19]` only (padded as `parse_bag`), without
+    decoding the PNGs."""
+    import tensorflow as tf
+
+    spec = bag_feature_spec(targets=True)
+    ex = tf.io.parse_single_example(serialized, {k: spec[k] for k in (IMAGE, CELL_TARGETS)})
+    k = tf.minimum(tf.shape(ex[IMAGE])[0], bag)
+    return _bag_targets(ex[CELL_TARGETS], k, tf.range(bag) % tf.maximum(k, 1), bag)
+
+
+def feature_spec(targets: bool = False) -> dict:
     import tensorflow as tf
 
     scalar = tf.io.FixedLenFeature([], tf.int64)
-    return {
+    extra = {CELL_TARGETS: tf.io.FixedLenFeature([NUM_CLASSES], tf.float32)} if targets else {}
+    return extra | {
         IMAGE: tf.io.FixedLenFeature([], tf.string),
         TILE_SIZE: scalar,
         LABELS: tf.io.VarLenFeature(tf.int64),
@@ -249,15 +306,16 @@ def feature_spec() -> dict:
     }
 
 
-def parse(serialized, tile_size: int | None = None) -> dict:
+def parse(serialized, tile_size: int | None = None, targets: bool = False) -> dict:
     """Serialized example (scalar string tensor) -> dict of tensors; usable inside `tf.data`.
 
     `image` is `uint8 [N, N, 4]` (static shape when `tile_size` is given, as TPUs need);
     `labels` is the `float32 [19]` multi-hot vector; the other keys keep their names.
+    targets: also `cell_targets float32 [19]` (a record without them is an error).
     """
     import tensorflow as tf
 
-    ex = tf.io.parse_single_example(serialized, feature_spec())
+    ex = tf.io.parse_single_example(serialized, feature_spec(targets))
     image = tf.io.decode_png(ex[IMAGE], channels=4)
     if tile_size is not None:
         image = tf.ensure_shape(image, [tile_size, tile_size, 4])
@@ -273,6 +331,14 @@ def parse_labels(serialized):
 
     spec = {LABELS: feature_spec()[LABELS]}
     return multi_hot_ids(tf.io.parse_single_example(serialized, spec)[LABELS])
+
+
+def parse_targets(serialized):
+    """Serialized cell example -> `cell_targets float32 [19]` only, without decoding the PNG."""
+    import tensorflow as tf
+
+    spec = {CELL_TARGETS: feature_spec(targets=True)[CELL_TARGETS]}
+    return tf.io.parse_single_example(serialized, spec)[CELL_TARGETS]
 
 
 def multi_hot_ids(label_ids):

@@ -13,7 +13,8 @@ run as a Beam pipeline (DirectRunner on one machine, DataflowRunner on many).
     manifest.json from the done records (build.finish), as in the local engine.
 
 The pipeline itself carries only shard names, so its size does not grow with the dataset (runners
-cap the size of a submitted job); the images' list travels in plan.json, which the workers read.
+cap the size of a submitted job); the images' list travels in plan.json, which the workers read
+(and the --cell-labels table, read by ExpandShard, whose Items carry each image's rows).
 Shard names, contents (byte for byte), manifest and resume behaviour are those of the local
 engine, and a build interrupted under one engine can be finished by the other.
 A Python exception from our code fails the pipeline; only bad input becomes a skip.
@@ -55,14 +56,14 @@ class Item:
     task: worker.Task
 
 
-def shard_items(by_id: dict, shard: dict, job: worker.Job) -> list[Item]:
+def shard_items(by_id: dict, shard: dict, job: worker.Job, targets: dict | None = None) -> list[Item]:
     """One Item per planned image of `shard` ({"name", "fold", "images"}), in planned order;
-    `by_id` is `Plan.by_id()`."""
+    `by_id` is `Plan.by_id()`, `targets` `build.image_targets` (each image's cell labels)."""
     out = []
     for pos, image_id in enumerate(shard["images"]):
         e = by_id[image_id]
         out.append(Item(shard["name"], shard["fold"], pos, len(shard["images"]), e.origin,
-                        worker.Task(image_id, e.source, tuple(e.labels), e.fold, job)))
+                        buildlib.make_task(e, job, targets)))
     return out
 
 
@@ -76,22 +77,34 @@ def _expand_shard_fn():
     import apache_beam as beam
 
     class ExpandShard(beam.DoFn):
-        """Shard name -> its Items, from `OUT/_build/plan.json` (read once per worker, in setup)."""
+        """Shard name -> its Items, from `OUT/_build/plan.json` (read once per worker, in setup).
 
-        def __init__(self, out: str, job: worker.Job):
+        With --cell-labels the table is read here too, once per worker, and must be the one the
+        plan was made with (its fingerprint); each Item's Task then carries its image's rows."""
+
+        def __init__(self, out: str, job: worker.Job, cell_labels: str = ""):
             self.out = out
             self.job = job
+            self.cell_labels = cell_labels
 
         def setup(self):
+            from common import cell_labels
+            from tfrecords_builder import cell_targets
             from tfrecords_builder import plan as planlib
 
             plan = planlib.Plan.from_json(
                 storage.read_text(storage.join(self.out, buildlib.STATE_DIR, buildlib.PLAN_FILE)))
             self.by_id = plan.by_id()
             self.shards = {s["name"]: s for s in plan.shards}
+            self.targets = None
+            if self.cell_labels:
+                table = cell_labels.read(self.cell_labels)
+                if table.fingerprint != plan.config.get(cell_targets.FINGERPRINT_KEY):
+                    raise RuntimeError(f"{self.cell_labels} changed while the build ran")
+                self.targets = buildlib.image_targets(table, plan.entries)
 
         def process(self, name: str):
-            yield from shard_items(self.by_id, self.shards[name], self.job)
+            yield from shard_items(self.by_id, self.shards[name], self.job, self.targets)
 
     return ExpandShard
 
@@ -101,7 +114,8 @@ def _process_image_fn():
     import apache_beam as beam
 
     class ProcessImage(beam.DoFn):
-        """Item -> (shard, (pos, id, labels, records)) or, tagged SKIPPED, (shard, (pos, id, reason, origin))."""
+        """Item -> (shard, (pos, fold, count, id, labels, records, cell-label counts)) or, tagged
+        SKIPPED, (shard, (pos, fold, count, id, reason, origin))."""
 
         def setup(self):
             # The heavy, per-worker part: import the decoding/segmentation stack once, not per image.
@@ -127,7 +141,7 @@ def _process_image_fn():
             self.records.inc(len(result.records))
             self.cells.inc(result.cells)
             yield (item.shard, (item.pos, item.fold, item.count, item.task.image_id,
-                                list(item.task.labels), result.records))
+                                list(item.task.labels), result.records, result.cell_labels))
 
     return ProcessImage
 
@@ -138,8 +152,9 @@ def _write_shard_fn():
     class WriteShard(beam.DoFn):
         """(shard, {"records": [...], "skipped": [...]}) -> the published shard and its done record."""
 
-        def __init__(self, out: str):
+        def __init__(self, out: str, cell_labels: str = ""):
             self.out = out
+            self.cell_labels = cell_labels
 
         def setup(self):
             self.tmp = tempfile.mkdtemp(prefix="hpa-beam-shard-")
@@ -164,11 +179,14 @@ def _write_shard_fn():
             try:
                 examples: dict[str, int] = {}
                 labels: dict[str, SimpleNamespace] = {}
-                for _, _, _, image_id, image_labels, records in good:
+                counts: dict[str, list[int]] = {}
+                for _, _, _, image_id, image_labels, records, cell_counts in good:
                     for rec in records:
                         writer.write(rec)
                     examples[image_id] = len(records)
                     labels[image_id] = SimpleNamespace(labels=image_labels)
+                    if cell_counts is not None:
+                        counts[image_id] = cell_counts
                 # In planned order, as the local engine lists them.
                 skipped = [{"id": image_id, "reason": reason, "origin": origin}
                            for _, _, _, image_id, reason, origin in bad]
@@ -176,7 +194,8 @@ def _write_shard_fn():
             finally:
                 writer.discard()
             record = manifestlib.shard_record({"name": name, "fold": fold}, labels, examples, skipped,
-                                              writer.nbytes, writer.crc32c)
+                                              writer.nbytes, writer.crc32c,
+                                              cell_labels=counts if self.cell_labels else None)
             storage.write_text(storage.join(self.out, buildlib.STATE_DIR, buildlib.DONE_DIR, name + ".json"),
                                json.dumps(record, sort_keys=True))
             self.nbytes.inc(writer.nbytes)
@@ -218,14 +237,14 @@ def run_pipeline(cfg: BuildConfig, shards: list[str], options) -> dict[str, int]
     outputs = (
         p
         | "Shards" >> beam.Create(shards)
-        | "Images" >> beam.ParDo(_expand_shard_fn()(cfg.out, buildlib._job(cfg)))
+        | "Images" >> beam.ParDo(_expand_shard_fn()(cfg.out, buildlib._job(cfg), cfg.cell_labels))
         | "Spread" >> beam.Reshuffle()
         | "Process" >> beam.ParDo(_process_image_fn()()).with_outputs(SKIPPED, main="records")
     )
     _ = (
         {"records": outputs.records, SKIPPED: outputs[SKIPPED]}
         | "ByShard" >> beam.CoGroupByKey()
-        | "WriteShards" >> beam.ParDo(_write_shard_fn()(cfg.out))
+        | "WriteShards" >> beam.ParDo(_write_shard_fn()(cfg.out, cfg.cell_labels))
     )
     result = p.run()
     result.wait_until_finish()
@@ -249,11 +268,12 @@ def build_beam(cfg: BuildConfig, beam_args: Sequence[str] = (), progress: bool =
     options = pipeline_options(cfg, beam_args)
     runner = options.view_as(StandardOptions).runner
     if runner not in LOCAL_RUNNERS:
-        local = [p for p in (cfg.out, *cfg.images, cfg.masks) if p and not storage.is_gcs(p)]
+        local = [p for p in (cfg.out, *cfg.images, cfg.masks, cfg.cell_labels) if p and not storage.is_gcs(p)]
         if local:
             raise buildlib.BuildError(f"{runner} workers cannot see this machine's files: give --out, "
-                                      f"--images and --masks as gs:// paths (not {local[0]})")
-    finished = buildlib._load_finished(cfg)
+                                      f"--images, --masks and --cell-labels as gs:// paths (not {local[0]})")
+    table = buildlib.read_cell_labels(cfg)
+    finished = buildlib._load_finished(cfg, table)
     if finished is not None:
         log(f"{cfg.out}: already complete")
         return finished
@@ -261,7 +281,8 @@ def build_beam(cfg: BuildConfig, beam_args: Sequence[str] = (), progress: bool =
     with buildlib.Runner(0) as runner:  # the pilot decodes 8 images here, on the launching machine
         # The pilot's results are not reused (unlike the local engine's): the workers decode
         # those 8 images again rather than receive their records inside the pipeline's definition.
-        plan = buildlib._load_or_make_plan(cfg, runner, log, {})
+        plan = buildlib._load_or_make_plan(cfg, runner, log, {}, table)
+    buildlib.image_targets(table, plan.entries)  # a resumed plan: refused here, not on a worker
     done_dir = storage.join(cfg.out, buildlib.STATE_DIR, buildlib.DONE_DIR)
     todo = buildlib.shards_to_build(cfg, plan, log)
     start = time.perf_counter()
@@ -273,7 +294,7 @@ def build_beam(cfg: BuildConfig, beam_args: Sequence[str] = (), progress: bool =
     if missing:
         raise buildlib.BuildError(f"the pipeline finished but {len(missing)} shard(s) were not written "
                                   f"(e.g. {missing[0]}); run the same command again to finish them")
-    manifest = buildlib.finish(cfg, plan, log)
+    manifest = buildlib.finish(cfg, plan, log, table)
     return buildlib.BuildResult(cfg.out, manifest, len(todo), len(plan.shards) - len(todo),
                                 write_s=write_s,
                                 images_written=sum(len(s["images"]) for s in todo))

@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Iterator
 from common import shard_folder, storage
 from common.pool import Pool
 from common.resume import check_same_settings
+from tfrecords_builder import cell_targets
 from tfrecords_builder import manifest as manifestlib
 from tfrecords_builder import plan as planlib
 from tfrecords_builder.config import RUNTIME_FIELDS, BuildConfig
@@ -132,11 +133,54 @@ def check_segmenter(cfg: BuildConfig) -> None:
         raise BuildError(f"--segmenter hpa: {err}") from None
 
 
+def read_cell_labels(cfg: BuildConfig):
+    """The `--cell-labels` table (`common.cell_labels.CellLabels`), read and checked against the
+    build's segmentation before any image is read; None without one. Raises
+    `cell_labels.CellLabelsError` for an unreadable table (naming the file and line) and
+    BuildError for one made with another segmentation (naming each difference)."""
+    if not cfg.cell_labels:
+        return None
+    from common import cell_labels
+
+    check_segmenter(cfg)  # the hpa spec fingerprints the model files
+    table = cell_labels.read(cfg.cell_labels)
+    spec = segmentation_spec(_job(cfg))
+    try:
+        cell_labels.check_segmentation(table, spec, where=f"this build ({_segmentation_flags(cfg)})")
+    except cell_labels.CellLabelsError as err:
+        raise BuildError(f"--cell-labels {err}") from None
+    return table
+
+
+def _segmentation_flags(cfg: BuildConfig) -> str:
+    if cfg.masks:
+        return f"--masks {cfg.masks}"
+    return f"--segmenter {cfg.segmenter}"
+
+
+def image_targets(table, entries) -> dict | None:
+    """Each planned image's rows of the table, for its Task (`cell_targets.per_image`); None
+    without a table. A target for a class the image lacks is a BuildError naming the row."""
+    if table is None:
+        return None
+    try:
+        return cell_targets.per_image(table, entries)
+    except ValueError as err:
+        raise BuildError(f"--cell-labels {err}") from None
+
+
+def make_task(e: planlib.Entry, job: Job, targets: dict | None) -> Task:
+    """The Task of one planned image (with its cell labels when the build has them)."""
+    return Task(e.image_id, e.source, tuple(e.labels), e.fold, job,
+                None if targets is None else targets.get(e.image_id, ()))
+
+
 def _content(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in RUNTIME_FIELDS}
 
 
-def check_resume(saved: dict, cfg: BuildConfig, image_ids: Iterable[str], *, what: str, advice: str) -> None:
+def check_resume(saved: dict, cfg: BuildConfig, image_ids: Iterable[str], *, what: str, advice: str,
+                 table=None) -> None:
     """`check_same_settings` of a saved build (a plan or a manifest) against `cfg`, for a build
     saved before --group-by too: it lacks `group_by` and its folds were per image. It then goes
     on with `--group-by image`, or with `auto` when auto finds no group of two or more images
@@ -150,16 +194,17 @@ def check_resume(saved: dict, cfg: BuildConfig, image_ids: Iterable[str], *, wha
         if not per_image:
             advice = ("this build was made before --group-by, with per-image folds: pass --group-by "
                       "image to finish it")
-    check_same_settings(saved, cfg.content_dict(), where=cfg.out, what=what, advice=advice)
+    check_same_settings(saved, cell_targets.settings(cfg.content_dict(), table), where=cfg.out,
+                        what=what, advice=advice)
 
 
 def estimate_bytes_per_image(entries: list[planlib.Entry], job: Job, runner: Runner,
-                             keep: dict | None = None) -> tuple[float, str]:
+                             keep: dict | None = None, targets: dict | None = None) -> tuple[float, str]:
     """Mean record bytes per image over the first PILOT_IMAGES usable images (deterministic).
 
     The pilot's results go into `keep` ({id: Result}) so the build does not decode them again.
     """
-    pilot = [Task(e.image_id, e.source, tuple(e.labels), e.fold, job) for e in entries[:PILOT_IMAGES]]
+    pilot = [make_task(e, job, targets) for e in entries[:PILOT_IMAGES]]
     results = list(runner.imap(pilot))
     if keep is not None:
         keep.update((r.image_id, r) for r in results)
@@ -172,40 +217,43 @@ def estimate_bytes_per_image(entries: list[planlib.Entry], job: Job, runner: Run
     return float(per_tile * (1 if job.mode == "image" else 20)), "fallback: uncompressed tiles"
 
 
-def make_plan(cfg: BuildConfig, runner: Runner, keep: dict | None = None) -> planlib.Plan:
-    """Read labels, reject bad rows, assign folds, estimate sizes, assign shards."""
+def make_plan(cfg: BuildConfig, runner: Runner, keep: dict | None = None, table=None) -> planlib.Plan:
+    """Read labels, reject bad rows, check the cell labels, assign folds, estimate sizes,
+    assign shards."""
     entries, skipped = planlib.read_entries(cfg)
     if not entries:
         first = f"; first: {skipped[0]['origin']}: {skipped[0]['reason']}" if skipped else ""
         raise BuildError(f"no usable images in {', '.join(cfg.labels)} ({len(skipped)} rows rejected{first})")
+    targets = image_targets(table, entries)  # refused before the pilot reads an image
     planlib.assign_folds(entries, cfg.folds, cfg.seed)
-    bpi, how = estimate_bytes_per_image(entries, _job(cfg), runner, keep)
-    plan = planlib.Plan(cfg.content_dict(), entries, skipped, bytes_per_image=bpi, estimate=how)
+    bpi, how = estimate_bytes_per_image(entries, _job(cfg), runner, keep, targets)
+    plan = planlib.Plan(cell_targets.settings(cfg.content_dict(), table), entries, skipped,
+                        bytes_per_image=bpi, estimate=how)
     plan.shards = planlib.assign_shards(entries, cfg.folds, bpi, cfg.shard_mb * 1e6, cfg.seed)
     return plan
 
 
-def _load_finished(cfg: BuildConfig) -> BuildResult | None:
+def _load_finished(cfg: BuildConfig, table=None) -> BuildResult | None:
     manifest = shard_folder.read_manifest(cfg.out)
     if manifest is None:
         return None
     ids = list(manifest.get("images", {})) + [s["id"] for s in manifest.get("skipped", []) if "fold" in s]
     check_resume(_content(manifest.get("config", {})), cfg, ids,
                  what="already holds a finished build with another config",
-                 advice="choose another --out or delete it")
+                 advice="choose another --out or delete it", table=table)
     if storage.exists(storage.join(cfg.out, STATE_DIR, PLAN_FILE)):
         return None  # finished with skipped images, whose state was kept to try them again
     return BuildResult(cfg.out, manifest, 0, len(manifest["shards"]))
 
 
 def _load_or_make_plan(cfg: BuildConfig, runner: Runner, log: Callable[[str], None],
-                       keep: dict) -> planlib.Plan:
+                       keep: dict, table=None) -> planlib.Plan:
     plan_path = storage.join(cfg.out, STATE_DIR, PLAN_FILE)
     if storage.exists(plan_path):
         plan = planlib.Plan.from_json(storage.read_text(plan_path))
         check_resume(plan.config, cfg, (e.image_id for e in plan.entries),
                      what="holds an unfinished build with another config",
-                     advice="rerun that command to finish it, or choose another --out")
+                     advice="rerun that command to finish it, or choose another --out", table=table)
         return plan
     stray = [n for n in storage.listdir(cfg.out) if n.endswith(".tfrec")]
     if stray:
@@ -213,7 +261,7 @@ def _load_or_make_plan(cfg: BuildConfig, runner: Runner, log: Callable[[str], No
             f"{cfg.out} already holds {len(stray)} shard(s) (e.g. {stray[0]}) but no build state; "
             "choose an empty --out"
         )
-    plan = make_plan(cfg, runner, keep)
+    plan = make_plan(cfg, runner, keep, table)
     storage.makedirs(cfg.out)
     shard_folder.write_spec(cfg.out, cfg.tile_spec().replace(segmentation=segmentation_spec(_job(cfg))))
     storage.write_text(plan_path, plan.to_json())
@@ -236,7 +284,8 @@ def build(cfg: BuildConfig, progress: bool = True, log: Callable[[str], None] = 
 
     from tqdm import tqdm
 
-    finished = _load_finished(cfg)
+    table = read_cell_labels(cfg)
+    finished = _load_finished(cfg, table)
     if finished is not None:
         log(f"{cfg.out}: already complete")
         return finished
@@ -245,19 +294,20 @@ def build(cfg: BuildConfig, progress: bool = True, log: Callable[[str], None] = 
     done_dir = storage.join(state, DONE_DIR)
     with Runner(cfg.workers) as runner:
         pilot: dict[str, Result] = {}  # results decoded while planning, used once
-        plan = _load_or_make_plan(cfg, runner, log, pilot)
+        plan = _load_or_make_plan(cfg, runner, log, pilot, table)
+        targets = image_targets(table, plan.entries)
         todo = shards_to_build(cfg, plan, log)
         tmp_dir = (tempfile.mkdtemp(prefix="hpa-tfrec-") if storage.is_gcs(cfg.out)
                    else os.path.join(cfg.out, STATE_DIR, "tmp"))
         shutil.rmtree(tmp_dir, ignore_errors=True)
         planned = time.perf_counter()
         try:
-            decoded = _write_shards(cfg, plan, todo, runner, tmp_dir, done_dir, progress, tqdm, pilot)
+            decoded = _write_shards(cfg, plan, todo, runner, tmp_dir, done_dir, progress, tqdm, pilot, targets)
         finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
         written = time.perf_counter()
 
-    manifest = finish(cfg, plan, log)
+    manifest = finish(cfg, plan, log, table)
     return BuildResult(cfg.out, manifest, len(todo), len(plan.shards) - len(todo),
                        write_s=written - planned, images_written=decoded)
 
@@ -289,17 +339,18 @@ def shards_to_build(cfg: BuildConfig, plan: planlib.Plan, log: Callable[[str], N
     return todo
 
 
-def finish(cfg: BuildConfig, plan: planlib.Plan, log: Callable[[str], None] = print) -> dict:
+def finish(cfg: BuildConfig, plan: planlib.Plan, log: Callable[[str], None] = print, table=None) -> dict:
     """Every shard has its `done` record: write manifest.json from them, then remove `_build/`.
 
-    Shared by both engines (local and Beam); returns the manifest.
+    Shared by both engines (local and Beam); returns the manifest. table: the --cell-labels
+    table, summarised in the manifest's `cell_labels`.
     """
     state = storage.join(cfg.out, STATE_DIR)
     done_dir = storage.join(state, DONE_DIR)
     shard_records = {
         s["name"]: json.loads(storage.read_text(storage.join(done_dir, s["name"] + ".json"))) for s in plan.shards
     }
-    manifest = manifestlib.build_manifest(cfg, plan, shard_records)
+    manifest = manifestlib.build_manifest(cfg, plan, shard_records, table)
     shard_folder.write_manifest(cfg.out, manifest)
     decode_skips = sum(len(rec["skipped"]) for rec in shard_records.values())
     if decode_skips:
@@ -312,7 +363,8 @@ def finish(cfg: BuildConfig, plan: planlib.Plan, log: Callable[[str], None] = pr
     return manifest
 
 
-def _write_shards(cfg, plan, todo, runner, tmp_dir, done_dir, progress, tqdm, pilot: dict) -> int:
+def _write_shards(cfg, plan, todo, runner, tmp_dir, done_dir, progress, tqdm, pilot: dict,
+                  targets: dict | None = None) -> int:
     """Decode and write the `todo` shards; returns how many images were decoded here (not in the pilot)."""
     by_id = plan.by_id()
     job = _job(cfg)
@@ -323,13 +375,13 @@ def _write_shards(cfg, plan, todo, runner, tmp_dir, done_dir, progress, tqdm, pi
             for image_id in shard["images"]:
                 if image_id in cached:
                     continue
-                e = by_id[image_id]
-                yield Task(image_id, e.source, tuple(e.labels), e.fold, job)
+                yield make_task(by_id[image_id], job, targets)
 
-    def finish(shard, writer: ShardWriter, examples: dict, skipped: list) -> None:
+    def finish(shard, writer: ShardWriter, examples: dict, skipped: list, counts: dict | None) -> None:
         # Runs in one background thread, so an upload overlaps the decoding of the next shard.
         writer.publish(storage.join(cfg.out, shard["name"]))
-        record = manifestlib.shard_record(shard, by_id, examples, skipped, writer.nbytes, writer.crc32c)
+        record = manifestlib.shard_record(shard, by_id, examples, skipped, writer.nbytes, writer.crc32c,
+                                          cell_labels=counts)
         storage.write_text(storage.join(done_dir, shard["name"] + ".json"), json.dumps(record, sort_keys=True))
 
     total = sum(len(s["images"]) for s in todo)
@@ -341,6 +393,7 @@ def _write_shards(cfg, plan, todo, runner, tmp_dir, done_dir, progress, tqdm, pi
         for shard in todo:
             writer = ShardWriter(os.path.join(tmp_dir, shard["name"]))
             examples: dict[str, int] = {}
+            counts: dict[str, list[int]] | None = None if targets is None else {}
             skipped: list[dict] = []
             for image_id in shard["images"]:
                 result = pilot.pop(image_id) if image_id in cached else next(results)
@@ -354,11 +407,13 @@ def _write_shards(cfg, plan, todo, runner, tmp_dir, done_dir, progress, tqdm, pi
                     for rec in result.records:
                         writer.write(rec)
                     examples[image_id] = len(result.records)
+                    if counts is not None:
+                        counts[image_id] = result.cell_labels
                 bar.update(1)
             writer.close()
             if pending is not None:
                 pending.result()  # one shard uploading at a time; re-raises its error here
-            pending = finisher.submit(finish, shard, writer, examples, skipped)
+            pending = finisher.submit(finish, shard, writer, examples, skipped, counts)
         if pending is not None:
             pending.result()
     return total - len(cached)

@@ -12,8 +12,10 @@ ENGINES = ("local", "beam")
 SEGMENTERS = ("default", "hpa")
 INTERPOLATIONS = ("area", "linear", "nearest")  # common.preprocess's resize filters
 
-# Fields that change how fast a build runs, not what it writes: a resume may change them.
-RUNTIME_FIELDS = ("workers", "trust_model_files", "engine")
+# Fields that change how fast a build runs, not what it writes: a resume may change them. And
+# the cell-labels path: its bytes decide what is written, compared by their fingerprint
+# (tfrecords_builder.cell_targets), so a table moved elsewhere still resumes.
+RUNTIME_FIELDS = ("workers", "trust_model_files", "engine", "cell_labels")
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,10 @@ class BuildConfig:
     # bag mode: the most cells per record; an image with more keeps a choice seeded by --seed
     # and its ID (the record says how many cells it had)
     max_cells: int = 16
+    # cell and bag modes: a cell-labels file (python -m infer_gpu pseudo-label; local or gs://)
+    # made with the same segmentation: each cell's record also carries its soft targets
+    # (cell_targets), a cell the table lacks its image's labels; counts in manifest.json
+    cell_labels: str = ""
     # local: this machine's worker processes; beam: an Apache Beam pipeline (pip install
     # hpa-scc[beam]) over the same plan and per-image function, giving the same shards. With
     # beam, options the builder does not know go to Beam, e.g. --runner DataflowRunner
@@ -104,6 +110,8 @@ class BuildConfig:
             raise ValueError(f"engine must be 'local' or 'beam', got {self.engine!r}")
         if not self.group_by.strip():
             raise ValueError("group_by must be 'auto', 'image' or a column of the label lists, got ''")
+        if self.cell_labels and self.mode == "image":
+            raise ValueError("--cell-labels needs --mode cell or bag (whole images have no cells)")
         if self.segmenter not in SEGMENTERS:
             raise ValueError(f"segmenter must be 'default' or 'hpa', got {self.segmenter!r}")
         self.tile_spec()  # validates size, margin, interpolation

@@ -7,13 +7,15 @@ from collections import Counter
 from common import config as cfglib
 from common import shard_folder
 from common.labels import CLASS_NAMES, NUM_CLASSES
+from tfrecords_builder import cell_targets
 from tfrecords_builder.config import BuildConfig
 from tfrecords_builder.plan import Plan
 
 
 def shard_record(shard: dict, plan_ids: dict, examples_per_image: dict, skipped: list[dict],
-                 nbytes: int, crc32c: str) -> dict:
-    """What one finished shard holds; saved beside the build state, folded into the manifest."""
+                 nbytes: int, crc32c: str, cell_labels: dict | None = None) -> dict:
+    """What one finished shard holds; saved beside the build state, folded into the manifest.
+    cell_labels (builds with --cell-labels): `{id: worker.Result.cell_labels}` of its images."""
     class_examples = [0] * NUM_CLASSES
     for image_id, n in examples_per_image.items():
         for c in plan_ids[image_id].labels:
@@ -27,13 +29,16 @@ def shard_record(shard: dict, plan_ids: dict, examples_per_image: dict, skipped:
         "images": examples_per_image,  # {id: examples}, written images only, in shard order
         "class_examples": class_examples,
         "skipped": skipped,
+        **({} if cell_labels is None else {"cell_labels": cell_labels}),
     }
 
 
-def build_manifest(cfg: BuildConfig, plan: Plan, shard_records: dict[str, dict]) -> dict:
+def build_manifest(cfg: BuildConfig, plan: Plan, shard_records: dict[str, dict], table=None) -> dict:
     """The manifest dict: config, tile spec, per-image fold, shard and group, the fold groups
     (`group_summary`), per-shard and per-fold counts (examples and images per class), every
-    skipped image with its reason. No timestamps, so an
+    skipped image with its reason; with --cell-labels, `cell_labels` (the table's path,
+    fingerprint and counts: `cell_targets.summary`), the fingerprint also in `config` (what a
+    resume compares). No timestamps, so an
     interrupted-and-resumed build writes the same manifest as an uninterrupted one."""
     by_id = plan.by_id()
     images: dict[str, dict] = {}
@@ -60,8 +65,10 @@ def build_manifest(cfg: BuildConfig, plan: Plan, shard_records: dict[str, dict])
                 f["class_examples"][c] += n
         for s in rec["skipped"]:
             skipped.append(s | {"fold": shard["fold"]})
+    extra = {} if table is None else {"cell_labels": cell_targets.summary(
+        table, by_id, (shard_records[s["name"]] for s in plan.shards))}
     return shard_folder.make_manifest(
-        config=cfglib.to_dict(cfg), preprocess=cfglib.to_dict(cfg.tile_spec()),
+        config=cell_targets.settings(cfglib.to_dict(cfg), table), preprocess=cfglib.to_dict(cfg.tile_spec()), **extra,
         classes=list(CLASS_NAMES), bytes_per_image_estimate=plan.bytes_per_image,
         estimate=plan.estimate, groups=group_summary(plan, cfg), folds=[folds[k] for k in sorted(folds)],
         shards=shards, images=images, skipped=skipped)

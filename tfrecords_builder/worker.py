@@ -53,6 +53,9 @@ class Task:
     labels: tuple[int, ...]
     fold: int
     job: Job
+    # --cell-labels: this image's rows of the table, ((cell id, (19 targets)), ...), () when it
+    # has none; None: the build has no cell labels (records without cell_targets)
+    cell_targets: tuple | None = None
 
 
 @dataclass
@@ -62,6 +65,9 @@ class Result:
     error: str | None = None  # why the image was skipped
     cells: int = 0  # cells written (cell and bag modes)
     source_size: tuple[int, int] = (0, 0)  # (height, width), px
+    # --cell-labels: [cells written with the table's targets, with the image's labels (the
+    # table lacks them), table cells not in the image's label map]; None without cell labels
+    cell_labels: list[int] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -117,7 +123,7 @@ def segmentation_spec(job: Job):
     dataset's preprocess.json); None in image mode (no segmentation)."""
     from common.segmentation import spec_for
 
-    if job.mode != "cell":
+    if job.mode == "image":
         return None
     hpa = job.segmenter == "hpa"
     return spec_for(job.segmenter, WORK_SIZE, masks=bool(job.masks),
@@ -170,22 +176,41 @@ def _cells(task: Task, image: np.ndarray):
     return cells, info
 
 
-def cell_examples(task: Task, image: np.ndarray, spec) -> list[bytes]:
-    """Every cell of one image as a serialized example, in cell-id order (weak labels)."""
+def cell_targets(task: Task, info, kept) -> tuple[list[np.ndarray] | None, list[int] | None]:
+    """The `(19,) float32` targets of the `kept` cells (CellInfo) from the task's table rows,
+    the image's labels (multi-hot) for a cell the table lacks; and the counts of
+    `Result.cell_labels` (`info`: all the image's cells). (None, None) without cell labels."""
+    if task.cell_targets is None:
+        return None, None
+    from common.labels import multi_hot
+
+    rows = {cell: np.asarray(t, np.float32) for cell, t in task.cell_targets}
+    inherited = multi_hot(task.labels)
+    out = [rows.get(c.id, inherited) for c in kept]
+    from_table = sum(c.id in rows for c in kept)
+    not_in_map = len(set(rows) - {c.id for c in info})
+    return out, [from_table, len(kept) - from_table, not_in_map]
+
+
+def cell_examples(task: Task, image: np.ndarray, spec) -> tuple[list[bytes], list[int] | None]:
+    """Every cell of one image as a serialized example, in cell-id order (weak labels, and the
+    soft targets with --cell-labels); and the counts of `Result.cell_labels`."""
     from common import preprocess
 
     cells, info = _cells(task, image)
     tiles, ids, _ = preprocess.cell_tiles(image, cells, spec, cell_ids=[c.id for c in info],
                                           boxes=[c.bbox for c in info])
+    targets, counts = cell_targets(task, info, info)
     h, w = image.shape[:2]
     return [
         features.serialize(
             tile, image_id=task.image_id, labels=task.labels, source_size=(h, w), fold=task.fold,
             cell_index=c.id, bbox=c.bbox, touches_border=c.touches_border,
             has_nucleus=c.has_nucleus, cell_area=c.area,
+            cell_targets=None if targets is None else targets[i],
         )
-        for tile, c in zip(tiles, info)
-    ]
+        for i, (tile, c) in enumerate(zip(tiles, info))
+    ], counts
 
 
 def choose_cells(count: int, bag: int, image_id: str, seed: int) -> list[int]:
@@ -198,20 +223,23 @@ def choose_cells(count: int, bag: int, image_id: str, seed: int) -> list[int]:
     return sorted(int(i) for i in rng.choice(count, size=bag, replace=False))
 
 
-def bag_example(task: Task, image: np.ndarray, spec) -> tuple[bytes, int]:
+def bag_example(task: Task, image: np.ndarray, spec) -> tuple[bytes, int, list[int] | None]:
     """One image as one bag record: up to `spec.bag` of its cells, cut like cell mode's.
-    Returns the record and how many cells it holds."""
+    Returns the record, how many cells it holds and the counts of `Result.cell_labels` (over
+    the bag's cells)."""
     from common import preprocess
 
     cells, info = _cells(task, image)
     keep = [info[i] for i in choose_cells(len(info), spec.bag, task.image_id, task.job.seed)]
     tiles, _, _ = preprocess.cell_tiles(image, cells, spec, cell_ids=[c.id for c in keep],
                                         boxes=[c.bbox for c in keep])
+    targets, counts = cell_targets(task, info, keep)
     return features.serialize_bag(
         tiles, image_id=task.image_id, labels=task.labels, source_size=image.shape[:2],
         fold=task.fold, cell_ids=[c.id for c in keep], bboxes=[c.bbox for c in keep],
         touches_border=[c.touches_border for c in keep], has_nucleus=[c.has_nucleus for c in keep],
-        cell_areas=[c.area for c in keep], cell_count=len(info)), len(keep)
+        cell_areas=[c.area for c in keep], cell_count=len(info),
+        cell_targets=None if targets is None else np.stack(targets)), len(keep), counts
 
 
 def image_failure(err: BaseException) -> bool:
@@ -247,6 +275,7 @@ def process(task: Task) -> Result:
                                  "(not a problem of the image's data)") from err
         result.error = f"{type(err).__name__}: {err}"
         result.records = []
+        result.cell_labels = None
     return result
 
 
@@ -262,10 +291,10 @@ def _tile(task: Task, image: np.ndarray, result: Result) -> None:
             source_size=result.source_size, fold=task.fold,
         )]
     elif task.job.mode == "bag":
-        record, result.cells = bag_example(task, image, spec)
+        record, result.cells, result.cell_labels = bag_example(task, image, spec)
         result.records = [record]
     else:
-        result.records = cell_examples(task, image, spec)
+        result.records, result.cell_labels = cell_examples(task, image, spec)
         result.cells = len(result.records)
 
 
