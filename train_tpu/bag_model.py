@@ -6,7 +6,9 @@
       [features, mask] --MaskedPooling--> [B, C] --dropout--> Dense --sigmoid--> image [B, 19]
 
 Loss: BCE(image, image labels) + cell_weight * BCE(cell, the image's labels for every real
-cell), the cell term averaged over real cells only. The shared layer and the names live in
+cell), the cell term averaged over real cells only. Shards built with --cell-labels give the
+cell term each cell's soft targets instead (`masked_cell_bce` takes y in [0, 1]); the image
+term keeps the image labels. The shared layer and the names live in
 `common.mil`, so inference can load the model without this module.
 """
 from __future__ import annotations
@@ -98,11 +100,13 @@ def compile_args(cfg, image_loss) -> dict:
     }
 
 
-def validation_metrics(labels: np.ndarray, probs: dict, masks: np.ndarray) -> dict:
+def validation_metrics(labels: np.ndarray, probs: dict, masks: np.ndarray, targets=None) -> dict:
     """Both heads on the validation bags. `labels [K, 19]` image labels, `probs` the model's
     outputs for those K bags, `masks [K, N]`. The image head gets the usual `val_*` columns
     (loss, macro AUC, mAP, per class); the cell head, scored against the inherited labels of
-    every real cell, `val_cell_loss`, `val_cell_macro_auc`, `val_cell_map`."""
+    every real cell, `val_cell_loss`, `val_cell_macro_auc`, `val_cell_map`; with the cells'
+    soft `targets [K, N, 19]` (cell labels) also `val_cell_target_macro_auc`, against the
+    targets rounded at 0.5."""
     from train_tpu import history
 
     out = history.validation_metrics(labels, np.asarray(probs[mil.IMAGE], np.float32))
@@ -111,6 +115,8 @@ def validation_metrics(labels: np.ndarray, probs: dict, masks: np.ndarray) -> di
     cell_labels = np.repeat(labels[:, None, :], real.shape[1], axis=1)[real]
     cells = history.validation_metrics(cell_labels, cell_probs, prefix="val_cell_")
     out.update({k: cells[k] for k in ("val_cell_loss", "val_cell_macro_auc", "val_cell_map")})
+    if targets is not None:
+        out.update(history.target_auc(np.asarray(targets)[real], cell_probs, prefix="val_cell_target_"))
     return out
 
 

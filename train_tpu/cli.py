@@ -14,7 +14,7 @@ from common import config as cfglib
 from common.models import BACKBONES
 from train_tpu import backend as backend_lib
 from train_tpu.config import (LOSSES, MODES, OPTIMIZERS, POOLINGS, PRECISIONS, PRESETS, STRATEGIES,
-                              TrainConfig, get_preset)
+                              TARGETS, TrainConfig, get_preset)
 from train_tpu.strategy import HardwareNotFoundError
 
 DEFAULT_PRESET = "smoke"
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         p, TrainConfig, defaults=PRESETS[DEFAULT_PRESET], required=("data", "mode", "out"),
         choices={"mode": MODES, "backbone": BACKBONES, "strategy": STRATEGIES,
                  "backend": backend_lib.NAMES, "precision": PRECISIONS, "optimizer": OPTIMIZERS,
-                 "loss": LOSSES, "pooling": POOLINGS},
+                 "loss": LOSSES, "pooling": POOLINGS, "targets": TARGETS},
         metavars={"data": "DIR_or_gs", "out": "RUN_DIR_or_gs", "backbone": "NAME"},
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -15,6 +15,7 @@ STRATEGIES = ("auto", "tpu", "gpu", "cpu")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 OPTIMIZERS = ("adamw", "sgd")
 LOSSES = ("bce", "focal")
+TARGETS = ("auto", "cell_labels", "image_labels")  # what the cells learn (see TrainConfig.targets)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,15 @@ class TrainConfig:
     # new random choice of each image's stored cells every time it is seen, so that a step holds
     # more images for the same cells; inference then scores chunks of N
     bag_cells: int = 0
+    # cell and bag modes: what the cells learn. auto: each cell's soft targets when the shards
+    # carry them (built with --cell-labels), else the image's labels; cell_labels: the soft
+    # targets (an error when the shards lack them); image_labels: the image's labels even then.
+    # The bag model's image head always learns the image labels. config.json records the one used
+    targets: str = "auto"
+    # set by the trainer from the data (a value given is replaced): the fingerprint of the
+    # cell-labels table the shards were built with (their manifest.json); a --resume with
+    # another is refused
+    targets_fingerprint: str = ""
 
     def __post_init__(self):
         checks = {
@@ -107,6 +117,7 @@ class TrainConfig:
             "precision": self.precision in PRECISIONS,
             "optimizer": self.optimizer in OPTIMIZERS,
             "loss": self.loss in LOSSES,
+            "targets": self.targets in TARGETS,
             "size": self.size == 0 or self.size >= 32,
             "epochs": self.epochs >= 1,
             "batch_size": self.batch_size >= 1,
@@ -131,6 +142,7 @@ class TrainConfig:
 
 _HINTS = (f" (mode {'|'.join(MODES)}; strategy {'|'.join(STRATEGIES)}; backend {'|'.join(BACKENDS)}; "
           f"precision {'|'.join(PRECISIONS)}; optimizer {'|'.join(OPTIMIZERS)}; loss {'|'.join(LOSSES)}; "
+          f"targets {'|'.join(TARGETS)}; "
           f"size 0 or >= 32; scale in [0, 0.5); backbones: {', '.join(BACKBONES)})")
 
 # Named presets. Learning rates are for the global batch given.

@@ -4,6 +4,10 @@ files -> interleave(TFRecordDataset) -> shuffle/repeat -> parse (common.features
 (common.preprocess.resize_tiles, only when the model size differs from the stored tiles) ->
 augment -> batch(global batch, drop_remainder) -> prefetch. Paths go through `tf.io.gfile`, so
 the same code reads a local folder or `gs://` shards. Shapes are static, as TPUs need.
+
+With `targets` (shards built with --cell-labels, `shard_targets`), a cell's y is its soft
+targets (`common.features.CELL_TARGETS`) instead of its image's labels; in bag mode the cell
+head's y, while the image head keeps the image labels.
 """
 from __future__ import annotations
 
@@ -103,6 +107,32 @@ def find_split(data_dir: str, val_fold: int) -> Split:
     return Split(train, val, total(train), total(val))
 
 
+def shard_targets(files) -> bool:
+    """Whether the shards carry cell targets (built with --cell-labels), from the first record
+    of every file; a mix of shards with and without is a ValueError naming one of each."""
+    tf = _tf()
+    files = list(files)
+    ds = tf.data.Dataset.from_tensor_slices(files).interleave(
+        lambda f: tf.data.TFRecordDataset(f).take(1), cycle_length=min(16, max(1, len(files))),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    firsts = [features.has_targets(r.numpy()) for r in ds]
+    if len(firsts) != len(files):  # an empty shard would shift the pairing
+        firsts = [any(features.has_targets(r.numpy()) for r in tf.data.TFRecordDataset(f).take(1))
+                  for f in files]
+    with_, without = [f for f, t in zip(files, firsts) if t], [f for f, t in zip(files, firsts) if not t]
+    if with_ and without:
+        raise ValueError(f"a mix of shards with cell targets (e.g. {with_[0]}, built with --cell-labels) "
+                         f"and without (e.g. {without[0]}): train on shards of one build")
+    return bool(with_)
+
+
+def cell_labels_fingerprint(data_dir: str) -> str:
+    """The fingerprint of the cell-labels table the shards were built with (manifest.json);
+    "" when the folder has no manifest, or one without cell labels."""
+    manifest = shards_lib.read_manifest(data_dir)
+    return str(((manifest or {}).get("cell_labels") or {}).get("fingerprint", ""))
+
+
 # ------------------------------------------------------------------ the chain's functions
 def list_files(files, shuffle: bool, seed: int):
     """File names as a dataset (reshuffled each pass when training)."""
@@ -122,10 +152,11 @@ def interleave_records(files_ds, cycle_length: int, deterministic: bool):
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
 
 
-def parse_example(serialized, tile_size: int):
-    """Serialized example -> `(image uint8 [n, n, 4], labels float32 [19])`."""
-    ex = features.parse(serialized, tile_size=tile_size)
-    return ex[features.IMAGE], ex[features.LABELS]
+def parse_example(serialized, tile_size: int, targets: bool = False):
+    """Serialized example -> `(image uint8 [n, n, 4], y float32 [19])`: y the image's labels,
+    or with `targets` the cell's soft targets."""
+    ex = features.parse(serialized, tile_size=tile_size, targets=targets)
+    return ex[features.IMAGE], ex[features.CELL_TARGETS if targets else features.LABELS]
 
 
 parse_labels = features.parse_labels  # labels only, the PNG is not decoded
@@ -186,13 +217,16 @@ def augment(image, labels, cfg):
 # A bag example flows through the same chain as `((cells [N, n, n, 4], mask [N]), labels)`:
 # `parse_bag_example` replaces `parse_example`, `per_cell` runs a one-tile step on every cell
 # (each cell gets its own augmentation draws), and `bag_targets` shapes the model's dicts.
-def parse_bag_example(serialized, tile_size: int, bag: int, cells: int = 0, sample: bool = False):
+def parse_bag_example(serialized, tile_size: int, bag: int, cells: int = 0, sample: bool = False,
+                      targets: bool = False):
     """Serialized bag -> `((cells uint8 [M, n, n, 4], mask float32 [M]), labels [19])`, padded by
     repeating the real cells (`common.features.parse_bag`). M = `cells` when 0 < cells < bag
     (the run's smaller training bags): the first `cells` stored cells, or with `sample` a random
-    choice of them drawn anew each time; else M = `bag`."""
-    ex = features.parse_bag(serialized, tile_size, bag)
+    choice of them drawn anew each time; else M = `bag`. targets: the second element is
+    `(labels [19], cell targets [M, 19])`, the targets of the same cells."""
+    ex = features.parse_bag(serialized, tile_size, bag, targets=targets)
     images, mask = ex[features.IMAGE], ex["mask"]
+    cell_y = ex[features.CELL_TARGETS] if targets else None
     if 0 < cells < bag:
         tf = _tf()
         real = tf.cast(tf.reduce_sum(mask), tf.int32)
@@ -201,6 +235,10 @@ def parse_bag_example(serialized, tile_size: int, bag: int, cells: int = 0, samp
         order = tf.gather(pick, tf.range(cells) % tf.maximum(kept, 1))
         images = tf.ensure_shape(tf.gather(images, order), [cells] + images.shape[1:].as_list())
         mask = tf.cast(tf.range(cells) < kept, tf.float32)
+        if targets:
+            cell_y = tf.ensure_shape(tf.gather(cell_y, order), [cells, NUM_CLASSES])
+    if targets:
+        return (images, mask), (ex[features.LABELS], cell_y)
     return (images, mask), ex[features.LABELS]
 
 
@@ -229,11 +267,17 @@ def bag_to_float(x, labels):
 
 
 def bag_targets(x, labels):
-    """-> the bag model's `({cells, mask}, {image: labels [19], cell: [N, 19]})`; a padding
-    cell's targets are -1, which `train_tpu.bag_model.masked_cell_bce` leaves out."""
+    """-> the bag model's `({cells, mask}, {image: labels [19], cell: [N, 19]})`: each real
+    cell's y is its image's labels, or its soft targets when `labels` is `(labels, cell
+    targets [N, 19])`; a padding cell's are -1, which `train_tpu.bag_model.masked_cell_bce`
+    leaves out."""
     tf = _tf()
     cells, mask = x
-    cell = tf.where(mask[:, None] > 0, tf.broadcast_to(labels, [mask.shape[0], NUM_CLASSES]), -1.0)
+    if isinstance(labels, tuple):
+        labels, per_cell_y = labels
+    else:
+        per_cell_y = tf.broadcast_to(labels, [mask.shape[0], NUM_CLASSES])
+    cell = tf.where(mask[:, None] > 0, per_cell_y, -1.0)
     return {mil.CELLS: cells, mil.MASK: mask}, {mil.IMAGE: labels, mil.CELL: cell}
 
 
@@ -260,7 +304,8 @@ def epoch_records(files, seed: int, shuffle_buffer: int, epoch, count: int):
 
 
 def train_dataset(files, cfg, tile_size: int, model_size: int, global_batch: int,
-                  steps_per_epoch: int = 0, start_epoch: int = 0, bag: int = 0, cells: int = 0):
+                  steps_per_epoch: int = 0, start_epoch: int = 0, bag: int = 0, cells: int = 0,
+                  targets: bool = False):
     """The training stream from epoch `start_epoch` (0-based) on: `(float32 [B, s, s, 4],
     float32 [B, 19])`, B = global batch, `steps_per_epoch` batches per epoch.
 
@@ -270,6 +315,7 @@ def train_dataset(files, cfg, tile_size: int, model_size: int, global_batch: int
     steps_per_epoch 0: one pass over the files per epoch's stream, without epoch seeding.
     bag N > 0: bag records, yielding `bag_targets`' dicts of `[B, N, s, s, 4]` cells; with
     0 < cells < N, bags of `cells` drawn at random from each record's stored cells.
+    targets: the cells learn their soft targets (`parse_example`, `bag_targets`).
     """
     tf = _tf()
     if steps_per_epoch:
@@ -279,7 +325,7 @@ def train_dataset(files, cfg, tile_size: int, model_size: int, global_batch: int
     else:
         ds = epoch_records(files, cfg.seed, cfg.shuffle_buffer, start_epoch, -1)
     if bag:
-        ds = ds.map(lambda s: parse_bag_example(s, tile_size, bag, cells, sample=True),
+        ds = ds.map(lambda s: parse_bag_example(s, tile_size, bag, cells, sample=True, targets=targets),
                     num_parallel_calls=tf.data.AUTOTUNE)
         if model_size != tile_size:
             ds = ds.map(lambda x, y: bag_resize(x, y, model_size), num_parallel_calls=tf.data.AUTOTUNE)
@@ -287,7 +333,7 @@ def train_dataset(files, cfg, tile_size: int, model_size: int, global_batch: int
         ds = ds.map(per_cell(lambda x, y: augment(x, y, cfg)), num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.map(bag_targets, num_parallel_calls=tf.data.AUTOTUNE)
     else:
-        ds = ds.map(lambda s: parse_example(s, tile_size), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda s: parse_example(s, tile_size, targets), num_parallel_calls=tf.data.AUTOTUNE)
         if model_size != tile_size:
             ds = ds.map(lambda x, y: resize(x, y, model_size), num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
@@ -364,3 +410,16 @@ def eval_labels(files, count: int):
     ds = _val_records(files, count).map(parse_labels, num_parallel_calls=tf.data.AUTOTUNE).batch(4096)
     parts = [b.numpy() for b in ds]
     return np.concatenate(parts) if parts else np.zeros((0, NUM_CLASSES), np.float32)
+
+
+def eval_targets(files, count: int, bag: int = 0):
+    """The cell targets of `eval_dataset`'s examples, in the same order, without decoding PNGs:
+    `float32 [count, 19]`, or for bags of `bag` cells (the model's N) `[count, bag, 19]`."""
+    import numpy as np
+
+    tf = _tf()
+    parse = (lambda s: features.parse_bag_targets(s, bag)) if bag else features.parse_targets
+    ds = _val_records(files, count).map(parse, num_parallel_calls=tf.data.AUTOTUNE).batch(4096)
+    parts = [b.numpy() for b in ds]
+    shape = (0, bag, NUM_CLASSES) if bag else (0, NUM_CLASSES)
+    return np.concatenate(parts) if parts else np.zeros(shape, np.float32)

@@ -69,6 +69,14 @@ def validation_metrics(labels: np.ndarray, probs: np.ndarray, prefix: str = "val
     return out
 
 
+def target_auc(targets: np.ndarray, probs: np.ndarray, prefix: str = "val_target_") -> dict:
+    """`{prefix}macro_auc`: the macro AUC of `probs (N, 19)` against soft `targets (N, 19)`
+    rounded at 0.5 (a cell counts as showing a class when its target is >= 0.5)."""
+    hard = (np.asarray(targets, np.float64) >= 0.5).astype(np.float64)
+    aucs = [roc_auc(hard[:, c], np.asarray(probs)[:, c]) for c in range(NUM_CLASSES)]
+    return {f"{prefix}macro_auc": _nanmean(aucs)}
+
+
 # ------------------------------------------------------------------ history.csv
 def read_history(path: str) -> list[dict]:
     """Rows of `history.csv` as dicts of floats (epoch as int); [] when absent."""

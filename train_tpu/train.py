@@ -27,7 +27,8 @@ log = logging.getLogger("train_tpu")
 CHECKPOINTS = "checkpoints"
 _CKPT = re.compile(r"^epoch_(\d{3,})\.keras$")
 # Fields that must not change when resuming: they define the model and its data.
-RESUME_KEYS = ("backbone", "size", "mode", "data", "val_fold", "batch_size", "bag_cells", "pooling")
+RESUME_KEYS = ("backbone", "size", "mode", "data", "val_fold", "batch_size", "bag_cells", "pooling",
+               "targets", "targets_fingerprint")
 _SUMMARY = ("val_loss", "val_macro_auc", "val_map")
 
 
@@ -98,11 +99,27 @@ def make_loss(cfg):
     return keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing)
 
 
+def resolve_targets(cfg, carried: bool, fingerprint: str):
+    """`cfg` with `targets` resolved ("auto" -> what the shards give) and `targets_fingerprint`
+    set from the data: "cell_labels" with the table's fingerprint when the cells learn their soft
+    targets, else "image_labels" and "". `carried`: the shards hold cell targets
+    (`data.shard_targets`); fingerprint: the table's, from their manifest."""
+    want = cfg.targets
+    if want == "cell_labels" and not carried:
+        raise ValueError(f"--targets cell_labels: the shards in {cfg.data} carry no cell targets "
+                         "(build them with --cell-labels)")
+    use = carried and want != "image_labels"
+    return cfg.replace(targets="cell_labels" if use else "image_labels",
+                       targets_fingerprint=fingerprint if use else "")
+
+
 def compile_model(model, cfg, optimizer, steps_per_execution: int = 1, bag: int = 0) -> None:
     """Compile in the strategy's scope. `auc` = Keras' multi-label (macro) AUC over the training
     batches as they stream by; it counts a class with no positive yet as 0, so it reads low on
     data with few classes. Validation uses `history.validation_metrics` (macro over the classes
-    present, per-class AUC and AP), computed once per epoch on the whole validation fold."""
+    present, per-class AUC and AP), computed once per epoch on the whole validation fold.
+    With cell targets (`cfg.targets == "cell_labels"`) the loss's y is each cell's soft targets;
+    Keras' BCE and focal losses take soft labels as they are."""
     import keras
 
     if bag:
@@ -150,10 +167,12 @@ def _epoch_end_callback():
 
                 probs = self.model.predict(r.val_ds, steps=r.val_batches, verbose=0)
                 probs = {k: v[:r.val_count] for k, v in probs.items()}
-                row.update(bag_model.validation_metrics(r.val_labels, probs, r.val_masks))
+                row.update(bag_model.validation_metrics(r.val_labels, probs, r.val_masks, r.val_targets))
             elif r.val_count:
                 probs = self.model.predict(r.val_ds, steps=r.val_batches, verbose=0)[:r.val_count]
                 row.update(history.validation_metrics(r.val_labels, np.asarray(probs, np.float32)))
+                if r.val_targets is not None:
+                    row.update(history.target_auc(r.val_targets, np.asarray(probs, np.float32)))
             row["time_s"] = time.time() - self._t0
             # the summary goes to Keras' logs (progress line, History); per-class values only
             # to history.csv, where 38 columns do not flood the console
@@ -191,6 +210,8 @@ def _check_resumable(cfg, out: str) -> None:
         return
     # a config.json written before a field existed had that field's default
     saved = {**cfglib.to_dict(type(cfg)()), **run_folder.read_config(out)}
+    if saved["targets"] == "auto":  # a run from before cell targets learnt the image labels
+        saved["targets"] = "image_labels"
     check_same_settings(saved, cfglib.to_dict(cfg), keys=RESUME_KEYS,
                         where=f"--resume {out}", what="the run was started with other settings",
                         advice="resume with the same ones or use a new --out")
@@ -247,6 +268,9 @@ def _train(cfg, resume: bool, callbacks) -> dict:
     if bag:
         spec = spec.replace(bag=cells)  # inference scores chunks of the model's N
     split = data.find_split(cfg.data, cfg.val_fold)
+    carried = cfg.mode != "image" and data.shard_targets(split.train_files + split.val_files)
+    cfg = resolve_targets(cfg, carried, data.cell_labels_fingerprint(cfg.data) if carried else "")
+    targets = cfg.targets == "cell_labels"
     steps = cfg.steps_per_epoch or split.train_examples // cfg.batch_size
     if steps < 1:
         raise ValueError(f"{cfg.data}: the training folds hold {split.train_examples} examples, "
@@ -254,9 +278,11 @@ def _train(cfg, resume: bool, callbacks) -> dict:
     spe = resolve_steps_per_execution(cfg, kind, steps)
     val_count = data.eval_examples(split.val_examples, cfg.val_steps, cfg.batch_size)
     log.info("data: %d training tiles in %d shards, %d of %d validation tiles (fold %d); "
-             "tiles %dpx -> model %dpx; %d steps/epoch of %d; precision %s",
+             "tiles %dpx -> model %dpx; %d steps/epoch of %d; precision %s; cells learn %s",
              split.train_examples, len(split.train_files), val_count, split.val_examples,
-             cfg.val_fold, tile_size, model_size, steps, cfg.batch_size, policy)
+             cfg.val_fold, tile_size, model_size, steps, cfg.batch_size, policy,
+             "their soft targets (cell labels " + (cfg.targets_fingerprint or "?") + ")" if targets
+             else "the image labels")
 
     start_epoch, ckpt = last_checkpoint(out)
     if ckpt and not resume:
@@ -269,11 +295,13 @@ def _train(cfg, resume: bool, callbacks) -> dict:
     run_folder.write_spec(out, spec)
 
     train_ds = data.train_dataset(split.train_files, cfg, tile_size, model_size, cfg.batch_size,
-                                  steps_per_epoch=steps, start_epoch=start_epoch, bag=bag, cells=cells)
+                                  steps_per_epoch=steps, start_epoch=start_epoch, bag=bag, cells=cells,
+                                  targets=targets)
     val_ds = data.eval_dataset(split.val_files, tile_size, model_size, cfg.batch_size, val_count, bag=bag,
                                cells=cells)
     val_labels = data.eval_labels(split.val_files, val_count)
     val_masks = data.eval_bag_masks(split.val_files, val_count, cells) if bag else None
+    val_targets = data.eval_targets(split.val_files, val_count, cells if bag else 0) if targets else None
 
     head_bias = None
     if not ckpt and modellib.is_run_source(cfg.weights):
@@ -310,7 +338,7 @@ def _train(cfg, resume: bool, callbacks) -> dict:
             if r["epoch"] <= start_epoch] if resume else []
     run = _Run(cfg=cfg, out=out, rows=rows, val_ds=val_ds, val_labels=val_labels,
                val_count=val_count, val_batches=-(-val_count // cfg.batch_size),
-               model_size=model_size, bag=bag, val_masks=val_masks)
+               model_size=model_size, bag=bag, val_masks=val_masks, val_targets=val_targets)
     if start_epoch < cfg.epochs:
         model.fit(train_ds, epochs=cfg.epochs, initial_epoch=start_epoch, steps_per_epoch=steps,
                   callbacks=[_epoch_end_callback()(run), *callbacks],
