@@ -1,0 +1,136 @@
+"""`scripts/self_train.sh`: a self-training round end to end on small synthetic data (smoke-sized
+trainings, real predict, pseudo-label, builder and trainer), and a SIGKILLed round resumed to
+the same cell labels."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common import cell_labels, cell_table, run_folder, shard_folder
+from common.labels import NEGATIVE, read_labels_csv
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "self_train.sh"
+pytestmark = pytest.mark.timeout(1200)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """8 synthetic images, cell shards cut by the default segmenter (2 folds), a smoke base run
+    validated on fold 0, trained deterministically."""
+    from testkit import synthetic
+    from tfrecords_builder.__main__ import main as build_main
+    from train_tpu.config import make_config
+    from train_tpu.train import train
+
+    d = tmp_path_factory.mktemp("self_train")
+    synthetic.generate(str(d / "data"), n=8, size=128, seed=3)
+    assert build_main(["--images", str(d / "data" / "images"), "--labels", str(d / "data" / "train.csv"),
+                       "--out", str(d / "shards"), "--mode", "cell", "--size", "32", "--folds", "2",
+                       "--shard-mb", "0.05", "--workers", "0", "--no-progress"]) == 0
+    train(make_config("smoke", data=str(d / "shards"), out=str(d / "base"), mode="cell", deterministic=True))
+    return d
+
+
+def _round(base: Path, out: Path, *extra, **popen):
+    cmd = ["bash", str(SCRIPT), "--images", str(base / "data" / "images"), "--labels",
+           str(base / "data" / "train.csv"), "--base", str(base / "base"), "--out", str(out),
+           "--workers", "0", *extra]
+    env = dict(os.environ, PY=sys.executable)
+    if popen:
+        return subprocess.Popen(cmd, env=env, **popen)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def one_round(base) -> Path:
+    out = base / "st"
+    done = _round(base, out)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+def test_a_round_scores_out_of_fold_and_leaves_a_run_trained_on_the_cell_labels(base, one_round):
+    out, rd = one_round, one_round / "round1"
+    manifest = shard_folder.read_manifest(str(base / "shards"))
+    # Out of fold: fold 0 was scored by the base (it validated on fold 0), fold 1 by a run that
+    # validated on fold 1, so never by a model that trained on the image.
+    assert not (rd / "fold0").exists()
+    assert run_folder.read_config(str(rd / "fold1"))["val_fold"] == 1
+    for f in (0, 1):
+        table = cell_table.read(str(rd / f"cells_fold{f}.parquet"))
+        in_fold = {i for i, e in manifest["images"].items() if e["fold"] == f}
+        assert set(table.ids) == in_fold and in_fold
+    joined = cell_table.read(str(rd / "cells.parquet"))
+    assert set(joined.ids) == set(manifest["images"])
+
+    # The pseudo-labels: one row per scored cell, never a class the image lacks but Negative.
+    table = cell_labels.read(str(rd / "cell_labels.csv"))
+    assert set(table.targets) == {(i, int(c)) for i, c in zip(joined.ids, joined.cell)}
+    labels = dict(read_labels_csv(str(base / "data" / "train.csv")))
+    for (image_id, _), t in table.targets.items():
+        extra = set(np.flatnonzero(t > 0)) - set(labels[image_id]) - {NEGATIVE}
+        assert not extra, (image_id, extra)
+    # Shards with them, the manifest naming the table; the run trained on them, from the base.
+    shards = shard_folder.read_manifest(str(rd / "shards"))
+    assert json.dumps(shards).count(table.fingerprint) >= 1
+    assert shards["config"]["size"] == manifest["config"]["size"]
+    cfg = run_folder.read_config(str(rd / "run"))
+    assert cfg["weights"] == str(base / "base") and cfg["data"] == str(rd / "shards")
+    assert json.dumps(cfg).count(table.fingerprint) >= 1  # config.json records its targets
+    # OUT/run is that run, usable by predict as any run.
+    assert os.path.realpath(out / "run") == os.path.realpath(rd / "run")
+    sub = out / "check.csv"
+    done = subprocess.run([sys.executable, "-m", "infer_gpu", "predict", "--images", str(base / "data" / "images"),
+                           "--sample-submission", str(base / "data" / "sample_submission.csv"), "--model",
+                           str(out / "run"), "--out", str(sub), "--no-progress"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(sub.read_text().splitlines()) == 1 + 8
+
+
+def test_a_killed_round_resumes_to_the_same_cell_labels(base, one_round):
+    out = base / "st_killed"
+    proc = _round(base, out, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = out / "round1" / "cells.parquet"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not target.exists() and proc.poll() is None:
+        time.sleep(0.2)
+    assert target.exists(), "the round never got as far as its cell table"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and whatever stage it runs
+    proc.wait(timeout=60)
+    fold_model = out / "round1" / "fold1" / "model.keras"
+    before = (fold_model.stat().st_mtime_ns, target.read_bytes())
+    done = _round(base, out)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "scoring fold" not in done.stdout and "training" in done.stdout  # only what was missing
+    assert (fold_model.stat().st_mtime_ns, target.read_bytes()) == before
+    same = (one_round / "round1" / "cell_labels.csv").read_text()
+    assert (out / "round1" / "cell_labels.csv").read_text().split("\n", 1)[1] == same.split("\n", 1)[1]
+    assert os.path.realpath(out / "run") == os.path.realpath(out / "round1" / "run")
+
+
+def test_a_base_cut_from_precomputed_masks_is_refused_with_the_reason(tmp_path, base):
+    from tfrecords_builder.__main__ import main as build_main
+
+    shards = tmp_path / "masked"
+    assert build_main(["--images", str(base / "data" / "images"), "--labels", str(base / "data" / "train.csv"),
+                       "--out", str(shards), "--mode", "cell", "--size", "32", "--folds", "2",
+                       "--masks", str(base / "data" / "masks"), "--shard-mb", "0.05", "--workers", "0",
+                       "--no-progress"]) == 0
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = run_folder.read_config(str(base / "base"))
+    (run / "config.json").write_text(json.dumps({**cfg, "data": str(shards)}))
+    done = subprocess.run(["bash", str(SCRIPT), "--images", "x", "--labels", "y", "--base", str(run),
+                           "--out", str(tmp_path / "o")], env=dict(os.environ, PY=sys.executable),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "precomputed label maps" in done.stderr
