@@ -159,6 +159,14 @@ def one_round(r: int, a, base_cfg: dict, prev_run: str, prev_shards: str, prev_m
     prev_val = int(run_folder.read_config(prev_run).get("val_fold", 0))
     cells = os.path.join(rd, "cells.parquet")
     predict_common = ["--images", a.images, "--no-progress", "--resume"]
+    seconds = {"fold_models": 0.0, "scores": 0.0, "pseudo_label": 0.0, "shards": 0.0, "train": 0.0}
+    clock = time.perf_counter()
+
+    def lap(step: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[step] += now - clock
+        clock = now
 
     # 1-2. scores, out of fold (or in sample)
     if not storage.exists(cells):
@@ -175,9 +183,11 @@ def one_round(r: int, a, base_cfg: dict, prev_run: str, prev_shards: str, prev_m
             folds = fold_ids(prev_manifest, a.labels)
             for f in sorted(folds):
                 fold_run = prev_run if f == prev_val else os.path.join(rd, f"fold{f}")
+                lap("scores")
                 if fold_run != prev_run:
                     train_like(base_cfg, data=prev_shards, out=fold_run, val_fold=f,
                                weights=fold_weights(base_cfg))
+                lap("fold_models")
                 ids = os.path.join(rd, f"fold{f}.csv")
                 write_labels(ids, folds[f])
                 part = os.path.join(rd, f"cells_fold{f}.parquet")
@@ -190,11 +200,15 @@ def one_round(r: int, a, base_cfg: dict, prev_run: str, prev_shards: str, prev_m
         cell_table.write(cells, joined, joined.meta)
         log(f"{cells}: {len(joined)} cells")
 
+    lap("scores")
+
     # 3. pseudo-labels
     labels_out = os.path.join(rd, "cell_labels.csv")
     if not storage.exists(labels_out):
         run_cli(["infer_gpu", "pseudo-label", "--cells", cells, "--labels", a.labels, "--out", labels_out,
                  *a.rule], "pseudo-labels")
+
+    lap("pseudo_label")
 
     # 4. shards with the cell labels
     shards = os.path.join(rd, "shards")
@@ -202,11 +216,17 @@ def one_round(r: int, a, base_cfg: dict, prev_run: str, prev_shards: str, prev_m
              *builder_args(build), "--cell-labels", labels_out, "--workers", str(a.workers),
              "--no-progress"], "shards with cell labels", ok=(0, 2))
 
+    lap("shards")
+
     # 5. the new run
     run = os.path.join(rd, "run")
     weights = "none" if a.from_scratch else prev_run
     train_like(base_cfg, data=shards, out=run, weights=weights,
                **({"epochs": a.epochs} if a.epochs else {}))
+    lap("train")
+    # this call's seconds per step (0 for a step an earlier, killed call finished)
+    storage.write_text(os.path.join(rd, "round.json"), json.dumps(
+        {"round": r, "seconds": {k: round(v, 2) for k, v in seconds.items()}}, indent=1) + "\n")
     return run, shards
 
 
