@@ -6,8 +6,10 @@
 # probability SHARE), N_TEST held out (S+100); cell shards cut by the default segmenter (what
 # predict cuts again), 3 folds; a `demo` base of BASE_EPOCHS x 40 steps; then
 # scripts/self_train.sh for 2 rounds (SCORING=oof, the default, or in-sample; extra options
-# in SELF_TRAIN_ARGS). The base and each round's run predict the held-out images; appends to
-# OUT/results.tsv: share, seed, scoring, run, strict mAP, Open Images mAP, seconds.
+# in SELF_TRAIN_ARGS). The control: the base trained for as many more steps as a round's run,
+# on the image labels, so a round's lift is not just more training. The base, the control and
+# each round's run predict the held-out images; appends to OUT/results.tsv: share, seed,
+# scoring, run, strict mAP, Open Images mAP, seconds.
 set -euo pipefail
 out=$1; share=$2; shift 2
 cd "$(dirname "$0")/.."
@@ -40,6 +42,14 @@ for seed in "$@"; do
   t1=$(date +%s)
   read -r strict oi <<<"$(score "$d/base" "$d/base.csv")"
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$share" "$seed" "$scoring" base "$strict" "$oi" $((t1 - t0)) | tee -a "$out/results.tsv"
+  t0=$(date +%s)
+  [ -f "$d/control/model.keras" ] || $py -m train_tpu --data "$d/shards" --mode cell --out "$d/control" \
+    --preset demo --epochs "$base_epochs" --weights "$d/base" --strategy cpu --deterministic >"$d/control.log" 2>&1
+  t1=$(date +%s)
+  if ! grep -q "^$share	$seed	[^	]*	control	" "$out/results.tsv"; then
+    read -r strict oi <<<"$(score "$d/control" "$d/control.csv")"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$share" "$seed" "-" control "$strict" "$oi" $((t1 - t0)) | tee -a "$out/results.tsv"
+  fi
   extra=(); [ "$scoring" = oof ] || extra=(--in-sample)
   st=$d/self_$scoring
   for r in 1 2; do
