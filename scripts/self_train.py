@@ -8,7 +8,7 @@ OUT/round{r-1}/run; its training shards are the base's for round 1, else the pre
 1. **Fold models** (out of fold, the default): for each fold f of the previous shards, a run that
    never trained on fold f: the previous run itself when it validated on f, else a run trained
    like the base from scratch with `val_fold = f` (OUT/round{r}/fold{f}). `--in-sample` skips
-   them and scores every image with the previous run (cheaper; see the README for what it costs
+   them and scores every image with the previous run (cheaper; see docs/self_training.md for what it costs
    in quality).
 2. **Scores:** `python -m infer_gpu predict --labels` on each fold's images with its fold model,
    writing the per-cell table (`--cells`); the fold tables are joined into OUT/round{r}/cells.parquet.
