@@ -114,6 +114,20 @@ def read_labels_csv(path: str) -> list[tuple[str, list[int]]]:
     ]
 
 
+
+def format_label_rows(header: Sequence[str], rows: Iterable[Sequence]) -> str:
+    """A label list's text: `header` then `rows` (`ID,Label[,...]`; a Label cell as
+    `format_labels` writes it), CSV-quoted where a cell holds a comma or a quote, `\\n` endings.
+    The one writer of label lists (the downloader's `labels.csv`, self-training's fold lists);
+    `read_label_rows` reads them back."""
+    import io
+
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return out.getvalue()
+
 # HPA subcellular location names that the competition folded into one of its 19 classes (its
 # data page: "Vesicles and punctate cytosolic patterns" covers vesicles, peroxisomes, endosomes,
 # lysosomes, lipid droplets and cytoplasmic bodies; focal adhesion sites count as actin

@@ -28,7 +28,6 @@ is missing. The base run's shards must have been cut by a segmenter predict can 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -38,7 +37,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import shard_folder, storage  # noqa: E402
+from common import labels as labellib, shard_folder, storage  # noqa: E402
 from common import run_folder  # noqa: E402
 
 
@@ -110,13 +109,7 @@ def fold_ids(manifest: dict, labels: str) -> dict[int, list[tuple[str, str]]]:
 
 
 def write_labels(path: str, rows) -> None:
-    import io
-
-    out = io.StringIO()
-    w = csv.writer(out, lineterminator="\n")
-    w.writerow(["ID", "Label"])
-    w.writerows(rows)
-    storage.write_text(path, out.getvalue())
+    storage.write_text(path, labellib.format_label_rows(["ID", "Label"], rows))
 
 
 def train_like(config: dict, **changes) -> None:

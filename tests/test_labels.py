@@ -63,3 +63,17 @@ def test_real_train_csv(shared_data):
 def test_public_hpa_list_parses(shared_data):
     rows = L.read_labels_csv(str(shared_data / "hpa_public" / "public_hpa_labels.csv"))
     assert len(rows) == 67579
+
+
+def test_format_label_rows_round_trips_through_the_reader(tmp_path):
+    """The one label-list writer: quoted where a cell holds a comma or a quote, read back as
+    written by `read_label_rows` (the builder's reader)."""
+    rows = [("a1", "0|5", "U-2 OS"), ('b,"2"', "18", ""), ("c", "", "A-431")]
+    text = L.format_label_rows(["ID", "Label", "Cellline"], rows)
+    assert text.splitlines()[0] == "ID,Label,Cellline"
+    assert text.splitlines()[2] == '"b,""2""",18,'
+    assert text.endswith("\n") and "\r" not in text
+    path = tmp_path / "labels.csv"
+    path.write_text(text)
+    back = [(r["ID"], r["Label"], r["Cellline"]) for r in L.read_label_rows(str(path))]
+    assert back == rows

@@ -384,8 +384,9 @@ def download(cfg: DownloadConfig, progress: bool = True,
             failed.append({"id": item.image_id, "origin": item.origin, "url": item.url, "files": files})
         else:
             rows.append(item)
-    labels_text = "ID,Label,Cellline\n" + "".join(
-        f"{_csv(it.image_id)},{labellib.format_labels(it.labels)},{_csv(it.cellline)}\n" for it in rows)
+    labels_text = labellib.format_label_rows(
+        ["ID", "Label", "Cellline"],
+        ((it.image_id, labellib.format_labels(it.labels), it.cellline) for it in rows))
     storage.write_text(storage.join(cfg.out, LABELS_FILE), labels_text)
 
     fetched = sum(1 for o in outcomes.values() if not o.error)
@@ -413,13 +414,6 @@ def download(cfg: DownloadConfig, progress: bool = True,
     }
     storage.write_text(storage.join(cfg.out, REPORT_FILE), json.dumps(report, indent=1) + "\n")
     return DownloadResult(cfg.out, report, failed)
-
-
-def _csv(text: str) -> str:
-    """One CSV cell (quoted when it holds a comma or a quote)."""
-    if any(ch in text for ch in ',"\n'):
-        return '"' + text.replace('"', '""') + '"'
-    return text
 
 
 def read_report(out: str) -> dict | None:
