@@ -131,10 +131,20 @@ class Segmentation:
         return list(self._info)
 
 
+def cell_boxes(label_map: np.ndarray) -> dict[int, tuple[int, int, int, int]]:
+    """`{cell_id: (y0, x0, y1, x1)}` for every id > 0 present in a label map (one pass); the
+    one place boxes are found (`common.preprocess` cuts tiles from them)."""
+    from scipy import ndimage
+
+    boxes = {}
+    for i, sl in enumerate(ndimage.find_objects(label_map), start=1):
+        if sl is not None:
+            boxes[i] = (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)
+    return boxes
+
+
 def cell_info(cells: np.ndarray, nuclei: np.ndarray) -> list[CellInfo]:
     """Per-cell area, box, border contact and nucleus presence of a label map pair."""
-    from common.preprocess import cell_boxes  # the one place boxes are found
-
     h, w = cells.shape
     n = int(cells.max()) if cells.size else 0
     if n == 0:
