@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Iterator
 from common import shard_folder, storage
 from common.pool import Pool
 from common.resume import check_same_settings
+from common.segmentation import WORK_SIZE
 from tfrecords_builder import cell_targets
 from tfrecords_builder import manifest as manifestlib
 from tfrecords_builder import plan as planlib
@@ -117,7 +118,7 @@ def _job(cfg: BuildConfig) -> Job:
 
     return Job(mode=cfg.mode, spec=cfglib.to_dict(cfg.tile_spec()), masks=cfg.masks, segmenter=cfg.segmenter,
                nuclei_model=cfg.nuclei_model, cell_model=cfg.cell_model,
-               trust_model_files=cfg.trust_model_files, seed=cfg.seed)
+               trust_model_files=cfg.trust_model_files, seed=cfg.seed, work_size=cfg.work_size)
 
 
 def check_segmenter(cfg: BuildConfig) -> None:
@@ -184,8 +185,10 @@ def check_resume(saved: dict, cfg: BuildConfig, image_ids: Iterable[str], *, wha
     """`check_same_settings` of a saved build (a plan or a manifest) against `cfg`, for a build
     saved before --group-by too: it lacks `group_by` and its folds were per image. It then goes
     on with `--group-by image`, or with `auto` when auto finds no group of two or more images
-    among its `image_ids` (e.g. all competition UUIDs); any other grouping is refused."""
+    among its `image_ids` (e.g. all competition UUIDs); any other grouping is refused. One
+    saved before --work-size segmented at the default `WORK_SIZE`."""
     saved = dict(saved)
+    saved.setdefault("work_size", WORK_SIZE)  # a build saved before --work-size segmented at this one
     if "group_by" not in saved:
         per_image = cfg.group_by == planlib.PER_IMAGE or (
             cfg.group_by == planlib.AUTO
