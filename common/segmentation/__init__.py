@@ -5,10 +5,12 @@ Backends turn an image into a nucleus and a cell probability map; the one labell
 
 - "default" (`classical`): no weights, classical image processing; runs anywhere.
 - "hpa" (`hpa`): the HPA-Cell-Segmentation U-Nets, when the user has `hpacellseg` and its
-  model files (see `common.segmentation.hpa.load_networks`).
+  model files; `backend_options` loads them (once per process) for the builder, predict and
+  `segment` alike.
 
+Both work at `WORK_SIZE` px on the long side unless told otherwise (`work_size`).
 Label maps are `HxW int32`, 0 = background; a cell and its nucleus share the id; ids are 1..K.
-Boxes are `(y0, x0, y1, x1)`, half-open, in full-resolution pixels (as in common.preprocess).
+Boxes are `(y0, x0, y1, x1)`, half-open, in full-resolution pixels (`cell_boxes` finds them).
 
 `SegmentationSpec` records how a dataset's cells were segmented (stored in its `preprocess.json`,
 see `common.preprocess.TileSpec.segmentation`, and copied into the run folder by the trainer);
