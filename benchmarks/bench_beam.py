@@ -45,10 +45,9 @@ def timed_build(cfg, beam_args=None) -> tuple[float, object]:
 
 def per_image_seconds(cfg, ids: list[str]) -> list[float]:
     """Seconds of `worker.process` per image, in this process (one core), after one warm-up image."""
-    from tfrecords_builder import build as buildlib
-    from tfrecords_builder import worker
+    from tfrecords_builder import core, worker
 
-    job = buildlib._job(cfg)
+    job = core.job(cfg)
     tasks = [worker.Task(i, cfg.images[0], (0,), 0, job) for i in ids]
     worker.process(tasks[0])
     out = []

@@ -117,6 +117,7 @@ def main(argv=None) -> int:
     from testkit import synthetic
     from common.labels import read_labels_csv
     from tfrecords_builder import build as buildlib
+    from tfrecords_builder import core
     from tfrecords_builder import plan as planlib
     from tfrecords_builder.config import make_config
 
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
         # The images the pilot decodes while planning (make_plan's order), and the rest.
         entries, _ = planlib.read_entries(config(0))
         planlib.assign_folds(entries, 5, config(0).seed)
-        pilot = {e.image_id for e in entries[:buildlib.PILOT_IMAGES]}
+        pilot = {e.image_id for e in entries[:core.PILOT_IMAGES]}
         rest = [i for i in ids if i not in pilot]
         decode_only(images, ids)  # warm the page cache and the decoder for both contenders
 

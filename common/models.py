@@ -22,6 +22,7 @@ import numpy as np
 
 from common.labels import NUM_CLASSES
 
+MODEL_FILE = "model.keras"  # a trained model's file name inside a run folder (`common.run_folder`)
 NUM_CHANNELS = 4  # R, G, B, Y: the names are common.images.CHANNELS
 # ImageNet statistics on the [0, 1] scale (the values Keras' EfficientNets normalise with).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -157,6 +158,13 @@ def build_model(backbone: str = "efficientnet_b0", size: int = 224, num_classes:
         keras.config.set_dtype_policy(previous)
 
 
+def model_path(path: str) -> str:
+    """A run folder -> its `model.keras`; a `.keras` file is returned as is."""
+    from common import storage
+
+    return path if str(path).endswith(".keras") else storage.join(path, MODEL_FILE)
+
+
 def load_model(path: str, compile: bool = False, data: bytes | None = None):
     """Load a `.keras` model file (or a run folder holding one), local or `gs://`.
 
@@ -164,7 +172,6 @@ def load_model(path: str, compile: bool = False, data: bytes | None = None):
     data: the file's bytes when the caller has already read them (no second read or download).
     """
     from common import storage
-    from common.run_folder import model_path
 
     path = model_path(path)
     if data is None and storage.is_gcs(path):

@@ -12,10 +12,8 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from scipy import ndimage
-
 from common import config as cfglib
-from common.segmentation import SegmentationSpec
+from common.segmentation import SegmentationSpec, cell_boxes  # noqa: F401 - cell_boxes: part of this module's interface
 
 PREPROCESS_FILE = "preprocess.json"
 
@@ -137,15 +135,6 @@ def cell_tile(image: np.ndarray, cell_mask: np.ndarray | None, bbox, spec: TileS
             raise ValueError(f"cell mask {cell_mask.shape} fits neither the frame nor the box")
         crop = crop * m.astype(bool)[..., None].astype(crop.dtype)
     return _resize(pad_to_square(crop), spec.size, spec.interpolation)
-
-
-def cell_boxes(label_map: np.ndarray) -> dict[int, tuple[int, int, int, int]]:
-    """`{cell_id: (y0, x0, y1, x1)}` for every id > 0 present in a label map (one pass)."""
-    boxes = {}
-    for i, sl in enumerate(ndimage.find_objects(label_map), start=1):
-        if sl is not None:
-            boxes[i] = (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)
-    return boxes
 
 
 def cell_tiles(image: np.ndarray, label_map: np.ndarray, spec: TileSpec, cell_ids=None, boxes=None):

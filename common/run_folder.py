@@ -6,7 +6,8 @@
     config.json       the training config that made the run (a rerun reads it back)
 
 The trainer also keeps `history.csv`/`history.png` and `checkpoints/` there (train_tpu's own
-files: only the trainer reads them). This module is the only one that names the three files.
+files: only the trainer reads them). This module names these files, except `model.keras`,
+whose name `common.models` holds (its `load_model` takes a run folder too).
 A folder made by hand (tests, a model from elsewhere) needs `model.keras` and `preprocess.json`;
 `config.json` is optional for inference.
 """
@@ -18,9 +19,9 @@ from typing import Any, Mapping
 
 from common import config as cfglib
 from common import storage
+from common.models import MODEL_FILE, model_path  # noqa: F401 - part of this module's interface
 from common.preprocess import PREPROCESS_FILE, TileSpec
 
-MODEL_FILE = "model.keras"
 CONFIG_FILE = "config.json"
 _NEEDS = f"a run folder needs {MODEL_FILE} and {PREPROCESS_FILE}"
 
@@ -36,11 +37,6 @@ class RunFolder:
     @property
     def model_file(self) -> str:
         return model_path(self.path)
-
-
-def model_path(path: str) -> str:
-    """A run folder -> its `model.keras`; a `.keras` file is returned as is."""
-    return path if str(path).endswith(".keras") else storage.join(path, MODEL_FILE)
 
 
 def config_path(run_dir: str) -> str:

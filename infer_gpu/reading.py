@@ -153,14 +153,11 @@ def segmentation_options(config, used=None) -> dict:
     used = used or segmentation_used(config)
     seg = {"work_size": used.work_size, **dict(config.seg_options)}
     if used.backend == "hpa" and "networks" not in seg and "nuclei_net" not in seg:
-        if not config.nuclei_model or not config.cell_model:
-            raise ValueError("--backend hpa needs --nuclei-model and --cell-model (hpacellseg's .pth files)")
         if config.processes:
             raise ValueError("--backend hpa runs its networks in this process: use reader threads, not --processes")
-        from common.segmentation import hpa
+        from common.segmentation import backend_options
 
-        seg["networks"] = hpa.load_networks(config.nuclei_model, config.cell_model,
-                                            trust_model_files=config.trust_model_files)
+        seg.update(backend_options("hpa", config.nuclei_model, config.cell_model, config.trust_model_files))
     return seg
 
 

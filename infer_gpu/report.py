@@ -52,11 +52,11 @@ class Summary:
         self.processed += 1
 
 
-def run_settings(sample, runs, image_runs, config, segmentation=None) -> dict:
+def run_settings(sample, runs, image_runs, config, segmentation) -> dict:
     """What decides the results (a resumed run must match it; batching and threads do not).
 
     sample: `[(ID, width, height), ...]`; runs / image_runs: `runs.RunDir`s; config: PredictConfig;
-    segmentation: the `SegmentationSpec` used (None = the config's own, `reading.segmentation_used`).
+    segmentation: the `SegmentationSpec` used (`reading.segmentation_to_use`).
     """
     from infer_gpu.runs import describe
 
@@ -71,13 +71,9 @@ def run_settings(sample, runs, image_runs, config, segmentation=None) -> dict:
     }
 
 
-def segmentation_settings(config, segmentation=None) -> dict:
+def segmentation_settings(config, segmentation) -> dict:
     """How cells are segmented: the `SegmentationSpec` used (backend, working size, model files'
     fingerprints, options), with the model files' paths."""
-    if segmentation is None:
-        from infer_gpu.reading import segmentation_used
-
-        segmentation = segmentation_used(config)
     return {**segmentation.to_dict(), "nuclei_model": config.nuclei_model, "cell_model": config.cell_model}
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from common.segmentation import WORK_SIZE
+
 HELP = "Segment images into cells and nuclei: writes {ID}_cells.png, {ID}_nuclei.png (uint16) and {ID}_overlay.png."
 
 
@@ -27,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(needs torch, hpacellseg, --nuclei-model, --cell-model, --trust-model-files)")
     parser.add_argument("--nuclei-only", action="store_true",
                         help="segment nuclei only (reads only the blue channel); cells = nuclei")
-    parser.add_argument("--work-size", type=int, default=512,
+    parser.add_argument("--work-size", type=int, default=WORK_SIZE,
                         help="long side (px) of the labelling's working resolution; 0 = full resolution (slow)")
     parser.add_argument("--nuclei-model", default=None, help="hpa backend: hpacellseg nucleus model file (.pth)")
     parser.add_argument("--cell-model", default=None, help="hpa backend: hpacellseg 3-channel cell model file (.pth)")
@@ -75,17 +77,10 @@ def run(args) -> int:
     work_size = args.work_size or None
     options = {}
     if args.backend == "hpa":
-        from common.segmentation import hpa
-
-        if not args.nuclei_model or (not args.nuclei_only and not args.cell_model):
-            print("error: --backend hpa needs --nuclei-model and (unless --nuclei-only) --cell-model",
-                  file=sys.stderr)
-            return 2
         try:
-            options["networks"] = hpa.load_networks(
-                args.nuclei_model, None if args.nuclei_only else args.cell_model,
-                trust_model_files=args.trust_model_files, device=args.device)
-        except (PermissionError, ImportError, FileNotFoundError, RuntimeError) as err:
+            options = seg.backend_options("hpa", args.nuclei_model, args.cell_model, args.trust_model_files,
+                                          device=args.device, nuclei_only=args.nuclei_only)
+        except (ValueError, PermissionError, ImportError, FileNotFoundError, RuntimeError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         options["batch_size"] = args.batch_size

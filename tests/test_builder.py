@@ -1,6 +1,7 @@
 """TFRecord builder end to end on real files: round trips, resume after SIGKILL, bad input."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -154,17 +155,23 @@ def test_cell_mode_round_trip_with_masks_and_workers(syn12, tmp_path):
     assert all(len(f) == 1 for f in folds_of.values())
 
 
-def test_cell_mode_segments_when_no_masks_are_given(synthetic_small, tmp_path):
+@pytest.mark.parametrize("work_size", [None, 256])
+def test_cell_mode_segments_when_no_masks_are_given(synthetic_small, tmp_path, work_size):
+    """Segmented at the default working size or at --work-size, recorded in preprocess.json;
+    a resume at another working size is refused, and a build saved before --work-size
+    existed (no work_size in its config) resumes at the default."""
     from common import segmentation
+    from common.resume import ResumeError
 
     data = synthetic_small
     cfg = make_config(images=str(data / "images"), labels=str(data / "train.csv"), out=str(tmp_path / "out"),
-                      mode="cell", size=32, folds=2, limit=2, workers=0)
+                      mode="cell", size=32, folds=2, limit=2, workers=0, work_size=work_size)
+    assert cfg.work_size == (work_size or segmentation.WORK_SIZE) and segmentation.WORK_SIZE == 512
     result = buildlib.build(cfg, progress=False, log=lambda s: None)
     assert result.exit_code == 0
     # how the cells were segmented is recorded with the tiles
     spec = preprocess.TileSpec.load(str(tmp_path / "out" / "preprocess.json"))
-    assert spec.segmentation == segmentation.SegmentationSpec(backend="default", work_size=512)
+    assert spec.segmentation == segmentation.SegmentationSpec(backend="default", work_size=cfg.work_size)
     assert spec.replace(segmentation=None) == cfg.tile_spec()
     examples = read_examples(shard_files(tmp_path / "out"))
     for image_id in result.manifest["images"]:
@@ -172,6 +179,17 @@ def test_cell_mode_segments_when_no_masks_are_given(synthetic_small, tmp_path):
                                    work_size=spec.segmentation.work_size)
         got = sorted(int(ex["cell_index"]) for ex in examples if ex["image_id"].decode() == image_id)
         assert got == [c.id for c in seg.cell_info()] and got
+    if work_size:
+        with pytest.raises(ResumeError, match="work_size: 256 then, 512 now"):
+            buildlib.build(dataclasses.replace(cfg, work_size=512), progress=False, log=lambda s: None)
+    else:
+        path = tmp_path / "out" / "manifest.json"
+        manifest = json.loads(path.read_text())
+        del manifest["config"]["work_size"]  # as written before --work-size
+        path.write_text(json.dumps(manifest))
+        said = []
+        assert buildlib.build(cfg, progress=False, log=said.append).shards_reused == len(manifest["shards"])
+        assert said == [f"{cfg.out}: already complete"]
 
 
 def _cli(args, env_extra=None, timeout=120) -> subprocess.CompletedProcess:

@@ -18,6 +18,7 @@ from tests.test_builder import SHARD_RE, _cli, _cli_killed, check_shard_names, r
 from tests.test_builder_gcs import download_shards, upload_tree
 from tfrecords_builder import beam_engine
 from tfrecords_builder import build as buildlib
+from tfrecords_builder import core
 from tfrecords_builder.__main__ import main as cli_main
 from tfrecords_builder.config import make_config
 
@@ -142,7 +143,7 @@ def test_a_bug_in_our_code_fails_the_pipeline_and_is_not_a_skip(synthetic_small,
     monkeypatch.setattr(beam_engine.worker, "process", broken)  # in-memory runner: this process
     cfg = make_config(images=str(synthetic_small / "images"), labels=str(synthetic_small / "train.csv"),
                       out=str(tmp_path / "out"), mode="image", size=32, folds=2, limit=4, engine="beam")
-    monkeypatch.setattr(buildlib, "PILOT_IMAGES", 0)  # the pilot would decode through the real function
+    monkeypatch.setattr(core, "PILOT_IMAGES", 0)  # the pilot would decode through the real function
     with pytest.raises(Exception, match="a bug, not bad input"):
         beam_engine.build_beam(cfg, log=lambda s: None)
     assert not (tmp_path / "out" / "manifest.json").exists()
@@ -250,3 +251,20 @@ def test_a_remote_runner_needs_gs_paths(synthetic_small, tmp_path):
     with pytest.raises(buildlib.BuildError, match="DataflowRunner workers cannot see this machine's files"):
         beam_engine.build_beam(cfg, ["--runner", "DataflowRunner", "--project", "p", "--region", "r"])
     assert not (tmp_path / "out").exists()  # refused before planning
+
+
+def test_both_engines_use_the_build_core_through_public_names():
+    """The plan/resume/finish core is `tfrecords_builder.core`; neither engine reaches into the
+    other or into a private name of the core."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "tfrecords_builder"
+    for engine, other in (("beam_engine", "build"), ("build", "beam_engine")):
+        tree = ast.parse((root / f"{engine}.py").read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                    and n.module == "tfrecords_builder" for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert "core" in imported and other not in imported and f"tfrecords_builder.{other}" not in imported
+        private = [n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                   and isinstance(n.value, ast.Name) and n.value.id == "core" and n.attr.startswith("_")]
+        assert private == [], engine

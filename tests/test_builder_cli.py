@@ -32,6 +32,10 @@ def test_options_override_the_preset_and_nothing_else():
     assert cfg.labels == ("a.csv", "b.csv") and cfg.images == ("imgs", "more")
     assert cfg.mask_outside is False and cfg.trust_model_files is True
     assert cfg.shard_mb == 2.5 and cfg.engine == "beam"
+    # the segmentation's working size, named as predict names it (PredictConfig.work_size)
+    assert _cfg().work_size == 512 and _cfg("--mode", "cell", "--work-size", "256").work_size == 256
+    with pytest.raises(ValueError, match="work_size must be >= 1"):
+        _cfg("--work-size", "0")
 
 
 def test_presets_are_configs_without_inputs():

@@ -19,6 +19,7 @@ from common import shard_folder
 from common.labels import CLASS_NAMES, NUM_CLASSES, read_labels_csv
 from common.resume import ResumeError
 from tfrecords_builder import build as buildlib
+from tfrecords_builder import core
 from tfrecords_builder import plan as planlib
 from tfrecords_builder.config import make_config
 from tfrecords_builder.folds import fold_class_counts, group_of, stratified_folds, stratified_group_folds
@@ -425,7 +426,7 @@ def _interrupted(cfg, monkeypatch) -> None:
     def killed(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(buildlib, "finish", killed)
+    monkeypatch.setattr(core, "finish", killed)
     with pytest.raises(KeyboardInterrupt):
         buildlib.build(cfg, progress=False, log=lambda s: None)
     monkeypatch.undo()

@@ -130,3 +130,30 @@ def test_loading_model_files_is_opt_in(tmp_path):
     path.write_bytes(b"not really a model")
     with pytest.raises(PermissionError, match="trust"):
         hpa.load_networks(str(path), None)
+
+
+def test_backend_options_load_the_networks_once_per_process(monkeypatch):
+    """The one HPA loader of the builder, predict and `segment`: model files checked, the
+    networks loaded once for the same files however many callers ask, nuclei-only without
+    the cell model."""
+    calls = []
+
+    def fake_load(nuclei_model, cell_model=None, trust_model_files=False, device=None):
+        calls.append((nuclei_model, cell_model, trust_model_files, device))
+        return hpa.Networks(nuclei=StandIn(0), cell=None if cell_model is None else StandIn(0))
+
+    monkeypatch.setattr(hpa, "load_networks", fake_load)
+    hpa.shared_networks.cache_clear()
+    try:
+        assert seg.backend_options("default", "n.pth", "c.pth") == {}
+        with pytest.raises(ValueError, match="--nuclei-model and --cell-model"):
+            seg.backend_options("hpa", "n.pth", None, True)
+        with pytest.raises(ValueError, match="needs --nuclei-model \\("):
+            seg.backend_options("hpa", None, None, True, nuclei_only=True)
+        first = seg.backend_options("hpa", "n.pth", "c.pth", True)["networks"]
+        again = seg.backend_options("hpa", "n.pth", "c.pth", True)["networks"]
+        assert first is again and calls == [("n.pth", "c.pth", True, None)]
+        nuclei_only = seg.backend_options("hpa", "n.pth", "c.pth", True, device="cpu", nuclei_only=True)
+        assert nuclei_only["networks"].cell is None and calls[-1] == ("n.pth", None, True, "cpu")
+    finally:
+        hpa.shared_networks.cache_clear()

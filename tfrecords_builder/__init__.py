@@ -4,5 +4,6 @@
 (see `--help`). Modules: `config` (BuildConfig, presets), `folds` (iterative stratification),
 `plan` (labels -> folds -> shards, fixed before writing), `worker` (one image -> serialized
 examples, TensorFlow-free), `records` (TFRecord framing; the Example encoding is `common.features.serialize`), `writer`
-(temp file -> final name), `manifest`, `build` (orchestration and resume).
+(temp file -> final name), `manifest`, `core` (plan, resume, finish: shared by both
+engines), `build` (the local engine), `beam_engine` (the Apache Beam engine).
 """

@@ -1,7 +1,8 @@
 """The Apache Beam engine: the same plan, per-image function and shards as the local engine,
 run as a Beam pipeline (DirectRunner on one machine, DataflowRunner on many).
 
-    plan (made here, before the pipeline, by build.py's own functions; saved in _build/plan.json)
+    plan (made here, before the pipeline, by the build core `tfrecords_builder.core`, shared with the
+      local engine; saved in _build/plan.json)
       -> Create(names of the shards still to build)
       -> ParDo(ExpandShard): one Item per planned image, from the saved plan (read once per worker)
       -> Reshuffle (spreads the images of one shard over all workers)
@@ -10,7 +11,7 @@ run as a Beam pipeline (DirectRunner on one machine, DataflowRunner on many).
       -> CoGroupByKey(shard) -> ParDo(WriteShard): sort by planned position, write the shard to a
            local temp file, publish it under its final name (common.storage.put_file: atomic move,
            or upload with a CRC32C check), then its `_build/done/{shard}.json` record
-    manifest.json from the done records (build.finish), as in the local engine.
+    manifest.json from the done records (core.finish), as in the local engine.
 
 The pipeline itself carries only shard names, so its size does not grow with the dataset (runners
 cap the size of a submitted job); the images' list travels in plan.json, which the workers read
@@ -21,7 +22,6 @@ A Python exception from our code fails the pipeline; only bad input becomes a sk
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -31,7 +31,7 @@ from types import SimpleNamespace
 from typing import Callable, Sequence
 
 from common import storage
-from tfrecords_builder import build as buildlib
+from tfrecords_builder import core
 from tfrecords_builder import manifest as manifestlib
 from tfrecords_builder import worker
 from tfrecords_builder.config import BuildConfig
@@ -58,12 +58,12 @@ class Item:
 
 def shard_items(by_id: dict, shard: dict, job: worker.Job, targets: dict | None = None) -> list[Item]:
     """One Item per planned image of `shard` ({"name", "fold", "images"}), in planned order;
-    `by_id` is `Plan.by_id()`, `targets` `build.image_targets` (each image's cell labels)."""
+    `by_id` is `Plan.by_id()`, `targets` `core.image_targets` (each image's cell labels)."""
     out = []
     for pos, image_id in enumerate(shard["images"]):
         e = by_id[image_id]
         out.append(Item(shard["name"], shard["fold"], pos, len(shard["images"]), e.origin,
-                        buildlib.make_task(e, job, targets)))
+                        core.make_task(e, job, targets)))
     return out
 
 
@@ -93,7 +93,7 @@ def _expand_shard_fn():
             from tfrecords_builder import plan as planlib
 
             plan = planlib.Plan.from_json(
-                storage.read_text(storage.join(self.out, buildlib.STATE_DIR, buildlib.PLAN_FILE)))
+                storage.read_text(storage.join(self.out, core.STATE_DIR, core.PLAN_FILE)))
             self.by_id = plan.by_id()
             self.shards = {s["name"]: s for s in plan.shards}
             self.targets = None
@@ -101,7 +101,7 @@ def _expand_shard_fn():
                 table = cell_labels.read(self.cell_labels)
                 if table.fingerprint != plan.config.get(cell_targets.FINGERPRINT_KEY):
                     raise RuntimeError(f"{self.cell_labels} changed while the build ran")
-                self.targets = buildlib.image_targets(table, plan.entries)
+                self.targets = core.image_targets(table, plan.entries)
 
         def process(self, name: str):
             yield from shard_items(self.by_id, self.shards[name], self.job, self.targets)
@@ -196,8 +196,7 @@ def _write_shard_fn():
             record = manifestlib.shard_record({"name": name, "fold": fold}, labels, examples, skipped,
                                               writer.nbytes, writer.crc32c,
                                               cell_labels=counts if self.cell_labels else None)
-            storage.write_text(storage.join(self.out, buildlib.STATE_DIR, buildlib.DONE_DIR, name + ".json"),
-                               json.dumps(record, sort_keys=True))
+            core.write_done(self.out, record)
             self.nbytes.inc(writer.nbytes)
             self.shards.inc()
             yield name
@@ -237,7 +236,7 @@ def run_pipeline(cfg: BuildConfig, shards: list[str], options) -> dict[str, int]
     outputs = (
         p
         | "Shards" >> beam.Create(shards)
-        | "Images" >> beam.ParDo(_expand_shard_fn()(cfg.out, buildlib._job(cfg), cfg.cell_labels))
+        | "Images" >> beam.ParDo(_expand_shard_fn()(cfg.out, core.job(cfg), cfg.cell_labels))
         | "Spread" >> beam.Reshuffle()
         | "Process" >> beam.ParDo(_process_image_fn()()).with_outputs(SKIPPED, main="records")
     )
@@ -256,7 +255,7 @@ def run_pipeline(cfg: BuildConfig, shards: list[str], options) -> dict[str, int]
 
 
 def build_beam(cfg: BuildConfig, beam_args: Sequence[str] = (), progress: bool = True,
-               log: Callable[[str], None] = print) -> buildlib.BuildResult:
+               log: Callable[[str], None] = print) -> core.BuildResult:
     """`build.build` on Apache Beam: same checks, plan, shards, manifest and resume.
 
     beam_args: Beam pipeline options (`--runner DataflowRunner --project ...`); DirectRunner
@@ -270,31 +269,29 @@ def build_beam(cfg: BuildConfig, beam_args: Sequence[str] = (), progress: bool =
     if runner not in LOCAL_RUNNERS:
         local = [p for p in (cfg.out, *cfg.images, cfg.masks, cfg.cell_labels) if p and not storage.is_gcs(p)]
         if local:
-            raise buildlib.BuildError(f"{runner} workers cannot see this machine's files: give --out, "
+            raise core.BuildError(f"{runner} workers cannot see this machine's files: give --out, "
                                       f"--images, --masks and --cell-labels as gs:// paths (not {local[0]})")
-    table = buildlib.read_cell_labels(cfg)
-    finished = buildlib._load_finished(cfg, table)
+    table = core.read_cell_labels(cfg)
+    finished = core.load_finished(cfg, table)
     if finished is not None:
         log(f"{cfg.out}: already complete")
         return finished
-    buildlib.check_segmenter(cfg)
-    with buildlib.Runner(0) as runner:  # the pilot decodes 8 images here, on the launching machine
+    core.check_segmenter(cfg)
+    with core.Runner(0) as runner:  # the pilot decodes 8 images here, on the launching machine
         # The pilot's results are not reused (unlike the local engine's): the workers decode
         # those 8 images again rather than receive their records inside the pipeline's definition.
-        plan = buildlib._load_or_make_plan(cfg, runner, log, {}, table)
-    buildlib.image_targets(table, plan.entries)  # a resumed plan: refused here, not on a worker
-    done_dir = storage.join(cfg.out, buildlib.STATE_DIR, buildlib.DONE_DIR)
-    todo = buildlib.shards_to_build(cfg, plan, log)
+        plan = core.load_or_make_plan(cfg, runner, log, {}, table)
+    core.image_targets(table, plan.entries)  # a resumed plan: refused here, not on a worker
+    todo = core.shards_to_build(cfg, plan, log)
     start = time.perf_counter()
     counts = run_pipeline(cfg, [s["name"] for s in todo], options) if todo else dict.fromkeys(COUNTERS, 0)
     write_s = time.perf_counter() - start
     log("beam counters: " + ", ".join(f"{k}={counts[k]}" for k in COUNTERS))
-    missing = [s["name"] for s in todo
-               if not storage.exists(storage.join(done_dir, s["name"] + ".json"))]
+    missing = [s["name"] for s in todo if not storage.exists(core.done_path(cfg.out, s["name"]))]
     if missing:
-        raise buildlib.BuildError(f"the pipeline finished but {len(missing)} shard(s) were not written "
+        raise core.BuildError(f"the pipeline finished but {len(missing)} shard(s) were not written "
                                   f"(e.g. {missing[0]}); run the same command again to finish them")
-    manifest = buildlib.finish(cfg, plan, log, table)
-    return buildlib.BuildResult(cfg.out, manifest, len(todo), len(plan.shards) - len(todo),
+    manifest = core.finish(cfg, plan, log, table)
+    return core.BuildResult(cfg.out, manifest, len(todo), len(plan.shards) - len(todo),
                                 write_s=write_s,
                                 images_written=sum(len(s["images"]) for s in todo))

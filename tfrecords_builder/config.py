@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from common import config as cfglib
 from common.preprocess import TileSpec
+from common.segmentation import WORK_SIZE
 
 DEFAULT_SIZE = {"image": 512, "cell": 224, "bag": 224}  # tile side (px) when --size is not given
 ENGINES = ("local", "beam")
@@ -49,6 +50,9 @@ class BuildConfig:
     shard_mb: float = 100.0
     workers: int = 1  # decoding processes; 0 decodes in the main process
     segmenter: str = "default"  # cell mode without --masks: the common.segmentation backend
+    # cell and bag modes without --masks: long side in px of the segmentation's working
+    # resolution, as predict's --work-size (recorded in preprocess.json, so predict follows it)
+    work_size: int = WORK_SIZE
     nuclei_model: str = ""  # --segmenter hpa: hpacellseg's nucleus model file (.pth), as for predict
     cell_model: str = ""  # --segmenter hpa: hpacellseg's 3-channel cell model file (.pth)
     # --segmenter hpa: allow loading the .pth files, which are pickled PyTorch modules (loading
@@ -112,6 +116,8 @@ class BuildConfig:
             raise ValueError("group_by must be 'auto', 'image' or a column of the label lists, got ''")
         if self.cell_labels and self.mode == "image":
             raise ValueError("--cell-labels needs --mode cell or bag (whole images have no cells)")
+        if self.work_size < 1:
+            raise ValueError(f"work_size must be >= 1, got {self.work_size}")
         if self.segmenter not in SEGMENTERS:
             raise ValueError(f"segmenter must be 'default' or 'hpa', got {self.segmenter!r}")
         self.tile_spec()  # validates size, margin, interpolation

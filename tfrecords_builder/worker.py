@@ -12,7 +12,6 @@ the build with the original traceback: it must not turn into a skip for every im
 """
 from __future__ import annotations
 
-import functools
 import os
 import zlib
 import threading
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from common import features
+from common.segmentation import WORK_SIZE
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class Job:
     cell_model: str = ""
     trust_model_files: bool = False
     seed: int = 0  # bag mode: which cells an image with more than `bag` keeps
+    work_size: int = WORK_SIZE  # segmentation: long side in px of the labelling's working resolution
 
 
 class SkipImage(ValueError):
@@ -107,17 +108,6 @@ def _read_label_map(path: str, required: bool) -> np.ndarray | None:
         raise SkipImage(str(err)) from err
 
 
-@functools.lru_cache(maxsize=2)
-def _hpa_networks(nuclei_model: str, cell_model: str, trust_model_files: bool):
-    """The HPA U-Nets, loaded once per process (every image of a worker uses them)."""
-    from common.segmentation import hpa
-
-    return hpa.load_networks(nuclei_model, cell_model, trust_model_files=trust_model_files)
-
-
-WORK_SIZE = 512  # segmentation: long side in px of the labelling's working resolution
-
-
 def segmentation_spec(job: Job):
     """How the job's cells are segmented (`common.segmentation.SegmentationSpec`, saved in the
     dataset's preprocess.json); None in image mode (no segmentation)."""
@@ -126,15 +116,17 @@ def segmentation_spec(job: Job):
     if job.mode == "image":
         return None
     hpa = job.segmenter == "hpa"
-    return spec_for(job.segmenter, WORK_SIZE, masks=bool(job.masks),
+    return spec_for(job.segmenter, job.work_size, masks=bool(job.masks),
                     nuclei_model=job.nuclei_model if hpa else None, cell_model=job.cell_model if hpa else None)
 
 
 def segment_options(job: Job) -> dict:
-    """Keyword options of `common.segmentation.segment` for the job's segmenter."""
-    if job.segmenter == "hpa":
-        return {"networks": _hpa_networks(job.nuclei_model, job.cell_model, job.trust_model_files)}
-    return {}
+    """Keyword options of `common.segmentation.segment` for the job's segmenter (the HPA
+    networks loaded once per process: `common.segmentation.backend_options`)."""
+    from common.segmentation import backend_options
+
+    return {"work_size": job.work_size, **backend_options(
+        job.segmenter, job.nuclei_model, job.cell_model, job.trust_model_files)}
 
 
 def label_maps(task: Task, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -152,7 +144,7 @@ def label_maps(task: Task, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | 
     else:
         from common import segmentation
 
-        seg = segmentation.segment(image, backend=job.segmenter, work_size=WORK_SIZE, **segment_options(job))
+        seg = segmentation.segment(image, backend=job.segmenter, **segment_options(job))
         cells, nuclei = np.asarray(seg.cells), np.asarray(seg.nuclei)
     for name, arr in (("cell", cells), ("nucleus", nuclei)):
         if arr is not None and arr.shape != image.shape[:2]:

@@ -5,10 +5,12 @@ Backends turn an image into a nucleus and a cell probability map; the one labell
 
 - "default" (`classical`): no weights, classical image processing; runs anywhere.
 - "hpa" (`hpa`): the HPA-Cell-Segmentation U-Nets, when the user has `hpacellseg` and its
-  model files (see `common.segmentation.hpa.load_networks`).
+  model files; `backend_options` loads them (once per process) for the builder, predict and
+  `segment` alike.
 
+Both work at `WORK_SIZE` px on the long side unless told otherwise (`work_size`).
 Label maps are `HxW int32`, 0 = background; a cell and its nucleus share the id; ids are 1..K.
-Boxes are `(y0, x0, y1, x1)`, half-open, in full-resolution pixels (as in common.preprocess).
+Boxes are `(y0, x0, y1, x1)`, half-open, in full-resolution pixels (`cell_boxes` finds them).
 
 `SegmentationSpec` records how a dataset's cells were segmented (stored in its `preprocess.json`,
 see `common.preprocess.TileSpec.segmentation`, and copied into the run folder by the trainer);
@@ -22,6 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from common.segmentation.labelling import WORK_SIZE  # noqa: F401 - the one working size
+
 BACKENDS = ("default", "hpa")
 MASKS = "masks"  # SegmentationSpec.backend of a dataset cut from precomputed label maps (--masks)
 # segment() options that change how fast it runs, not the masks it makes: not in the spec
@@ -33,7 +37,7 @@ class SegmentationSpec:
     """How cells were segmented: what must match for tiles cut at inference to be like training's."""
 
     backend: str = "default"  # "default", "hpa", or "masks" (precomputed label maps, not reproducible)
-    work_size: int | None = 512  # long side in px of the labelling's working resolution; None = full
+    work_size: int | None = WORK_SIZE  # long side in px of the labelling's working resolution; None = full
     # hpa: fingerprints (`common.storage.fingerprint`) of the nucleus and cell model files;
     # empty when the networks were passed in as objects (unknown)
     model_files: tuple[str, ...] = ()
@@ -65,7 +69,7 @@ class SegmentationSpec:
                 for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
 
 
-def spec_for(backend: str = "default", work_size: int | None = 512, masks: bool = False,
+def spec_for(backend: str = "default", work_size: int | None = WORK_SIZE, masks: bool = False,
              nuclei_model: str | None = None, cell_model: str | None = None,
              **options) -> SegmentationSpec:
     """The SegmentationSpec of a segmenter's settings (the builder's and predict's, the same way).
@@ -90,6 +94,28 @@ def _option_text(value) -> str:
     if dataclasses.is_dataclass(value):
         value = dataclasses.asdict(value)
     return json.dumps(value, sort_keys=True, default=repr)
+
+
+def backend_options(backend: str = "default", nuclei_model: str | None = None, cell_model: str | None = None,
+                    trust_model_files: bool = False, device: str | None = None,
+                    nuclei_only: bool = False) -> dict:
+    """The `segment` options that make a backend run, for the builder, predict and `segment`
+    alike: {} for "default"; for "hpa" `networks`, the U-Nets loaded once per process
+    (`hpa.shared_networks`). nuclei_model / cell_model: hpacellseg's model files (the cell
+    model not needed with nuclei_only); device: as `hpa.load_networks` takes it.
+
+    Raises ValueError when a model file is not given, and `hpa.load_networks`' errors
+    (PermissionError without trust_model_files, ImportError, FileNotFoundError, RuntimeError).
+    """
+    if backend != "hpa":
+        return {}
+    if not nuclei_model or (not nuclei_only and not cell_model):
+        needs = "--nuclei-model" + ("" if nuclei_only else " and --cell-model")
+        raise ValueError(f"the hpa backend needs {needs} (hpacellseg's .pth files)")
+    from common.segmentation import hpa
+
+    return {"networks": hpa.shared_networks(nuclei_model, None if nuclei_only else cell_model,
+                                            trust_model_files, device)}
 
 
 @dataclass(frozen=True)
@@ -131,10 +157,20 @@ class Segmentation:
         return list(self._info)
 
 
+def cell_boxes(label_map: np.ndarray) -> dict[int, tuple[int, int, int, int]]:
+    """`{cell_id: (y0, x0, y1, x1)}` for every id > 0 present in a label map (one pass); the
+    one place boxes are found (`common.preprocess` cuts tiles from them)."""
+    from scipy import ndimage
+
+    boxes = {}
+    for i, sl in enumerate(ndimage.find_objects(label_map), start=1):
+        if sl is not None:
+            boxes[i] = (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)
+    return boxes
+
+
 def cell_info(cells: np.ndarray, nuclei: np.ndarray) -> list[CellInfo]:
     """Per-cell area, box, border contact and nucleus presence of a label map pair."""
-    from common.preprocess import cell_boxes  # the one place boxes are found
-
     h, w = cells.shape
     n = int(cells.max()) if cells.size else 0
     if n == 0:
@@ -154,7 +190,7 @@ def cell_info(cells: np.ndarray, nuclei: np.ndarray) -> list[CellInfo]:
 
 
 def segment(image: np.ndarray, backend: str = "default", nuclei_only: bool = False,
-            work_size: int | None = 512, **options) -> Segmentation:
+            work_size: int | None = WORK_SIZE, **options) -> Segmentation:
     """Segment one image into cells and nuclei.
 
     image: `HxWx4` (R, G, B, Y), uint8, uint16 or float in [0, 1], any size (square or not);
@@ -173,7 +209,7 @@ def segment(image: np.ndarray, backend: str = "default", nuclei_only: bool = Fal
 
 
 def segment_batch(images, backend: str = "default", nuclei_only: bool = False,
-                  work_size: int | None = 512, **options) -> list[Segmentation]:
+                  work_size: int | None = WORK_SIZE, **options) -> list[Segmentation]:
     """`segment` for a list of images; the hpa backend runs its networks in batches."""
     from common.segmentation import labelling
 

@@ -110,7 +110,7 @@ def _smooth(x: np.ndarray, sigma_ref: float, ref: float) -> np.ndarray:
     return cv2.GaussianBlur(x, (0, 0), sigma)
 
 
-def probability_maps(image: np.ndarray, nuclei_only: bool = False, work_size: int | None = 512,
+def probability_maps(image: np.ndarray, nuclei_only: bool = False, work_size: int | None = labelling.WORK_SIZE,
                      params: ClassicalParams | None = None):
     """`HxWx4` (R, G, B, Y; uint8, uint16 or float) -> (nucleus map, cell map or None).
 

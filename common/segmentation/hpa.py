@@ -27,6 +27,7 @@ tests run exactly this code with a stand-in; `load_networks` wraps the real torc
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -228,3 +229,11 @@ def load_networks(nuclei_model: str, cell_model: str | None = None, trust_model_
         return net
 
     return Networks(nuclei=load(nuclei_model), cell=load(cell_model) if cell_model else None)
+
+
+@functools.lru_cache(maxsize=2)
+def shared_networks(nuclei_model: str, cell_model: str | None = None, trust_model_files: bool = False,
+                    device: str | None = None) -> Networks:
+    """`load_networks`, once per process for the same arguments: every image a builder worker,
+    predict's reader threads or `segment` segments uses the same loaded U-Nets."""
+    return load_networks(nuclei_model, cell_model, trust_model_files=trust_model_files, device=device)

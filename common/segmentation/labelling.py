@@ -38,6 +38,8 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
+WORK_SIZE = 512  # the default long side, px, of the working resolution (builder, predict, segment)
+
 REFERENCE_SIDE = 2048  # px; lengths and areas below are in pixels of an image this long
 
 
@@ -45,7 +47,7 @@ REFERENCE_SIDE = 2048  # px; lengths and areas below are in pixels of an image t
 class LabelParams:
     """Parameters of the labelling step. Lengths in reference px, areas in reference px^2."""
 
-    work_size: int | None = 512  # long side of the working resolution, px; None = full res
+    work_size: int | None = WORK_SIZE  # long side of the working resolution, px; None = full res
     nucleus_threshold: float = 0.5  # nucleus map above this is nucleus
     cell_threshold: float = 0.5  # cell map above this is cell
     min_nucleus_area: float = 2500.0  # smaller nuclei are debris (HPA's tool uses 2500 px)
