@@ -161,6 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64, help="tiles per model call in the pipeline")
     p.add_argument("--workers", type=int, default=2, help="pipeline reader threads")
     p.add_argument("--repeats", type=int, default=1, help="best of this many timings")
+    p.add_argument("--tf-threads", type=int, default=0, help="TensorFlow's intra-op threads on the "
+                   "CPU (predict's --tf-threads); 0 = TensorFlow's default, one per core")
     p.add_argument("--device", default="auto", choices=("auto", "gpu", "cpu"), help="where TensorFlow scores")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="max |pipeline - naive| confidence (one tile per call against batches of "
@@ -177,11 +179,17 @@ def main(argv=None) -> int:
     from infer_gpu.config import PredictConfig
 
     device = scorer.setup_device(args.device)
+    # before the model is built: TF's pools are fixed once it starts, and both sides share them
+    threads = engine.size_thread_pools(args.workers, device, args.tf_threads)
     spec = TileSpec(size=args.tile)
-    opts = PredictConfig(batch_size=args.batch_size, workers=args.workers, progress=False)
+    opts = PredictConfig(batch_size=args.batch_size, workers=args.workers, progress=False,
+                         tf_threads=args.tf_threads)
     seg_options = {"backend": reading.segmentation_used(opts).backend, **reading.segmentation_options(opts)}
     print(f"device: {device}; {args.n} synthetic images of {args.size} px; {args.backbone} at {args.tile} px; "
           f"{os.cpu_count()} CPU cores")
+    print(f"threads, the same TensorFlow pools on both sides: intra-op {threads['intra_op']}, inter-op "
+          f"{threads['inter_op']} ({threads['how']}; 0 = one per core); pipeline {args.workers} reader "
+          "thread(s) + the scorer on the main thread; naive: the main thread only")
     model = models.build_model(args.backbone, size=args.tile)
     run = runs.RunDir(path="bench", spec=spec, model=model, fingerprint="bench")
     group = scorer.model_group(spec, [model], tta=1, batch_size=args.batch_size)
