@@ -275,16 +275,75 @@ def given(cls, args) -> dict:
             for f in dataclasses.fields(cls) if f.name in ns}
 
 
-def from_args(cls: type[T], args, base: T | None = None) -> T:
-    """`base` (a preset; default `cls()`) with the options present in `args` applied, validated
-    by the dataclass. With `add_arguments`' flags only the options the user typed are present,
-    so a preset's other values stay. A ValueError names unknown or invalid values."""
+def from_args(cls: type[T], args, base: T | None = None, sets=()) -> T:
+    """`base` (a preset; default `cls()`) with the options present in `args` applied, then the
+    `--set KEY=VALUE` items `sets` (see `parse_sets`), validated by the dataclass. With
+    `add_arguments`' flags only the options the user typed are present, so a preset's other
+    values stay. A ValueError names unknown or invalid values."""
     changes = given(cls, args)
+    extra = parse_sets(cls, sets)
+    if base is not None and not isinstance(base, cls):
+        raise TypeError(f"from_args: base is a {type(base).__name__}, not a {cls.__name__}")
+    for key, value in extra.items():
+        if isinstance(value, dict):  # a nested dataclass: its fields change, the others stay
+            inner = changes.get(key, getattr(base, key) if base is not None else None)
+            if inner is None:
+                inner = typing.get_type_hints(cls)[key]()
+            value = dataclasses.replace(inner, **value)
+        changes[key] = value
     if base is None:
         return from_dict(cls, changes)
-    if not isinstance(base, cls):
-        raise TypeError(f"from_args: base is a {type(base).__name__}, not a {cls.__name__}")
     return dataclasses.replace(base, **changes)
+
+
+# --- --set KEY=VALUE: any field by its name, the same in every stage ------------------------
+
+def add_set_argument(parser, what: str):
+    """Add `--set KEY=VALUE` (repeatable) to an argparse parser; `what` names the config class
+    in the help. `from_args(..., sets=args.set)` applies the items after the other options."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"any {what} field by its name, e.g. --set seed=3 (repeatable; applied "
+                        "after the options above; a nested field as part.field=VALUE, a tuple "
+                        "as comma-separated values)")
+    return parser
+
+
+def parse_sets(cls, items) -> dict:
+    """`["key=value", "part.field=value", ...]` -> `{key: value, part: {field: value}}`, each
+    value read as its field's type (bools as 1/0, true/false, yes/no; tuples comma-separated;
+    "none" for a `T | None` field). A ValueError names a malformed item or an unknown key."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    out: dict = {}
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        head, dot, rest = key.partition(".")
+        if head not in known:
+            raise ValueError(f"--set: {cls.__name__}: unknown keys {[head]}; known: {sorted(known)}")
+        tp = hints[head]
+        if dot:
+            inner = _optional_inner(tp)
+            if not dataclasses.is_dataclass(inner):
+                raise ValueError(f"--set {item!r}: {head} has no fields")
+            out.setdefault(head, {}).update(parse_sets(inner, [f"{rest}={text}"]))
+            continue
+        out[head] = _from_text(tp, text, item)
+    return out
+
+
+def _from_text(tp, text: str, item: str):
+    inner = _optional_inner(tp)
+    if inner is not tp and text.lower() == "none":
+        return None
+    if typing.get_origin(inner) is tuple and not dataclasses.is_dataclass(inner):
+        text = [t.strip() for t in text.split(",") if t.strip()] if text else []
+    try:
+        return _coerce(tp, text)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"--set {item!r}: {err}") from None
 
 
 def preset(presets: Mapping[str, T], name: str) -> T:

@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from common import quiet
+
 COMMANDS = {
     "segment": "infer_gpu.segment",
     "predict": "infer_gpu.predict",
@@ -30,12 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=module.HELP, description=module.HELP,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         module.add_arguments(p)
+        p.add_argument("--verbose", action="store_true", help=quiet.VERBOSE_HELP)
         p.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    quiet.quiet(verbose=args.verbose)  # python -m infer_gpu did it already; a library call here
     return int(args._run(args) or 0)
 
 

@@ -36,6 +36,7 @@ class PredictConfig:
     batch_size: int = 64  # tiles per model call; batches span the cells of several images
     rule: CombineRule = CombineRule()  # the combine rule's parameters (--cell-weight, --border-weight, --no-nucleus-weight, --min-score, --image-from-cells)
     workers: int = field(default_factory=_default_workers)  # parallel readers (decode, segment, tiles, mask encoding) running ahead of the model; 0 = inline
+    tf_threads: int = 0  # TensorFlow's intra-op threads when scoring on the CPU (then one inter-op thread), e.g. cores - workers; 0 = TensorFlow's default (one per core)
     processes: bool = False  # run the readers as processes instead of threads (more CPU parallelism, more memory; not with a GPU segmentation backend)
     device: str = "auto"  # where TensorFlow scores: auto = a GPU when one is listed, else the CPU; gpu fails without one
     overlays: str | None = None  # also write DIR/{ID}.png: the composite with cell outlines and each cell's top labels
@@ -54,6 +55,7 @@ class PredictConfig:
             "tta": 1 <= self.tta <= 8,
             "batch_size": self.batch_size >= 1,
             "workers": self.workers >= 0,
+            "tf_threads": self.tf_threads >= 0,
             "device": self.device in DEVICES,
             "limit": self.limit >= 0,
             "prefetch": self.prefetch >= 0,

@@ -115,10 +115,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rule = parser.add_argument_group("combine rule (see below)")
     cfglib.add_arguments(rule, CombineRule, defaults=base.rule,
                          types={f: _unit for f in ("cell_weight", "border_weight", "no_nucleus_weight", "min_score")})
+    cfglib.add_set_argument(parser, "PredictConfig")  # e.g. --set rule.min_score=0.02
 
 
 def config_from_args(args):
-    """The PredictConfig the command line asks for: the preset, then the options given."""
+    """The PredictConfig the command line asks for: the preset, the options given, then
+    --set KEY=VALUE (rule.FIELD for the combine rule's)."""
     import dataclasses
 
     from infer_gpu.combine import CombineRule
@@ -127,8 +129,8 @@ def config_from_args(args):
     if getattr(args, "workers", 0) < 0:
         args.workers = 0  # as ever: a negative count of readers means inline
     base = cfglib.preset(PRESETS, args.preset)
-    rule = cfglib.from_args(CombineRule, args, base=base.rule)
-    return dataclasses.replace(cfglib.from_args(PredictConfig, args, base=base), rule=rule)
+    base = dataclasses.replace(base, rule=cfglib.from_args(CombineRule, args, base=base.rule))
+    return cfglib.from_args(PredictConfig, args, base=base, sets=getattr(args, "set", ()))
 
 
 def run(args) -> int:

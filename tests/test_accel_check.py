@@ -180,7 +180,7 @@ def test_gpu_cpu_comparison_rule(tmp_path):
     # the rule the GPU run applies to its CPU rerun: same IDs and masks, confidences within the
     # tolerance; a detection on one side only is fine just above the 0.01 threshold
     sys.path.insert(0, str(SCRIPT.parent))
-    import accel_check
+    import accel_check_predict as accel_check  # the predict job's module holds the rule
     from common import masks
 
     import numpy as np
@@ -198,3 +198,21 @@ def test_gpu_cpu_comparison_rule(tmp_path):
         a, _submission(tmp_path / "d.csv", [("x", [(0, 0.5, m1)]), ("y", [])]), 0.02)[0]
     assert not accel_check.compare_submissions(
         a, _submission(tmp_path / "e.csv", [("x", [(0, 0.5, m1), (3, 0.2, m2)]), ("z", [])]), 0.02)[0]
+
+
+def test_each_job_runs_alone_and_uses_public_names_only():
+    """accel_check.py runs the two jobs; each is its own script with the same options, and
+    none reaches into a private name (`module._name`, `from module import _name`)."""
+    scripts = sorted(SCRIPT.parent.glob("accel_check*.py"))
+    assert {p.name for p in scripts} >= {"accel_check.py", "accel_check_train.py",
+                                         "accel_check_predict.py", "accel_check_common.py"}
+    for path in scripts:
+        text = path.read_text()
+        private = re.findall(r"\b(?!self\b|os\b|sys\b)[a-z]\w*\._[a-z]\w*", text)
+        private += re.findall(r"from \S+ import .*\b_[a-z]\w*", text)
+        assert not private, (path.name, private)
+    for job in ("accel_check_train.py", "accel_check_predict.py"):
+        proc = subprocess.run([sys.executable, str(SCRIPT.parent / job), "--epochs", "1"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "--epochs must be >= 2" in proc.stderr, proc.stderr
+        assert job.removesuffix(".py") in proc.stderr  # its own name in the usage line

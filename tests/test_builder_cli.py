@@ -58,3 +58,13 @@ def test_errors_and_exit_codes(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["--labels", "a.csv", "--out", "o"])
     assert exit_.value.code == 2
+
+
+def test_set_and_verbose_as_in_the_other_stages():
+    cfg = _cfg("--mode", "cell", "--set", "folds=3", "--set", "labels=a.csv,b.csv",
+               "--set", "mask_outside=false")
+    assert (cfg.folds, cfg.labels, cfg.mask_outside, cfg.size) == (3, ("a.csv", "b.csv"), False, 224)
+    with pytest.raises(ValueError, match=r"unknown keys \['fold'\]"):
+        _cfg("--set", "fold=3")
+    text = " ".join(cli.build_parser().format_help().split())
+    assert "--set KEY=VALUE" in text and "--verbose" in text

@@ -121,3 +121,36 @@ def test_optional_and_literal_fields():
     with pytest.raises(SystemExit):
         p.parse_args(["--device", "tpu"])
     assert "--device {cpu,gpu} where to run (default: cpu)" in _help(p)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outer:
+    """A config with a nested one, as PredictConfig holds its CombineRule."""
+
+    inner: Opts = Opts()
+    work: Optional[int] = None  # None = decided later
+    seed: int = 0
+
+
+def test_set_reads_each_value_as_its_field_and_nests():
+    p = C.add_set_argument(_parser(), "Opts")
+    args = p.parse_args(["--size", "9", "--set", "size=12", "--set", "flip=no", "--set",
+                         "names=a, b", "--set", "pair=3,4", "--set", "rate=0.125"])
+    cfg = C.from_args(Opts, args, base=PRESETS["big"], sets=args.set)
+    assert cfg == dataclasses.replace(PRESETS["big"], size=12, flip=False, names=("a", "b"),
+                                      pair=(3, 4), rate=0.125)  # --set after the options
+    assert C.parse_sets(Outer, ["inner.size=7", "inner.mode=b", "work=none", "seed=4"]) == {
+        "inner": {"size": 7, "mode": "b"}, "work": None, "seed": 4}
+    out = C.from_args(Outer, argparse.Namespace(), base=Outer(work=3),
+                      sets=["inner.size=7", "work=none"])
+    assert out == Outer(inner=Opts(size=7), work=None)
+
+
+def test_set_errors_name_the_item():
+    for items, match in ((["size"], "expected KEY=VALUE"), (["sise=3"], r"unknown keys \['sise'\]"),
+                         (["size=big"], "'size=big'"), (["flip=maybe"], "not a boolean"),
+                         (["size.x=1"], "size has no fields")):
+        with pytest.raises(ValueError, match=match):
+            C.parse_sets(Opts, items)
+    with pytest.raises(ValueError, match="size must be >= 1"):  # the dataclass validates
+        C.from_args(Opts, argparse.Namespace(), base=Opts(), sets=["size=0"])

@@ -135,6 +135,58 @@ def test_preprocessing_eager_equals_inside_tf_data():
     assert np.array_equal(P.to_model_input(eager_tiles), model_in.numpy())
 
 
+def _tf_crop_mask_pad(image, label_map, box, cell_id, margin):
+    """An independent reference in TensorFlow ops (traced inside tf.data): widen the box by
+    `margin` x its longer side (clipped), crop, zero what is not cell `cell_id` (0: keep
+    everything), centre-pad with zeros to a square. `HxWx4 uint8` -> `SxSx4 uint8`."""
+    shape = tf.shape(image)
+    y0, x0, y1, x1 = tf.unstack(tf.cast(box, tf.int32))
+    m = tf.cast(tf.round(margin * tf.cast(tf.maximum(y1 - y0, x1 - x0), tf.float64)), tf.int32)
+    y0, x0 = tf.maximum(0, y0 - m), tf.maximum(0, x0 - m)
+    y1, x1 = tf.minimum(shape[0], y1 + m), tf.minimum(shape[1], x1 + m)
+    crop = image[y0:y1, x0:x1]
+    if cell_id is not None:
+        keep = tf.equal(label_map[y0:y1, x0:x1], tf.cast(cell_id, label_map.dtype))
+        crop = tf.where(keep[..., None], crop, tf.zeros_like(crop))
+    h, w = y1 - y0, x1 - x0
+    side = tf.maximum(h, w)
+    return tf.image.pad_to_bounding_box(crop, (side - h) // 2, (side - w) // 2, side, side)
+
+
+def test_preprocessing_equals_a_tf_op_reference_run_inside_tf_data():
+    """The crop, mask and pad of cell_tile and image_tile against the same steps written in
+    TensorFlow ops and run as a tf.data graph (not the NumPy code in a numpy_function): a
+    difference between the two ways of computing a tile fails here. At each cell's own square
+    side the resize is the identity, so the tiles must be equal to the pixel."""
+    image = _random_image(300, 200, seed=3)
+    lm = _label_map(300, 200)
+    boxes = P.cell_boxes(lm)
+    ids = sorted(boxes)
+    for margin, mask_outside in ((0.0, True), (0.1, True), (0.25, False)):
+        ds = tf.data.Dataset.from_tensor_slices(
+            (np.array([boxes[i] for i in ids], np.int64), np.array(ids, np.int32)))
+        ds = ds.map(lambda b, c: _tf_crop_mask_pad(
+            tf.constant(image), tf.constant(lm), b, c if mask_outside else None, margin),
+            num_parallel_calls=2, deterministic=True)
+        refs = [t.numpy() for t in ds]
+        for cid, ref in zip(ids, refs):
+            spec = P.TileSpec(size=ref.shape[0], margin=margin, mask_outside=mask_outside)
+            got = P.cell_tile(image, lm == cid, boxes[cid], spec)
+            assert got.shape == ref.shape and np.array_equal(got, ref), (cid, margin, mask_outside)
+            # the batch function cuts the same tile
+            assert np.array_equal(P.cell_tiles(image, lm, spec, cell_ids=[cid])[0][0], ref)
+        assert len(refs) == 3 and all(r.max() > 0 for r in refs)
+    whole = tf.data.Dataset.from_tensors(image).map(
+        lambda x: _tf_crop_mask_pad(x, None, tf.constant([0, 0, 300, 200]), None, 0.0))
+    ref = next(iter(whole)).numpy()
+    assert ref.shape == (300, 300, 4)
+    assert np.array_equal(P.image_tile(image, P.TileSpec(size=300, mode="image")), ref)
+    # the model-input cast, eager on NumPy against its graph inside tf.data
+    tiles = P.cell_tiles(image, lm, P.TileSpec(size=48))[0]
+    graph = np.stack([t.numpy() for t in tf.data.Dataset.from_tensor_slices(tiles).map(P.to_model_input)])
+    assert graph.dtype == np.float32 and np.array_equal(graph, P.to_model_input(tiles))
+
+
 def test_model_resize_eager_equals_inside_tf_data():
     tiles = np.stack([_random_image(48, 48, seed=s) for s in range(3)])
     spec = P.TileSpec(size=48, model_size=32)

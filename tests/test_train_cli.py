@@ -17,14 +17,17 @@ def test_every_field_has_a_flag_with_its_comment_as_help():
     text = " ".join(cli.build_parser().format_help().split())
     for f in dataclasses.fields(TrainConfig):
         assert "--" + f.name.replace("_", "-") in text, f.name
-    assert "--batch-size BATCH_SIZE GLOBAL batch size (split over the replicas) (default: 8)" in text
+    assert "--batch-size BATCH_SIZE GLOBAL batch size (split over the replicas) (default: 64)" in text
     assert "--flip, --no-flip random horizontal and vertical flips (default: True)" in text
-    for flag in ("--preset NAME", "--resume", "--set KEY=VALUE"):
+    for flag in ("--preset NAME", "--resume", "--set KEY=VALUE", "--verbose"):
         assert flag in text
 
 
 def test_only_the_options_given_change_the_preset():
-    assert _cfg() == make_config("smoke", data="d", out="o", mode="cell")
+    # the default preset is "default", as in the builder and predict (it was smoke)
+    assert _cfg() == make_config("default", data="d", out="o", mode="cell")
+    assert _cfg() == dataclasses.replace(TrainConfig(), data="d", out="o", mode="cell")
+    assert _cfg("--preset", "smoke") == make_config("smoke", data="d", out="o", mode="cell")
     cfg = _cfg("--preset", "b4_cell_384", "--learning-rate", "3e-4", "--no-rotate",
                "--backbone", "efficientnetv2_s", "--val-fold", "2")
     assert cfg == dataclasses.replace(PRESETS["b4_cell_384"], data="d", out="o", mode="cell",

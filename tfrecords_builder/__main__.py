@@ -12,6 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from common import quiet
+
+# At import, not in main: spawned worker processes import this module (as __mp_main__) too.
+quiet.quiet(verbose="--verbose" in sys.argv[1:])  # before anything imports TensorFlow
+
 
 def build_parser() -> argparse.ArgumentParser:
     from common import config as cfglib
@@ -41,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "'smoke' (64 px, 2 folds, 8 images, tiny shards; seconds on a CPU); explicit "
                    "options override it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", help=quiet.VERBOSE_HELP)
+    cfglib.add_set_argument(p, "BuildConfig")
     return p
 
 
@@ -74,7 +81,9 @@ def build_download_parser() -> argparse.ArgumentParser:
                    "(4 images, 2 threads); explicit options override it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true", help="print every retry as it happens "
-                   "(by default they are counted in the summary and the report)")
+                   "(by default they are counted in the summary and the report), and "
+                   "TensorFlow's start-up lines")
+    cfglib.add_set_argument(p, "DownloadConfig")
     return p
 
 
@@ -89,7 +98,8 @@ def download_main(argv) -> int:
     if not args.verbose:  # one warning per retry would bury the progress bar on a long download
         logging.getLogger("hpa.retry").setLevel(logging.ERROR)
     try:
-        cfg = cfglib.from_args(DownloadConfig, args, base=cfglib.preset(PRESETS, args.preset))
+        cfg = cfglib.from_args(DownloadConfig, args, base=cfglib.preset(PRESETS, args.preset),
+                               sets=args.set)
         result = download(cfg, progress=not args.no_progress)
     except (ListError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -114,11 +124,13 @@ def _run(cfg, beam_args, progress: bool):
 
 
 def config_from_args(args):
-    """The preset named by --preset with the options given on top (a ValueError if invalid)."""
+    """The preset named by --preset, the options given on top, then --set KEY=VALUE (a
+    ValueError if invalid)."""
     from common import config as cfglib
     from tfrecords_builder.config import PRESETS, BuildConfig
 
-    return cfglib.from_args(BuildConfig, args, base=cfglib.preset(PRESETS, args.preset))
+    return cfglib.from_args(BuildConfig, args, base=cfglib.preset(PRESETS, args.preset),
+                            sets=getattr(args, "set", ()))
 
 
 def main(argv=None) -> int:
@@ -129,6 +141,7 @@ def main(argv=None) -> int:
         return download_main(argv[1:])
     parser = build_parser()
     args, beam_args = parser.parse_known_args(argv)
+    quiet.quiet(verbose=args.verbose)
     try:
         cfg = config_from_args(args)
         if beam_args and cfg.engine != "beam":

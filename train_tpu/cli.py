@@ -11,13 +11,14 @@ import logging
 import sys
 
 from common import config as cfglib
+from common import quiet
 from common.models import BACKBONES
 from train_tpu import backend as backend_lib
 from train_tpu.config import (LOSSES, MODES, OPTIMIZERS, POOLINGS, PRECISIONS, PRESETS, STRATEGIES,
                               TARGETS, TrainConfig, get_preset)
 from train_tpu.strategy import HardwareNotFoundError
 
-DEFAULT_PRESET = "smoke"
+DEFAULT_PRESET = "default"  # as in the builder and predict
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         f"options given (the defaults shown are the {DEFAULT_PRESET} preset's); the final config "
         "is written to RUN_DIR/config.json.")
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), metavar="NAME",
-                   help="named settings to start from (default smoke: seconds on a CPU; demo: "
+                   help="named settings to start from (default: TrainConfig's own values, shown "
+                   "below; smoke: seconds on a CPU; demo: "
                    "minutes on a CPU; b0_cell_224, b4_cell_384, v2s_cell_384, b0_image_512, "
                    "b4_image_768: realistic TPU/GPU runs with ImageNet weights)")
     p.add_argument("--resume", action="store_true",
@@ -41,26 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
                  "loss": LOSSES, "pooling": POOLINGS, "targets": TARGETS},
         metavars={"data": "DIR_or_gs", "out": "RUN_DIR_or_gs", "backbone": "NAME"},
     )
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any TrainConfig field by its name, e.g. --set weight_decay=1e-4 "
-                   "(repeatable; applied after the options above)")
+    cfglib.add_set_argument(p, "TrainConfig")
+    p.add_argument("--verbose", action="store_true", help=quiet.VERBOSE_HELP)
     return p
 
 
 def config_from_args(args) -> TrainConfig:
     """The preset, then the options given, then --set KEY=VALUE; a ValueError if invalid."""
-    cfg = cfglib.from_args(TrainConfig, args, base=get_preset(args.preset))
-    extra = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        extra[key.strip()] = value.strip()
-    return cfglib.override(cfg, **extra) if extra else cfg
+    return cfglib.from_args(TrainConfig, args, base=get_preset(args.preset), sets=args.set)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    quiet.quiet(verbose=args.verbose)  # python -m train_tpu did it already; a library call here
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:

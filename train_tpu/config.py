@@ -147,6 +147,8 @@ _HINTS = (f" (mode {'|'.join(MODES)}; strategy {'|'.join(STRATEGIES)}; backend {
 
 # Named presets. Learning rates are for the global batch given.
 PRESETS: dict[str, TrainConfig] = {
+    # the command line's default (as in the builder and predict): TrainConfig's own values
+    "default": TrainConfig(),
     # seconds on a CPU: tests and CI
     "smoke": TrainConfig(size=32, epochs=2, batch_size=8, steps_per_epoch=3, val_steps=0,
                          warmup_epochs=0.0, shuffle_buffer=64, strategy="cpu", dropout=0.0,

@@ -312,7 +312,8 @@ def train_dataset(files, cfg, tile_size: int, model_size: int, global_batch: int
     Each epoch's records are drawn by `epoch_records` (seeded by the epoch), so a run resumed
     at epoch E sees what the uninterrupted run saw from epoch E on, in the same order; the
     element order is deterministic throughout. (Augmentation draws are random, not replayed.)
-    steps_per_epoch 0: one pass over the files per epoch's stream, without epoch seeding.
+    steps_per_epoch 0: one stream seeded by `start_epoch` that repeats the files without end
+    (each pass reshuffled), with no per-epoch seeding: the caller bounds it (Keras' steps).
     bag N > 0: bag records, yielding `bag_targets`' dicts of `[B, N, s, s, 4]` cells; with
     0 < cells < N, bags of `cells` drawn at random from each record's stored cells.
     targets: the cells learn their soft targets (`parse_example`, `bag_targets`).

@@ -130,15 +130,6 @@ def _fill_holes_per_label(labels: np.ndarray, max_hole: float | None = None) -> 
     return out
 
 
-def _relabel(labels: np.ndarray) -> np.ndarray:
-    """Renumber the ids present to 1..K in order of first appearance (row-major)."""
-    ids = np.unique(labels)
-    ids = ids[ids > 0]
-    lut = np.zeros(int(labels.max()) + 1, dtype=np.int32)
-    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
-    return lut[labels]
-
-
 def label_nuclei(nuc: np.ndarray, p: LabelParams, ref: float) -> np.ndarray:
     """Nucleus label map at the working resolution of `nuc`. `ref` = working px per ref px."""
     area = ref * ref
