@@ -14,6 +14,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from common import bags
 from common.labels import NUM_CLASSES
 
 # Feature keys: the only place they are spelled.
@@ -234,8 +235,8 @@ def parse_bag(serialized, tile_size: int, bag: int, targets: bool = False) -> di
     """Serialized bag example -> fixed-shape tensors (TPUs need static shapes).
 
     `image uint8 [bag, S, S, 4]`: the K stored cells, then the same cells again in order until
-    the bag is full (padding by repetition keeps BatchNorm's batch statistics those of real
-    cells); `mask float32 [bag]`: 1 for the first K; `labels float32 [19]`; per-cell keys
+    the bag is full (`common.bags.tf_fill_order`); `mask float32 [bag]`: 1 for the first K
+    (`common.bags.tf_fill_mask`); `labels float32 [19]`; per-cell keys
     (`cell_index`, `touches_border`, `has_nucleus`, `cell_area`: `[bag]`, `bbox`: `[bag, 4]`)
     padded the same way; `cell_count`: the image's cells before the builder's choice.
     A record with more than `bag` cells keeps its first `bag`. targets: also `cell_targets
@@ -246,12 +247,12 @@ def parse_bag(serialized, tile_size: int, bag: int, targets: bool = False) -> di
     ex = tf.io.parse_single_example(serialized, bag_feature_spec(targets))
     pngs = ex[IMAGE][:bag]
     k = tf.shape(pngs)[0]
-    order = tf.range(bag) % tf.maximum(k, 1)
+    order = bags.tf_fill_order(k, bag)
     images = tf.map_fn(lambda b: tf.ensure_shape(tf.io.decode_png(b, channels=4), [tile_size, tile_size, 4]),
                        tf.gather(pngs, order), fn_output_signature=tf.TensorSpec([tile_size, tile_size, 4], tf.uint8))
     out = {
         IMAGE: tf.ensure_shape(images, [bag, tile_size, tile_size, 4]),
-        "mask": tf.cast(tf.range(bag) < k, tf.float32),
+        "mask": bags.tf_fill_mask(k, bag),
         LABELS: multi_hot_ids(ex[LABELS]),
         BBOX: tf.ensure_shape(tf.gather(tf.reshape(ex[BBOX], [-1, 4]), order), [bag, 4]),
     }
@@ -282,7 +283,7 @@ def parse_bag_targets(serialized, bag: int):
     spec = bag_feature_spec(targets=True)
     ex = tf.io.parse_single_example(serialized, {k: spec[k] for k in (IMAGE, CELL_TARGETS)})
     k = tf.minimum(tf.shape(ex[IMAGE])[0], bag)
-    return _bag_targets(ex[CELL_TARGETS], k, tf.range(bag) % tf.maximum(k, 1), bag)
+    return _bag_targets(ex[CELL_TARGETS], k, bags.tf_fill_order(k, bag), bag)
 
 
 def feature_spec(targets: bool = False) -> dict:

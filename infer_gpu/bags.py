@@ -3,10 +3,11 @@ and the chunks' outputs back to the image's cells and to the image.
 
 A bag run is a `--model` run whose `preprocess.json` has `bag` N > 0 (its model has the
 `cells`/`mask` inputs). predict cuts the image's K cell tiles with the run's TileSpec and
-groups them, in cell-id order, into ceil(K/N) consecutive chunks (`chunk_cells`): chunk c
-holds cells cN .. cN+N-1. A chunk with r < N real cells is filled up by repeating those r
-cells in order, with the mask marking the real ones: what `common.features.parse_bag` does to
-a training bag, so the model sees the bags it was trained on.
+groups them, in cell-id order, into ceil(K/N) consecutive chunks (`chunk_cells`, by
+`common.bags.chunk_order`): chunk c holds cells cN .. cN+N-1. A chunk with r < N real cells is
+filled up by repeating those r cells in order, with the mask marking the real ones: the rule
+`common.features.parse_bag` applies to a training bag (`common.bags`), so the model sees the
+bags it was trained on.
 
 The model returns, per chunk, its cell head `[N, 19]` and its image head `[19]`; per image
 (`unchunk`):
@@ -27,31 +28,13 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def chunk_order(n_cells: int, bag: int) -> tuple[np.ndarray, np.ndarray]:
-    """Which cell fills each place of each chunk.
-
-    Returns `(order int64 [C, bag], mask float32 [C, bag])`, C = ceil(n_cells / bag) (0 for no
-    cells): `order[c, j]` indexes the image's cells (id order), `mask` is 1 for a real place, 0
-    for padding, which repeats the chunk's r real cells in order (place j holds real cell j % r).
-    """
-    if bag < 1:
-        raise ValueError(f"bag must be >= 1, got {bag}")
-    chunks = -(-int(n_cells) // bag)
-    order = np.zeros((chunks, bag), np.int64)
-    mask = np.zeros((chunks, bag), np.float32)
-    for c in range(chunks):
-        start = c * bag
-        real = min(bag, n_cells - start)
-        order[c] = start + np.arange(bag) % real
-        mask[c, :real] = 1.0
-    return order, mask
+from common import bags as bag_rules
 
 
 def chunk_cells(tiles: np.ndarray, bag: int) -> tuple[np.ndarray, np.ndarray]:
     """An image's cell tiles `KxSxSx4 uint8` -> `(chunks CxbagxSxSx4 uint8, mask Cxbag float32)`,
-    the chunks of `chunk_order`."""
-    order, mask = chunk_order(len(tiles), bag)
+    the chunks of `common.bags.chunk_order`."""
+    order, mask = bag_rules.chunk_order(len(tiles), bag)
     return np.asarray(tiles)[order], mask
 
 

@@ -7,12 +7,12 @@ import cv2
 import numpy as np
 import pytest
 
+from common import bags as bag_rules
 from common import features, images, preprocess, shard_folder
 from common.labels import multi_hot, read_labels_csv
 from tfrecords_builder import beam_engine
 from tfrecords_builder import build as buildlib
 from tfrecords_builder.config import make_config
-from tfrecords_builder.worker import choose_cells
 from tests.test_builder import shard_files
 
 BAG = 3  # small, so that most synthetic images have more cells than a bag holds
@@ -54,7 +54,7 @@ def test_a_bag_holds_the_cell_modes_tiles_of_a_seeded_choice_of_cells(bag_build)
         cells = cv2.imread(str(data / "masks" / f"{image_id}_cells.png"), cv2.IMREAD_UNCHANGED).astype(np.int32)
         ids = np.unique(cells[cells > 0])
         assert ex["cell_count"] == len(ids)
-        chosen = ids[choose_cells(len(ids), BAG, image_id, seed=3)]
+        chosen = ids[bag_rules.choose_cells(len(ids), BAG, image_id, seed=3)]
         k = min(BAG, len(ids))
         more += len(ids) > BAG
         np.testing.assert_array_equal(ex["mask"], np.arange(BAG) < k)
@@ -66,13 +66,6 @@ def test_a_bag_holds_the_cell_modes_tiles_of_a_seeded_choice_of_cells(bag_build)
         np.testing.assert_array_equal(ex["bbox"], boxes[order])
         np.testing.assert_array_equal(ex["labels"], multi_hot(labels[image_id]))
     assert more >= 1, "the fixture should hold an image with more cells than a bag"
-
-
-def test_choose_cells_is_deterministic_and_depends_on_image_and_seed():
-    a = choose_cells(40, 16, "img-a", 0)
-    assert a == choose_cells(40, 16, "img-a", 0) and len(a) == 16 and a == sorted(set(a))
-    assert a != choose_cells(40, 16, "img-b", 0) and a != choose_cells(40, 16, "img-a", 1)
-    assert choose_cells(5, 16, "img-a", 0) == [0, 1, 2, 3, 4]
 
 
 def test_manifest_counts_one_record_per_image_and_the_cells(bag_build):

@@ -111,13 +111,73 @@ def test_saved_model_reloads_and_predicts_the_same(tmp_path):
     np.testing.assert_allclose(plain.predict(x, verbose=0), want, rtol=1e-5, atol=1e-6)
 
 
-def test_export_float32_matches_a_mixed_precision_model():
-    model = models.build_model("efficientnet_b0", SIZE, dtype_policy="mixed_bfloat16")
+def spread_head(model, x, rng, features_layer: str = models.FEATURES_LAYER,
+                logits_layer: str = models.LOGITS_LAYER) -> None:
+    """Give `model` a head whose sigmoid outputs on `x` span most of (0, 1), across the inputs
+    and the classes: its kernel reads the standardised features of `x` (an untrained backbone's
+    features differ little between inputs), its bias spreads the classes over [-2, 2]. Then an
+    export that failed to copy a backbone or head weight would show: a fresh model's outputs
+    sit near 0.5 everywhere."""
+    feats = np.asarray(keras.Model(model.input, model.get_layer(features_layer).output)(x, training=False),
+                       np.float64).reshape(-1, model.get_layer(features_layer).output.shape[-1])
+    mean, std = feats.mean(0), feats.std(0) + 1e-6
+    layer = model.get_layer(logits_layer)
+    kernel = rng.normal(0, 1, layer.kernel.shape) / np.sqrt(feats.shape[1]) / std[:, None]
+    bias = np.linspace(-2, 2, layer.kernel.shape[1]) - mean @ kernel
+    layer.set_weights([kernel.astype("float32"), bias.astype("float32")])
+
+
+def assert_spread(outputs) -> None:
+    """The reference outputs span a wide range, so a tight comparison with them means something."""
+    outputs = np.asarray(outputs, np.float64)
+    assert outputs.std() > 0.1 and np.ptp(outputs) > 0.5, (outputs.std(), np.ptp(outputs))
+    assert outputs.std(axis=0).mean() > 0.05, "the outputs hardly differ between inputs"
+
+
+def _export_check_model():
+    """A float32 model with random statistics and a spread head, and inputs `x`."""
+    rng = np.random.default_rng(2)
+    keras.utils.set_random_seed(2)
+    model = models.build_model("efficientnet_b0", SIZE, drop_connect_rate=0.0)
+    _randomise_statistics(model, rng)
+    x = rng.uniform(0, 255, (8, SIZE, SIZE, 4)).astype("float32")
+    spread_head(model, x, rng)
+    return model, x
+
+
+def _call(model, x):
+    return np.asarray(model(x, training=False), np.float32)
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_export_float32_copies_every_weight(policy):
+    """The float32 export of a model (float32, or mixed precision holding the same weights)
+    computes exactly what the float32 model with those weights computes. The outputs span
+    (0, 1), and a model lacking the copied weights misses them by far more than the tolerance.
+    (Against the bfloat16 model's own outputs no tight check is possible: with a head this
+    sensitive, bfloat16's ~3 digits move them by up to ~0.9.)"""
+    ref, x = _export_check_model()
+    model = ref
+    if policy != "float32":
+        model = models.build_model("efficientnet_b0", SIZE, dtype_policy=policy, drop_connect_rate=0.0)
+        trainmodel.set_weights(model, ref)
+        assert model.get_layer("stem_conv").compute_dtype == "bfloat16"
     export = trainmodel.export_float32(model, "efficientnet_b0", SIZE)
     assert export.get_layer("stem_conv").compute_dtype == "float32"
-    x = np.random.default_rng(2).uniform(0, 255, (2, SIZE, SIZE, 4)).astype("float32")
-    # bfloat16 keeps ~3 significant digits
-    np.testing.assert_allclose(export.predict(x, verbose=0), model.predict(x, verbose=0), atol=0.05)
+    want = _call(ref, x)
+    assert_spread(want)
+    atol = 1e-5
+    np.testing.assert_allclose(_call(export, x), want, atol=atol)
+    # the negative cases: the same architecture with its own weights is far off ...
+    fresh = trainmodel.build_model("efficientnet_b0", SIZE, drop_connect_rate=0.0)
+    assert np.abs(_call(fresh, x) - want).max() > 1000 * atol
+    # ... and so is one with every weight but the backbone's statistics (the Normalization
+    # snapshot and the BatchNorm moving averages must come across too)
+    partial = trainmodel.build_model("efficientnet_b0", SIZE, drop_connect_rate=0.0)
+    for layer in partial.layers:
+        if layer.weights and not isinstance(layer, (keras.layers.BatchNormalization, keras.layers.Normalization)):
+            layer.set_weights(ref.get_layer(layer.name).get_weights())
+    assert np.abs(_call(partial, x) - want).max() > 1000 * atol
 
 
 def test_errors_name_the_problem(tmp_path):

@@ -179,13 +179,8 @@ def _predict(syn, sample, out, runs_, **options):
 
 
 # --- tests ---------------------------------------------------------------------------------------
-def test_chunks_are_consecutive_and_padded_by_repetition():
-    order, mask = bags.chunk_order(7, 3)
-    assert order.tolist() == [[0, 1, 2], [3, 4, 5], [6, 6, 6]]
-    assert mask.tolist() == [[1, 1, 1], [1, 1, 1], [1, 0, 0]]
-    order, mask = bags.chunk_order(6, 4)
-    assert order.tolist() == [[0, 1, 2, 3], [4, 5, 4, 5]] and mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
-    assert bags.chunk_order(0, 4)[0].shape == (0, 4)
+def test_chunk_cells_gathers_the_tiles_of_the_chunks():
+    # the chunk order itself (common.bags.chunk_order) is tested in tests/test_bags.py
     tiles = np.arange(5)[:, None, None, None] * np.ones((1, 2, 2, 4), np.uint8)
     chunks, mask = bags.chunk_cells(tiles, 4)
     assert chunks.shape == (2, 4, 2, 2, 4) and chunks[:, :, 0, 0, 0].tolist() == [[0, 1, 2, 3], [4, 4, 4, 4]]

@@ -155,8 +155,13 @@ def test_interrupted_run_resumes_from_the_last_epoch(shards, gcs_bucket):
     split = data.find_split(shards, cfg.val_fold)
     x = next(iter(data.eval_dataset(split.val_files, 32, 32, 8, 8))).numpy()
     exported = models.load_model(out)
-    np.testing.assert_allclose(exported.predict(x, verbose=0), ckpt.predict(x, verbose=0),
-                               rtol=1e-5, atol=1e-6)
+    want = ckpt.predict(x, verbose=0)
+    np.testing.assert_allclose(exported.predict(x, verbose=0), want, rtol=1e-5, atol=1e-6)
+    # the check can fail: the outputs vary far beyond the tolerance, and a model of the same
+    # architecture without the run's weights misses them by far more
+    assert np.ptp(want) > 1e-2, np.ptp(want)
+    fresh = trainmodel.build_model(cfg.backbone, 32, dropout=cfg.dropout, drop_connect_rate=0.0)
+    assert np.abs(fresh.predict(x, verbose=0) - want).max() > 1e-3
     assert getattr(exported, "optimizer", None) is None  # inference copy: no optimizer state
 
     # resuming a finished run only re-exports

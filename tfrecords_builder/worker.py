@@ -13,14 +13,13 @@ the build with the original traceback: it must not turn into a skip for every im
 from __future__ import annotations
 
 import os
-import zlib
 import threading
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from common import features
+from common import bags, features
 from common.segmentation import WORK_SIZE
 
 
@@ -205,16 +204,6 @@ def cell_examples(task: Task, image: np.ndarray, spec) -> tuple[list[bytes], lis
     ], counts
 
 
-def choose_cells(count: int, bag: int, image_id: str, seed: int) -> list[int]:
-    """Which of an image's `count` cells (positions in id order) its bag keeps: all of them when
-    they fit, else `bag` drawn without replacement by a generator seeded with (seed, image ID),
-    in id order. Deterministic: a rebuild or a resumed build keeps the same cells."""
-    if count <= bag:
-        return list(range(count))
-    rng = np.random.default_rng([int(seed), zlib.crc32(image_id.encode("utf-8"))])
-    return sorted(int(i) for i in rng.choice(count, size=bag, replace=False))
-
-
 def bag_example(task: Task, image: np.ndarray, spec) -> tuple[bytes, int, list[int] | None]:
     """One image as one bag record: up to `spec.bag` of its cells, cut like cell mode's.
     Returns the record, how many cells it holds and the counts of `Result.cell_labels` (over
@@ -222,7 +211,7 @@ def bag_example(task: Task, image: np.ndarray, spec) -> tuple[bytes, int, list[i
     from common import preprocess
 
     cells, info = _cells(task, image)
-    keep = [info[i] for i in choose_cells(len(info), spec.bag, task.image_id, task.job.seed)]
+    keep = [info[i] for i in bags.choose_cells(len(info), spec.bag, task.image_id, task.job.seed)]
     tiles, _, _ = preprocess.cell_tiles(image, cells, spec, cell_ids=[c.id for c in keep],
                                         boxes=[c.bbox for c in keep])
     targets, counts = cell_targets(task, info, keep)

@@ -21,6 +21,8 @@ from common import models
 from train_tpu import model as modellib
 from common.labels import NUM_CLASSES
 
+POOL_LAYER = "pool_cells"  # the MaskedPooling layer (its config holds the pooling)
+
 
 def build_bag_model(backbone: str = "efficientnet_b0", size: int = 224, bag: int = 16,
                     num_classes: int = NUM_CLASSES, weights: str = "none", dropout: float = 0.2,
@@ -39,15 +41,12 @@ def build_bag_model(backbone: str = "efficientnet_b0", size: int = 224, bag: int
                                 dtype_policy=dtype_policy, bn_momentum=bn_momentum)
     embed = keras.Model(single.inputs[0], single.get_layer(models.FEATURES_LAYER).output,
                         name=f"{backbone}_cell_embedding")
-    previous = keras.config.dtype_policy()
-    try:
-        if dtype_policy:
-            keras.config.set_dtype_policy(dtype_policy)
+    with modellib.dtype_policy_scope(dtype_policy):
         cells = keras.Input(shape=(bag, size, size, models.NUM_CHANNELS), dtype="float32", name=mil.CELLS)
         mask = keras.Input(shape=(bag,), dtype="float32", name=mil.MASK)
         flat = mil.CellsOfBags(name="cells_of_bags")(cells)  # [B*N, S, S, 4]: one backbone call
         feats = mil.BagsOfCells(bag, name="bags_of_cells")(embed(flat))  # [B, N, C]
-        pooled = mil.MaskedPooling(pooling, name="pool_cells")([feats, mask])
+        pooled = mil.MaskedPooling(pooling, name=POOL_LAYER)([feats, mask])
         if dropout > 0:
             feats = keras.layers.Dropout(dropout, name="cell_dropout")(feats)
             pooled = keras.layers.Dropout(dropout, name="image_dropout")(pooled)
@@ -61,19 +60,20 @@ def build_bag_model(backbone: str = "efficientnet_b0", size: int = 224, bag: int
             cell_dense.set_weights(head)
             image_dense.set_weights(head)
         elif head_bias is not None:
-            bias = np.asarray(head_bias, np.float64).reshape(-1)
-            if bias.shape != (num_classes,) or not np.all(np.isfinite(bias)):
-                raise ValueError(f"head_bias: expected {num_classes} finite values, got {bias.tolist()}")
-            cell_dense.bias.assign(bias.astype(np.float32))
-            image_dense.bias.assign(bias.astype(np.float32))
+            bias = modellib.check_head_bias(head_bias, num_classes)
+            cell_dense.bias.assign(bias)
+            image_dense.bias.assign(bias)
         outputs = {
             mil.CELL: keras.layers.Activation("sigmoid", dtype="float32", name=mil.CELL)(cell_logits),
             mil.IMAGE: keras.layers.Activation("sigmoid", dtype="float32", name=mil.IMAGE)(image_logits),
         }
         return keras.Model({mil.CELLS: cells, mil.MASK: mask}, outputs,
                            name=f"{backbone}_{size}_bag{bag}_{pooling}")
-    finally:
-        keras.config.set_dtype_policy(previous)
+
+
+def pooling_of(model) -> str:
+    """The pooling ("max", "lse", "attention", ...) a bag model of `build_bag_model` was built with."""
+    return model.get_layer(POOL_LAYER).mode
 
 
 @keras.saving.register_keras_serializable(package="hpa_scc")
@@ -117,12 +117,4 @@ def validation_metrics(labels: np.ndarray, probs: dict, masks: np.ndarray, targe
     out.update({k: cells[k] for k in ("val_cell_loss", "val_cell_macro_auc", "val_cell_map")})
     if targets is not None:
         out.update(history.target_auc(np.asarray(targets)[real], cell_probs, prefix="val_cell_target_"))
-    return out
-
-
-def export_float32(model, cfg, size: int, bag: int):
-    """A float32, optimizer-free copy of a trained bag model for inference."""
-    out = build_bag_model(cfg.backbone, size, bag=bag, dropout=cfg.dropout, drop_connect_rate=0.0,
-                          dtype_policy="float32", pooling=cfg.pooling)
-    modellib.set_weights(out, model)
     return out

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from common import features, mil
+from common import bags, features, mil
 from common import shard_folder as shards_lib
 from common.labels import NUM_CLASSES
 from common.models import NUM_CHANNELS
@@ -231,10 +231,10 @@ def parse_bag_example(serialized, tile_size: int, bag: int, cells: int = 0, samp
         tf = _tf()
         real = tf.cast(tf.reduce_sum(mask), tf.int32)
         pick = tf.random.shuffle(tf.range(real)) if sample else tf.range(real)
-        kept = tf.minimum(real, cells)
-        order = tf.gather(pick, tf.range(cells) % tf.maximum(kept, 1))
+        # the first `cells` of `pick` fill the smaller bag by the same rule as the record's
+        order = tf.gather(pick, bags.tf_fill_order(real, cells))
         images = tf.ensure_shape(tf.gather(images, order), [cells] + images.shape[1:].as_list())
-        mask = tf.cast(tf.range(cells) < kept, tf.float32)
+        mask = bags.tf_fill_mask(real, cells)
         if targets:
             cell_y = tf.ensure_shape(tf.gather(cell_y, order), [cells, NUM_CLASSES])
     if targets:
@@ -269,15 +269,15 @@ def bag_to_float(x, labels):
 def bag_targets(x, labels):
     """-> the bag model's `({cells, mask}, {image: labels [19], cell: [N, 19]})`: each real
     cell's y is its image's labels, or its soft targets when `labels` is `(labels, cell
-    targets [N, 19])`; a padding cell's are -1, which `train_tpu.bag_model.masked_cell_bce`
-    leaves out."""
+    targets [N, 19])`; a padding cell's are `common.bags.PAD_TARGET` (-1), which
+    `train_tpu.bag_model.masked_cell_bce` leaves out."""
     tf = _tf()
     cells, mask = x
     if isinstance(labels, tuple):
         labels, per_cell_y = labels
     else:
         per_cell_y = tf.broadcast_to(labels, [mask.shape[0], NUM_CLASSES])
-    cell = tf.where(mask[:, None] > 0, per_cell_y, -1.0)
+    cell = tf.where(mask[:, None] > 0, per_cell_y, bags.PAD_TARGET)
     return {mil.CELLS: cells, mil.MASK: mask}, {mil.IMAGE: labels, mil.CELL: cell}
 
 
@@ -396,8 +396,7 @@ def eval_bag_masks(files, count: int, bag: int):
     spec = {features.IMAGE: features.bag_feature_spec()[features.IMAGE]}
 
     def mask(serialized):
-        k = tf.shape(tf.io.parse_single_example(serialized, spec)[features.IMAGE])[0]
-        return tf.cast(tf.range(bag) < k, tf.float32)
+        return bags.tf_fill_mask(tf.shape(tf.io.parse_single_example(serialized, spec)[features.IMAGE])[0], bag)
 
     parts = [b.numpy() for b in _val_records(files, count).map(mask).batch(4096)]
     return np.concatenate(parts) if parts else np.zeros((0, bag), np.float32)

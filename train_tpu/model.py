@@ -1,5 +1,7 @@
 """What only training does to a model: ImageNet weights carried from 3 to 4 channels, the
-BatchNorm momentum, the prior head bias, and the float32 export for inference.
+BatchNorm momentum, the prior head bias, and the float32 export for inference; `build`, the one
+builder of both modes (a tile model, or with `bag` N the dual-head bag model of
+`train_tpu.bag_model`), and `export_float32`, the one export of both.
 
 ImageNet weights (downloaded by Keras, or read from a local file for offline Kaggle runs) are
 carried from 3 to 4 channels so that the 4-channel model computes exactly what the 3-channel one
@@ -10,6 +12,7 @@ yellow channel starts with no influence and training lets it in. The architectur
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -71,12 +74,42 @@ def build_model(backbone: str = "efficientnet_b0", size: int = 224, num_classes:
     if bn_momentum is not None:
         set_bn_momentum(model, bn_momentum)
     if head_bias is not None:
-        head_bias = np.asarray(head_bias, np.float64).reshape(-1)
-        if head_bias.shape != (num_classes,) or not np.all(np.isfinite(head_bias)):
-            raise ValueError(f"head_bias: expected {num_classes} finite values, got "
-                             f"{head_bias.tolist()}")
-        model.get_layer(models.LOGITS_LAYER).bias.assign(head_bias.astype(np.float32))
+        model.get_layer(models.LOGITS_LAYER).bias.assign(check_head_bias(head_bias, num_classes))
     return model
+
+
+def build(backbone: str = "efficientnet_b0", size: int = 224, *, bag: int = 0, pooling: str = "max",
+          **kwargs):
+    """The model of either mode: `build_model` for tiles (bag 0), or the dual-head bag model of
+    N = `bag` cells with `pooling` (`train_tpu.bag_model.build_bag_model`). Other keywords as
+    `build_model`'s."""
+    if bag:
+        from train_tpu import bag_model  # imports Keras: only once the backend is chosen
+
+        return bag_model.build_bag_model(backbone, size, bag=bag, pooling=pooling, **kwargs)
+    return build_model(backbone, size, **kwargs)
+
+
+def check_head_bias(head_bias, num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """Initial logit biases -> `float32 [num_classes]`; ValueError unless that many finite values."""
+    bias = np.asarray(head_bias, np.float64).reshape(-1)
+    if bias.shape != (num_classes,) or not np.all(np.isfinite(bias)):
+        raise ValueError(f"head_bias: expected {num_classes} finite values, got {bias.tolist()}")
+    return bias.astype(np.float32)
+
+
+@contextlib.contextmanager
+def dtype_policy_scope(dtype_policy: str | None):
+    """Keras' global dtype policy set to `dtype_policy` (None: left as it is) while building,
+    and restored afterwards, whatever happens."""
+    keras = _keras()
+    previous = keras.config.dtype_policy()
+    try:
+        if dtype_policy:
+            keras.config.set_dtype_policy(dtype_policy)
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def set_bn_momentum(model, momentum: float) -> int:
@@ -99,9 +132,18 @@ def prior_logits(prior, floor: float = 1e-3) -> np.ndarray:
 
 def export_float32(model, backbone: str, size: int, num_classes: int = NUM_CLASSES,
                    dropout: float = 0.2):
-    """A float32, optimizer-free copy of a trained model (any dtype policy) for inference."""
-    out = build_model(backbone, size, num_classes=num_classes, dropout=dropout,
-                      drop_connect_rate=0.0, dtype_policy="float32")
+    """A float32, optimizer-free copy of a trained model (any dtype policy) for inference: a
+    tile model, or a bag model (its N and pooling read from the model), rebuilt by `build`
+    with the same layers and given the model's weights."""
+    from common import mil
+
+    bag, pooling = 0, "max"
+    if mil.is_bag_model(model):
+        from train_tpu import bag_model
+
+        bag, pooling = mil.bag_size(model), bag_model.pooling_of(model)
+    out = build(backbone, size, bag=bag, pooling=pooling, num_classes=num_classes, dropout=dropout,
+                drop_connect_rate=0.0, dtype_policy="float32")
     set_weights(out, model)
     return out
 

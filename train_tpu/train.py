@@ -113,25 +113,71 @@ def resolve_targets(cfg, carried: bool, fingerprint: str):
                        targets_fingerprint=fingerprint if use else "")
 
 
+class TileRun:
+    """What a tile run (image or cell mode) does where a bag run differs; `run_mode` picks one
+    of the two once, and the trainer asks it instead of testing the mode again."""
+
+    bag = 0  # cells per model input: 0, one tile
+
+    def compile_args(self, cfg) -> dict:
+        """`model.compile` keywords: the loss and Keras' running multi-label AUC."""
+        import keras
+
+        return {"loss": make_loss(cfg),
+                "metrics": [keras.metrics.AUC(multi_label=True, num_labels=NUM_CLASSES, name="auc")]}
+
+    def val_masks(self, files, count: int):
+        return None  # no padding places: every validation example is real
+
+    def validation_metrics(self, labels, probs, count: int, masks, targets) -> dict:
+        """The epoch's `val_*` columns from the model's predictions of the (padded) validation
+        batches, of which the first `count` are real."""
+        import numpy as np
+
+        probs = np.asarray(probs, np.float32)[:count]
+        row = history.validation_metrics(labels, probs)
+        if targets is not None:
+            row.update(history.target_auc(targets, probs))
+        return row
+
+
+class BagRun(TileRun):
+    """A bag run of N = `bag` cells per bag: the dual-head model's losses and metrics
+    (`train_tpu.bag_model`)."""
+
+    def __init__(self, bag: int):
+        self.bag = bag
+
+    def compile_args(self, cfg) -> dict:
+        from train_tpu import bag_model  # imports Keras: only once the backend is chosen
+
+        return bag_model.compile_args(cfg, make_loss(cfg))
+
+    def val_masks(self, files, count: int):
+        return data.eval_bag_masks(files, count, self.bag)
+
+    def validation_metrics(self, labels, probs, count: int, masks, targets) -> dict:
+        from train_tpu import bag_model
+
+        probs = {k: v[:count] for k, v in probs.items()}
+        return bag_model.validation_metrics(labels, probs, masks, targets)
+
+
+def run_mode(bag: int) -> TileRun:
+    """The mode object of a run whose model takes bags of `bag` cells (0: tiles)."""
+    return BagRun(bag) if bag else TileRun()
+
+
 def compile_model(model, cfg, optimizer, steps_per_execution: int = 1, bag: int = 0) -> None:
     """Compile in the strategy's scope. `auc` = Keras' multi-label (macro) AUC over the training
     batches as they stream by; it counts a class with no positive yet as 0, so it reads low on
     data with few classes. Validation uses `history.validation_metrics` (macro over the classes
     present, per-class AUC and AP), computed once per epoch on the whole validation fold.
     With cell targets (`cfg.targets == "cell_labels"`) the loss's y is each cell's soft targets;
-    Keras' BCE and focal losses take soft labels as they are."""
-    import keras
-
-    if bag:
-        from train_tpu import bag_model  # imports Keras: only once the backend is chosen
-
-        model.compile(optimizer=optimizer, steps_per_execution=steps_per_execution,
-                      **bag_model.compile_args(cfg, make_loss(cfg)))
-        return
-    model.compile(
-        optimizer=optimizer, loss=make_loss(cfg),
-        metrics=[keras.metrics.AUC(multi_label=True, num_labels=NUM_CLASSES, name="auc")],
-        steps_per_execution=steps_per_execution)
+    Keras' BCE and focal losses take soft labels as they are. bag: a bag model's N (its
+    losses are `BagRun.compile_args`'), 0 for a tile model."""
+    model.compile(optimizer=optimizer, steps_per_execution=steps_per_execution,
+                  **run_mode(bag).compile_args(cfg))
 
 
 def current_lr(optimizer) -> float:
@@ -142,7 +188,6 @@ def current_lr(optimizer) -> float:
 
 def _epoch_end_callback():
     import keras
-    import numpy as np
 
     class EpochEnd(keras.callbacks.Callback):
         """Validation metrics -> history row -> history.csv/png -> checkpoint, in that order, so a
@@ -162,17 +207,10 @@ def _epoch_end_callback():
             row = {"epoch": epoch + 1}
             row.update({k: float(v) for k, v in logs.items()})
             row["lr"] = current_lr(self.model.optimizer)
-            if r.val_count and r.bag:
-                from train_tpu import bag_model
-
+            if r.val_count:
                 probs = self.model.predict(r.val_ds, steps=r.val_batches, verbose=0)
-                probs = {k: v[:r.val_count] for k, v in probs.items()}
-                row.update(bag_model.validation_metrics(r.val_labels, probs, r.val_masks, r.val_targets))
-            elif r.val_count:
-                probs = self.model.predict(r.val_ds, steps=r.val_batches, verbose=0)[:r.val_count]
-                row.update(history.validation_metrics(r.val_labels, np.asarray(probs, np.float32)))
-                if r.val_targets is not None:
-                    row.update(history.target_auc(r.val_targets, np.asarray(probs, np.float32)))
+                row.update(r.mode.validation_metrics(r.val_labels, probs, r.val_count, r.val_masks,
+                                                     r.val_targets))
             row["time_s"] = time.time() - self._t0
             # the summary goes to Keras' logs (progress line, History); per-class values only
             # to history.csv, where 38 columns do not flood the console
@@ -265,6 +303,7 @@ def _train(cfg, resume: bool, callbacks) -> dict:
     cells = cfg.bag_cells or bag  # cells per training bag: the model's N
     if bag and cells > bag:
         raise ValueError(f"--bag-cells {cells}: the dataset's bags hold at most {bag} cells")
+    mode = run_mode(cells if bag else 0)
     if bag:
         spec = spec.replace(bag=cells)  # inference scores chunks of the model's N
     split = data.find_split(cfg.data, cfg.val_fold)
@@ -300,8 +339,8 @@ def _train(cfg, resume: bool, callbacks) -> dict:
     val_ds = data.eval_dataset(split.val_files, tile_size, model_size, cfg.batch_size, val_count, bag=bag,
                                cells=cells)
     val_labels = data.eval_labels(split.val_files, val_count)
-    val_masks = data.eval_bag_masks(split.val_files, val_count, cells) if bag else None
-    val_targets = data.eval_targets(split.val_files, val_count, cells if bag else 0) if targets else None
+    val_masks = mode.val_masks(split.val_files, val_count)
+    val_targets = data.eval_targets(split.val_files, val_count, mode.bag) if targets else None
 
     head_bias = None
     if not ckpt and modellib.is_run_source(cfg.weights):
@@ -325,20 +364,15 @@ def _train(cfg, resume: bool, callbacks) -> dict:
             keras.utils.set_random_seed(cfg.seed)  # the initial weights follow --seed too
             kwargs = dict(weights=cfg.weights, dropout=cfg.dropout, drop_connect_rate=cfg.drop_connect_rate,
                           dtype_policy=policy, bn_momentum=cfg.bn_momentum or None, head_bias=head_bias)
-            if bag:
-                from train_tpu import bag_model
-
-                model = bag_model.build_bag_model(cfg.backbone, model_size, bag=cells, pooling=cfg.pooling, **kwargs)
-            else:
-                model = modellib.build_model(cfg.backbone, model_size, **kwargs)
+            model = modellib.build(cfg.backbone, model_size, bag=mode.bag, pooling=cfg.pooling, **kwargs)
             optimizer = make_optimizer(cfg, steps)
-        compile_model(model, cfg, optimizer, spe, bag=bag)
+        compile_model(model, cfg, optimizer, spe, bag=mode.bag)
 
     rows = [r for r in history.read_history(storage.join(out, history.HISTORY_CSV))
             if r["epoch"] <= start_epoch] if resume else []
     run = _Run(cfg=cfg, out=out, rows=rows, val_ds=val_ds, val_labels=val_labels,
                val_count=val_count, val_batches=-(-val_count // cfg.batch_size),
-               model_size=model_size, bag=bag, val_masks=val_masks, val_targets=val_targets)
+               model_size=model_size, mode=mode, val_masks=val_masks, val_targets=val_targets)
     if start_epoch < cfg.epochs:
         model.fit(train_ds, epochs=cfg.epochs, initial_epoch=start_epoch, steps_per_epoch=steps,
                   callbacks=[_epoch_end_callback()(run), *callbacks],
@@ -346,12 +380,7 @@ def _train(cfg, resume: bool, callbacks) -> dict:
     else:
         log.info("%s: all %d epochs already done; exporting", out, cfg.epochs)
 
-    if bag:
-        from train_tpu import bag_model
-
-        export = bag_model.export_float32(model, cfg, model_size, cells)
-    else:
-        export = modellib.export_float32(model, cfg.backbone, model_size, dropout=cfg.dropout)
+    export = modellib.export_float32(model, cfg.backbone, model_size, dropout=cfg.dropout)
     log.info("wrote %s", run_folder.write_model(out, export))
     return {"out": out, "epochs": cfg.epochs, "steps_per_epoch": steps, "replicas": replicas,
             "strategy": type(strategy).__name__, "precision": policy, "backend": cfg.backend,
