@@ -12,7 +12,7 @@ process that lets TensorFlow use every core, each side warmed (one untimed pass 
 best of `--repeats` passes:
   (a) pipeline: `train_tpu.data.train_dataset(..., bag=N)` iterated alone (parse, N PNG decodes
       per bag, per-cell augmentation, batch, prefetch), in bags/s;
-      model: `train_tpu.bag_model.build_bag_model` compiled as the trainer does
+      model: `train_tpu.model.build_bag_model` compiled as the trainer does
       (`compile_model(..., bag=N)`: image loss + masked cell loss) trained on one in-memory
       batch, in bags/s; prints RATIO pipeline/model, which must be >= 5x so that a faster
       accelerator is not starved (exit status 1 when not met);

@@ -40,7 +40,7 @@ def model_examples_per_s(size: int, batch: int, steps: int, repeats: int, backbo
                          bag: int = 0, preset: str = "smoke", precision: str = "float32") -> float:
     """Training examples per second (bags when `bag` > 0) on one in-memory batch (input cost
     excluded): the model built and compiled as `train_tpu.train` does for `preset` (cell model, or
-    `build_bag_model` + `compile_model(..., bag=N)`), best of `repeats` passes of `steps` steps
+    `train_tpu.model.build(..., bag=N)` + `compile_model(..., bag=N)`), best of `repeats` passes of `steps` steps
     after a warm-up fit (tracing). `precision`: a Keras dtype policy, e.g. "mixed_float16" as the
     trainer picks on a GPU; float32 is the trainer's on a CPU."""
     import numpy as np
@@ -56,16 +56,13 @@ def model_examples_per_s(size: int, batch: int, steps: int, repeats: int, backbo
                   bn_momentum=cfg.bn_momentum or None,
                   dtype_policy=None if precision == "float32" else precision)
     rng = np.random.default_rng(0)
+    model = modellib.build(cfg.backbone, size, bag=bag, pooling=cfg.pooling, **kwargs)
     if bag:
-        from train_tpu import bag_model
-
-        model = bag_model.build_bag_model(cfg.backbone, size, bag=bag, pooling=cfg.pooling, **kwargs)
         x = {mil.CELLS: rng.uniform(0, 255, (batch, bag, size, size, 4)).astype("float32"),
              mil.MASK: np.ones((batch, bag), "float32")}
         labels = (rng.uniform(size=(batch, 19)) < 0.2).astype("float32")
         y = {mil.IMAGE: labels, mil.CELL: np.repeat(labels[:, None], bag, axis=1)}
     else:
-        model = modellib.build_model(cfg.backbone, size, **kwargs)
         x = rng.uniform(0, 255, (batch, size, size, 4)).astype("float32")
         y = (rng.uniform(size=(batch, 19)) < 0.2).astype("float32")
     trainlib.compile_model(model, cfg, trainlib.make_optimizer(cfg, steps), bag=bag)

@@ -13,6 +13,7 @@ Only built-in Keras layers are used, so `keras.saving.load_model` needs no custo
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import warnings
@@ -118,6 +119,21 @@ def _set_v1_normalization(model, a: np.ndarray, b: np.ndarray) -> None:
     norms[0].finalize_state()
 
 
+@contextlib.contextmanager
+def dtype_policy_scope(dtype_policy: str | None):
+    """Keras' global dtype policy set to `dtype_policy` (None: left as it is) while building,
+    and restored afterwards, whatever happens. The one home of this rule (the model builders of
+    both modes and the float32 export use it)."""
+    keras = _keras()
+    previous = keras.config.dtype_policy()
+    try:
+        if dtype_policy:
+            keras.config.set_dtype_policy(dtype_policy)
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
 def build_model(backbone: str = "efficientnet_b0", size: int = 224, num_classes: int = NUM_CLASSES,
                 dropout: float = 0.2, drop_connect_rate: float = 0.2,
                 dtype_policy: str | None = None, input_affine=None):
@@ -135,10 +151,7 @@ def build_model(backbone: str = "efficientnet_b0", size: int = 224, num_classes:
         a, b = _default_affine()
     else:
         a, b = (np.asarray(v, np.float64) for v in input_affine)
-    previous = keras.config.dtype_policy()
-    try:
-        if dtype_policy:
-            keras.config.set_dtype_policy(dtype_policy)
+    with dtype_policy_scope(dtype_policy):
         inputs = keras.Input(shape=(size, size, NUM_CHANNELS), dtype="float32", name="image")
         if bb.family == "v2":
             x = keras.layers.Normalization(axis=-1, mean=(-b / a).tolist(),
@@ -154,8 +167,6 @@ def build_model(backbone: str = "efficientnet_b0", size: int = 224, num_classes:
         # float32 so that mixed precision never rounds the probabilities
         outputs = keras.layers.Activation("sigmoid", dtype="float32", name=OUTPUT_LAYER)(x)
         return keras.Model(inputs, outputs, name=f"{backbone}_{size}")
-    finally:
-        keras.config.set_dtype_policy(previous)
 
 
 def model_path(path: str) -> str:

@@ -32,7 +32,7 @@ def _bag_model(bag: int, seed: int, pooling: str):
     """An untrained bag model (no dropout) whose heads tell cells apart. An untrained backbone's
     features are tiny (about 1e-6) and nearly alike, so the head weights are scaled to turn the
     features' spread over a few random cells into logits of spread about 2, centred at 0."""
-    from train_tpu.bag_model import build_bag_model
+    from train_tpu.model import build_bag_model
 
     keras.utils.set_random_seed(seed)
     model = build_bag_model("efficientnet_b0", SIZE, bag=bag, dropout=0.0, drop_connect_rate=0.0, pooling=pooling)

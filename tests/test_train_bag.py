@@ -40,7 +40,7 @@ def bag_run(bag_shards, tmp_path_factory):
 
 
 def _weights_free_bag_model(pooling: str, bag: int):
-    from train_tpu.bag_model import build_bag_model
+    from train_tpu.model import build_bag_model
 
     keras.utils.set_random_seed(1)
     model = build_bag_model("efficientnet_b0", 32, bag=bag, dropout=0.0, drop_connect_rate=0.0,
@@ -126,7 +126,7 @@ def test_the_float32_export_of_a_bag_model_copies_every_weight(policy):
     heads computing what the float32 model with those weights computes, on outputs that span
     (0, 1); a bag model lacking the copied weights misses them by far more than the tolerance."""
     from tests.test_models import assert_spread, spread_head
-    from train_tpu.bag_model import POOL_LAYER, pooling_of
+    from train_tpu.model import POOL_LAYER, pooling_of
 
     rng = np.random.default_rng(3)
     keras.utils.set_random_seed(3)
@@ -167,7 +167,7 @@ S.configure_cpu_replicas(2)
 import tensorflow as tf
 from common import mil
 from train_tpu import train as T
-from train_tpu.bag_model import build_bag_model
+from train_tpu.model import build_bag_model
 from tests import replica_step as R
 
 cfg = R.sgd_config(mode="bag")
@@ -211,7 +211,7 @@ def test_a_bag_run_resumes_from_its_last_epoch(bag_run, tmp_path):
 
 
 def test_the_bag_model_builds_in_mixed_precision_with_float32_outputs():
-    from train_tpu.bag_model import build_bag_model
+    from train_tpu.model import build_bag_model
 
     for pooling in mil.POOLINGS:
         m = build_bag_model("efficientnet_b0", 32, bag=3, dropout=0.1, drop_connect_rate=0.0,
@@ -278,7 +278,7 @@ def test_a_run_starts_from_another_runs_weights(bag_run, bag_shards, tmp_path):
     """`--weights RUN`: a cell-tile model built from a bag run computes the bag run's cell head,
     and a bag model built from that cell-tile model computes it again in its cell head, its
     image head starting as the same head on the pooled features. Another backbone is refused."""
-    from train_tpu.bag_model import build_bag_model
+    from train_tpu.model import build_bag_model
 
     _, out, _ = bag_run
     trained = models.load_model(out)

@@ -8,8 +8,9 @@
 Loss: BCE(image, image labels) + cell_weight * BCE(cell, the image's labels for every real
 cell), the cell term averaged over real cells only. Shards built with --cell-labels give the
 cell term each cell's soft targets instead (`masked_cell_bce` takes y in [0, 1]); the image
-term keeps the image labels. The shared layer and the names live in
-`common.mil`, so inference can load the model without this module.
+term keeps the image labels. The model itself is built by `train_tpu.model.build_bag_model`
+(the one builder of both modes); the shared layer and the names live in `common.mil`, so
+inference can load the model without this module.
 """
 from __future__ import annotations
 
@@ -18,63 +19,7 @@ import numpy as np
 
 from common import mil
 from common import models
-from train_tpu import model as modellib
 from common.labels import NUM_CLASSES
-
-POOL_LAYER = "pool_cells"  # the MaskedPooling layer (its config holds the pooling)
-
-
-def build_bag_model(backbone: str = "efficientnet_b0", size: int = 224, bag: int = 16,
-                    num_classes: int = NUM_CLASSES, weights: str = "none", dropout: float = 0.2,
-                    drop_connect_rate: float = 0.2, dtype_policy: str | None = None,
-                    bn_momentum: float | None = None, head_bias=None, pooling: str = "max"):
-    """Inputs `{cells: float32 [B, bag, size, size, 4], mask: float32 [B, bag]}`, outputs
-    `{cell: [B, bag, 19], image: [B, 19]}` (float32 sigmoid). Arguments as
-    `train_tpu.model.build_model`; `head_bias` starts both heads at the class prior. `weights`
-    may name a trained run (a cell-tile run, or a bag run): the backbone starts as its
-    backbone and both heads as its cell head."""
-
-    if bag < 1:
-        raise ValueError(f"bag must be >= 1, got {bag}")
-    single = modellib.build_model(backbone, size, num_classes=num_classes, weights=weights,
-                                dropout=0.0, drop_connect_rate=drop_connect_rate,
-                                dtype_policy=dtype_policy, bn_momentum=bn_momentum)
-    embed = keras.Model(single.inputs[0], single.get_layer(models.FEATURES_LAYER).output,
-                        name=f"{backbone}_cell_embedding")
-    with modellib.dtype_policy_scope(dtype_policy):
-        cells = keras.Input(shape=(bag, size, size, models.NUM_CHANNELS), dtype="float32", name=mil.CELLS)
-        mask = keras.Input(shape=(bag,), dtype="float32", name=mil.MASK)
-        flat = mil.CellsOfBags(name="cells_of_bags")(cells)  # [B*N, S, S, 4]: one backbone call
-        feats = mil.BagsOfCells(bag, name="bags_of_cells")(embed(flat))  # [B, N, C]
-        pooled = mil.MaskedPooling(pooling, name=POOL_LAYER)([feats, mask])
-        if dropout > 0:
-            feats = keras.layers.Dropout(dropout, name="cell_dropout")(feats)
-            pooled = keras.layers.Dropout(dropout, name="image_dropout")(pooled)
-        cell_dense = keras.layers.Dense(num_classes, name=mil.CELL_LOGITS)
-        image_dense = keras.layers.Dense(num_classes, name=mil.IMAGE_LOGITS)
-        cell_logits, image_logits = cell_dense(feats), image_dense(pooled)
-        if modellib.is_run_source(weights):
-            # started from a trained run: both heads start as its (cell) head, the image head
-            # on the pooled features ("the image shows c where its most-c cell does")
-            head = single.get_layer(models.LOGITS_LAYER).get_weights()
-            cell_dense.set_weights(head)
-            image_dense.set_weights(head)
-        elif head_bias is not None:
-            bias = modellib.check_head_bias(head_bias, num_classes)
-            cell_dense.bias.assign(bias)
-            image_dense.bias.assign(bias)
-        outputs = {
-            mil.CELL: keras.layers.Activation("sigmoid", dtype="float32", name=mil.CELL)(cell_logits),
-            mil.IMAGE: keras.layers.Activation("sigmoid", dtype="float32", name=mil.IMAGE)(image_logits),
-        }
-        return keras.Model({mil.CELLS: cells, mil.MASK: mask}, outputs,
-                           name=f"{backbone}_{size}_bag{bag}_{pooling}")
-
-
-def pooling_of(model) -> str:
-    """The pooling ("max", "lse", "attention", ...) a bag model of `build_bag_model` was built with."""
-    return model.get_layer(POOL_LAYER).mode
-
 
 @keras.saving.register_keras_serializable(package="hpa_scc")
 def masked_cell_bce(y_true, y_pred):

@@ -12,7 +12,6 @@ yellow channel starts with no influence and training lets it in. The architectur
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import numpy as np
@@ -78,15 +77,71 @@ def build_model(backbone: str = "efficientnet_b0", size: int = 224, num_classes:
     return model
 
 
+POOL_LAYER = "pool_cells"  # the MaskedPooling layer (its config holds the pooling)
+
+
+def build_bag_model(backbone: str = "efficientnet_b0", size: int = 224, bag: int = 16,
+                    num_classes: int = NUM_CLASSES, weights: str = "none", dropout: float = 0.2,
+                    drop_connect_rate: float = 0.2, dtype_policy: str | None = None,
+                    bn_momentum: float | None = None, head_bias=None, pooling: str = "max"):
+    """Inputs `{cells: float32 [B, bag, size, size, 4], mask: float32 [B, bag]}`, outputs
+    `{cell: [B, bag, 19], image: [B, 19]}` (float32 sigmoid). Arguments as
+    `train_tpu.model.build_model`; `head_bias` starts both heads at the class prior. `weights`
+    may name a trained run (a cell-tile run, or a bag run): the backbone starts as its
+    backbone and both heads as its cell head."""
+
+    if bag < 1:
+        raise ValueError(f"bag must be >= 1, got {bag}")
+    keras = _keras()
+    from common import mil  # imports Keras: only once the backend is chosen
+
+    single = build_model(backbone, size, num_classes=num_classes, weights=weights,
+                                dropout=0.0, drop_connect_rate=drop_connect_rate,
+                                dtype_policy=dtype_policy, bn_momentum=bn_momentum)
+    embed = keras.Model(single.inputs[0], single.get_layer(models.FEATURES_LAYER).output,
+                        name=f"{backbone}_cell_embedding")
+    with models.dtype_policy_scope(dtype_policy):
+        cells = keras.Input(shape=(bag, size, size, models.NUM_CHANNELS), dtype="float32", name=mil.CELLS)
+        mask = keras.Input(shape=(bag,), dtype="float32", name=mil.MASK)
+        flat = mil.CellsOfBags(name="cells_of_bags")(cells)  # [B*N, S, S, 4]: one backbone call
+        feats = mil.BagsOfCells(bag, name="bags_of_cells")(embed(flat))  # [B, N, C]
+        pooled = mil.MaskedPooling(pooling, name=POOL_LAYER)([feats, mask])
+        if dropout > 0:
+            feats = keras.layers.Dropout(dropout, name="cell_dropout")(feats)
+            pooled = keras.layers.Dropout(dropout, name="image_dropout")(pooled)
+        cell_dense = keras.layers.Dense(num_classes, name=mil.CELL_LOGITS)
+        image_dense = keras.layers.Dense(num_classes, name=mil.IMAGE_LOGITS)
+        cell_logits, image_logits = cell_dense(feats), image_dense(pooled)
+        if is_run_source(weights):
+            # started from a trained run: both heads start as its (cell) head, the image head
+            # on the pooled features ("the image shows c where its most-c cell does")
+            head = single.get_layer(models.LOGITS_LAYER).get_weights()
+            cell_dense.set_weights(head)
+            image_dense.set_weights(head)
+        elif head_bias is not None:
+            bias = check_head_bias(head_bias, num_classes)
+            cell_dense.bias.assign(bias)
+            image_dense.bias.assign(bias)
+        outputs = {
+            mil.CELL: keras.layers.Activation("sigmoid", dtype="float32", name=mil.CELL)(cell_logits),
+            mil.IMAGE: keras.layers.Activation("sigmoid", dtype="float32", name=mil.IMAGE)(image_logits),
+        }
+        return keras.Model({mil.CELLS: cells, mil.MASK: mask}, outputs,
+                           name=f"{backbone}_{size}_bag{bag}_{pooling}")
+
+
+def pooling_of(model) -> str:
+    """The pooling ("max", "lse", "attention", ...) a bag model of `build_bag_model` was built with."""
+    return model.get_layer(POOL_LAYER).mode
+
+
 def build(backbone: str = "efficientnet_b0", size: int = 224, *, bag: int = 0, pooling: str = "max",
           **kwargs):
     """The model of either mode: `build_model` for tiles (bag 0), or the dual-head bag model of
-    N = `bag` cells with `pooling` (`train_tpu.bag_model.build_bag_model`). Other keywords as
+    N = `bag` cells with `pooling` (`build_bag_model`). Other keywords as
     `build_model`'s."""
     if bag:
-        from train_tpu import bag_model  # imports Keras: only once the backend is chosen
-
-        return bag_model.build_bag_model(backbone, size, bag=bag, pooling=pooling, **kwargs)
+        return build_bag_model(backbone, size, bag=bag, pooling=pooling, **kwargs)
     return build_model(backbone, size, **kwargs)
 
 
@@ -96,20 +151,6 @@ def check_head_bias(head_bias, num_classes: int = NUM_CLASSES) -> np.ndarray:
     if bias.shape != (num_classes,) or not np.all(np.isfinite(bias)):
         raise ValueError(f"head_bias: expected {num_classes} finite values, got {bias.tolist()}")
     return bias.astype(np.float32)
-
-
-@contextlib.contextmanager
-def dtype_policy_scope(dtype_policy: str | None):
-    """Keras' global dtype policy set to `dtype_policy` (None: left as it is) while building,
-    and restored afterwards, whatever happens."""
-    keras = _keras()
-    previous = keras.config.dtype_policy()
-    try:
-        if dtype_policy:
-            keras.config.set_dtype_policy(dtype_policy)
-        yield
-    finally:
-        keras.config.set_dtype_policy(previous)
 
 
 def set_bn_momentum(model, momentum: float) -> int:
@@ -139,9 +180,7 @@ def export_float32(model, backbone: str, size: int, num_classes: int = NUM_CLASS
 
     bag, pooling = 0, "max"
     if mil.is_bag_model(model):
-        from train_tpu import bag_model
-
-        bag, pooling = mil.bag_size(model), bag_model.pooling_of(model)
+        bag, pooling = mil.bag_size(model), pooling_of(model)
     out = build(backbone, size, bag=bag, pooling=pooling, num_classes=num_classes, dropout=dropout,
                 drop_connect_rate=0.0, dtype_policy="float32")
     set_weights(out, model)
