@@ -11,27 +11,51 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
-# `make test` runs `pytest -n 2 --dist loadgroup` (pytest-xdist): a unit of work is an
-# `xdist_group`, run whole on one worker, so a module- or session-scoped fixture is built once.
-# A test without its own group is grouped with its module (as --dist loadfile would); a group
-# that spans modules (tests/learning_runs.py's LEARNING_GROUP, "jax": one JAX compilation cache)
-# is marked in the tests. The slowest groups are collected first, so that the two workers
-# start on them and the many short modules fill in behind (measured: `--durations`).
+# `make test` runs `pytest -n 2 --dist loadgroup` (pytest-xdist): a unit of work is a group,
+# run whole on one worker, so a module- or session-scoped fixture is built once. A test's group
+# is its module (as --dist loadfile), except the groups below that span modules: "learning_base"
+# (the tests of tests/learning_runs.py's base run) and "jax" (one JAX compilation cache).
+# xdist's own `xdist_group` marks do not reach its scheduler under pytest 9 (it renames
+# `item._nodeid`, which pytest 9 no longer reads), so the groups are named here by node id and
+# the scheduler below reads them. The slowest groups are collected first, so that the two
+# workers start on them and the many short modules fill in behind (measured: `--durations`).
+GROUPS = {  # node id prefix -> group
+    "tests/test_learning_mil.py": "learning_base",
+    "tests/test_learning.py::test_demo_preset_learns_cell_labels_from_image_labels[tensorflow]": "learning_base",
+    "tests/test_learning.py::test_demo_preset_learns_cell_labels_from_image_labels[jax]": "jax",
+    "tests/test_train_jax.py": "jax",
+}
 SLOW_FIRST = ("test_learning_mil", "test_learning", "test_train_jax", "test_learning_pseudo_label",
               "test_self_train", "test_train", "test_train_bag", "test_predict_e2e")
 
 
-def _module(item) -> str:
-    return item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+def _module(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
+def group_of(nodeid: str) -> str:
+    """The xdist work unit of the test `nodeid`: its GROUPS entry, else its module file."""
+    for prefix, group in GROUPS.items():
+        if nodeid == prefix or nodeid.startswith(prefix + "::"):
+            return group
+    return nodeid.split("::", 1)[0]
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    return GroupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(_module(item)))
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(_module(item), len(rank)))
+    items.sort(key=lambda item: rank.get(_module(item.nodeid), len(rank)))
 
 
 @pytest.fixture(scope="session")
