@@ -75,4 +75,21 @@ def synthetic_small(tmp_path_factory) -> Path:
     synthetic.generate(str(out), n=6, size=256, seed=0)
     return out
 
+@pytest.fixture(scope="session")
+def learning_data(tmp_path_factory) -> dict:
+    """The learning tests' synthetic data and shards (tests/learning_runs.py), made once."""
+    from tests.learning_runs import make_learning_data
+
+    return make_learning_data(tmp_path_factory.mktemp("learning"))
+
+
+@pytest.fixture(scope="session")
+def learning_base(learning_data, tmp_path_factory) -> Path:
+    """The deterministic `demo` cell-tile run on `learning_data` (tests/learning_runs.py),
+    trained once: its tests share one xdist group (GROUPS) so one worker trains it."""
+    from tests.learning_runs import train_base
+
+    return train_base(learning_data, tmp_path_factory.mktemp("learning_base") / "base")
+
+
 from tests.gcs_emulator import gcs_bucket, gcs_emulator  # noqa: E402,F401  real GCS emulator fixtures

@@ -63,8 +63,8 @@ def test_out_of_fold_pseudo_labels_beat_the_inherited_image_labels(tmp_path):
 
     q = _quality()
     (base_name, inherit), (rule_name, rule) = q.evaluate(str(cells), str(syn), [PseudoLabelRule()], str(tmp_path))
-    print(f"{inherit['cells']} cells: inherit AUC {inherit['AUC']:.3f} MAE {inherit['MAE']:.3f}; "
-          f"{rule_name}: AUC {rule['AUC']:.3f} negAUC {rule['negAUC']:.3f} MAE {rule['MAE']:.3f}")
+    print(f"{inherit['cells']} cells: inherit AUC {inherit['AUC']:.6f} MAE {inherit['MAE']:.6f}; "
+          f"{rule_name}: AUC {rule['AUC']:.6f} negAUC {rule['negAUC']:.6f} MAE {rule['MAE']:.6f}")
     assert inherit["cells"] >= 250 and inherit["AUC"] == 0.5
     assert rule["AUC"] >= BAR_AUC
     assert rule["MAE"] <= inherit["MAE"] - BAR_MAE_GAIN
