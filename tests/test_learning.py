@@ -15,8 +15,7 @@ is the slowest trainer here, and 120 steps learn enough to tell a working JAX pa
 broken one.
 
 Measured (deterministic: two TensorFlow runs gave the same history to the last digit; the JAX
-run was measured once), against
-the cells' true labels, untrained (seed 0) 0.515 AUC / 0.095 mAP: TensorFlow 0.798 / 0.374,
+run was measured once), against the cells' true labels, untrained (seed 0) 0.515 AUC / 0.095 mAP: TensorFlow 0.798 / 0.374,
 JAX (3 epochs) 0.725 / 0.229. Bars: TensorFlow AUC > 0.74 and mAP up by more than 0.2 (0.058
 and 0.08 below the measured values); JAX AUC > 0.68 and mAP up by more than 0.10 (0.045 and
 0.034 below; its mAP bar is below the old 5-epoch bar of 0.12 because it trains 3 epochs).
