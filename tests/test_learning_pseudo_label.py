@@ -12,8 +12,8 @@ error over each image's classes and Negative.
 Measured (this test's setting, deterministic: two runs here, one alone and one after the
 learning tests in the same pytest-xdist worker, gave the same numbers to 6 digits): 345 matched
 cells; inherited labels AUC 0.500, MAE 0.349; the default rule AUC 0.744 (Negative AUC 0.786),
-MAE 0.276. (This docstring said 0.727 / 0.701 / 0.260 before: an earlier measurement that the
-code at a9534db no longer gives.) Bars: AUC >= 0.65 (0.094 below the measured value) and an MAE
+MAE 0.276. (This docstring said 0.727 / 0.701 / 0.260 before: an earlier measurement that a9534db
+does not give on this machine.) Bars: AUC >= 0.65 (0.094 below the measured value) and an MAE
 at least 0.05 under the inherited labels' (measured 0.074), room for another machine's float
 rounding. On the self-training study's data (share 0.3, seed 0, 57 images, all three folds out
 of fold) the same rule scored AUC 0.793 / MAE 0.290 against the inherited labels' 0.500 / 0.435.
