@@ -19,8 +19,9 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-beam.txt pyproject.
 demo: $(STAMP)
 	PY=$(PY) bash scripts/demo.sh $(DEMO_OUT)
 
+# two pytest-xdist workers; a test's xdist_group runs whole on one (tests/conftest.py)
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n 2 --dist loadgroup --durations=30
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

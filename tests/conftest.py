@@ -11,6 +11,52 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
+# `make test` runs `pytest -n 2 --dist loadgroup` (pytest-xdist): a unit of work is a group,
+# run whole on one worker, so a module- or session-scoped fixture is built once. A test's group
+# is its module (as --dist loadfile), except the groups below that span modules: "learning_base"
+# (the tests of tests/learning_runs.py's base run) and "jax" (one JAX compilation cache).
+# xdist's own `xdist_group` marks do not reach its scheduler under pytest 9 (it renames
+# `item._nodeid`, which pytest 9 no longer reads), so the groups are named here by node id and
+# the scheduler below reads them. The slowest groups are collected first, so that the two
+# workers start on them and the many short modules fill in behind (measured: `--durations`).
+GROUPS = {  # node id prefix -> group
+    "tests/test_learning_mil.py": "learning_base",
+    "tests/test_learning.py::test_demo_preset_learns_cell_labels_from_image_labels[tensorflow]": "learning_base",
+    "tests/test_learning.py::test_demo_preset_learns_cell_labels_from_image_labels[jax]": "jax",
+    "tests/test_train_jax.py": "jax",
+}
+SLOW_FIRST = ("test_learning_mil", "test_learning", "test_train_jax", "test_learning_pseudo_label",
+              "test_self_train", "test_train", "test_train_bag", "test_predict_e2e")
+
+
+def _module(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+
+
+def group_of(nodeid: str) -> str:
+    """The xdist work unit of the test `nodeid`: its GROUPS entry, else its module file."""
+    for prefix, group in GROUPS.items():
+        if nodeid == prefix or nodeid.startswith(prefix + "::"):
+            return group
+    return nodeid.split("::", 1)[0]
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    return GroupScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(_module(item.nodeid), len(rank)))
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
@@ -28,5 +74,22 @@ def synthetic_small(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synthetic_small")
     synthetic.generate(str(out), n=6, size=256, seed=0)
     return out
+
+@pytest.fixture(scope="session")
+def learning_data(tmp_path_factory) -> dict:
+    """The learning tests' synthetic data and shards (tests/learning_runs.py), made once."""
+    from tests.learning_runs import make_learning_data
+
+    return make_learning_data(tmp_path_factory.mktemp("learning"))
+
+
+@pytest.fixture(scope="session")
+def learning_base(learning_data, tmp_path_factory) -> Path:
+    """The deterministic `demo` cell-tile run on `learning_data` (tests/learning_runs.py),
+    trained once: its tests share one xdist group (GROUPS) so one worker trains it."""
+    from tests.learning_runs import train_base
+
+    return train_base(learning_data, tmp_path_factory.mktemp("learning_base") / "base")
+
 
 from tests.gcs_emulator import gcs_bucket, gcs_emulator  # noqa: E402,F401  real GCS emulator fixtures

@@ -1,78 +1,60 @@
 """The dual-head MIL recipe learns which classes an image holds (issue #13), checked end to end
-with the real CLIs on fresh synthetic data against the held-out images' cell-level truth.
+with the real CLIs (run in this process: tests/learning_runs.py) on fresh synthetic data against
+the held-out images' cell-level truth.
 
 The recipe as the `demo_mil_ft` preset runs it: a cell-tile model (the `demo` preset, 5 of its
-12 epochs: 200 steps), then 120 steps of bag training started from it (`--weights RUN`).
+12 epochs: 200 steps; the session's shared base run, tests/learning_runs.py, also scored by
+tests/test_learning.py), then 120 steps of bag training started from it (`--weights RUN`).
 The control spends the same 120 steps, from the same model, the same way on cell tiles. Both
 predict the same 19 held-out images; `evaluate` scores the strict mAP (every class counts on
 every image) and the competition's Open Images rule.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
-from tests.jax_env import ROOT
+from tests.learning_runs import DETERMINISTIC, cli
 
 pytest.importorskip("tensorflow")
 pytestmark = pytest.mark.timeout(1800)
 
 
-def _cli(*args, timeout=900) -> str:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, "-m", *map(str, args)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=timeout)
-    assert res.returncode == 0, (args, res.stdout[-2000:], res.stderr[-4000:])
-    return res.stdout
-
-
 def _map(truth, sub, strict: bool) -> float:
-    out = _cli("infer_gpu", "evaluate", "--truth", truth, "--submission", sub,
-               *(["--all-labels-verified"] if strict else []))
+    out = cli("infer_gpu", "evaluate", "--truth", truth, "--submission", sub,
+              *(["--all-labels-verified"] if strict else []))
     last = out.strip().splitlines()[-1]  # "mAP 0.1234"
     assert last.startswith("mAP "), out[-500:]
     return float(last.split()[1])
 
 
 @pytest.fixture(scope="module")
-def scores(tmp_path_factory):
+def scores(learning_data, learning_base, tmp_path_factory):
     """{name: (strict mAP, Open Images mAP)} of the recipes on the held-out images."""
     root = tmp_path_factory.mktemp("learning_mil")
-    train, test = root / "train", root / "test"
-    _cli("testkit.synthetic", "--out", train, "--n", 57, "--size", 256, "--seed", 31)
-    _cli("testkit.synthetic", "--out", test, "--n", 19, "--size", 256, "--seed", 32)
-    for mode in ("cell", "bag"):
-        _cli("tfrecords_builder", "--images", train / "images", "--labels", train / "train.csv",
-             "--out", root / mode, "--mode", mode, "--masks", train / "masks", "--size", 48,
-             "--folds", 3, "--workers", 2)
-    base = root / "base"
-    how = ("--strategy", "cpu", "--deterministic")  # the same numbers on every run here
-    _cli("train_tpu", "--data", root / "cell", "--mode", "cell", "--out", base, "--preset", "demo",
-         "--epochs", 5, *how)
-    _cli("train_tpu", "--data", root / "cell", "--mode", "cell", "--out", root / "cell_more",
-         "--preset", "demo", "--epochs", 3, "--learning-rate", 3e-4, "--weights", base, *how)
-    _cli("train_tpu", "--data", root / "bag", "--mode", "bag", "--out", root / "mil",
-         "--preset", "demo_mil_ft", "--weights", base, *how)
+    data, test = learning_data, learning_data["test"]
+    cli("train_tpu", "--data", data["cell"], "--mode", "cell", "--out", root / "cell_more",
+        "--preset", "demo", "--epochs", 3, "--learning-rate", 3e-4, "--weights", learning_base,
+        *DETERMINISTIC)
+    cli("train_tpu", "--data", data["bag"], "--mode", "bag", "--out", root / "mil",
+        "--preset", "demo_mil_ft", "--weights", learning_base, *DETERMINISTIC)
     out = {}
     for name, run, extra in (("cell", "cell_more", ()), ("mil", "mil", ()),
                              ("mil_cell_head", "mil", ("--cell-weight", "1.0")),
                              ("cell_from_cells", "cell_more", ("--image-from-cells",))):
         sub = root / f"{name}.csv"
-        _cli("infer_gpu", "predict", "--images", test / "images", "--sample-submission",
-             test / "sample_submission.csv", "--model", root / run, "--out", sub, *extra)
+        cli("infer_gpu", "predict", "--images", test / "images", "--sample-submission",
+            test / "sample_submission.csv", "--model", root / run, "--out", sub, "--no-progress",
+            *extra)
         out[name] = (_map(test / "truth.csv", sub, True), _map(test / "truth.csv", sub, False))
-    print("strict / Open Images mAP:", {k: f"{s:.3f} / {o:.3f}" for k, (s, o) in out.items()})
+    print("strict / Open Images mAP:", {k: f"{s:.6f} / {o:.6f}" for k, (s, o) in out.items()})
     return out
-
-
 
 
 def test_the_image_head_lifts_the_strict_map_and_mil_keeps_up_with_cell_tiles(scores):
     """Every run is --deterministic, so these numbers repeat on this machine: cell tiles 0.407 /
-    0.822 (strict / Open Images), MIL 0.441 / 0.828, the MIL run's cell head alone 0.392 / 0.838.
+    0.822 (strict / Open Images), MIL 0.441 / 0.828, the MIL run's cell head alone 0.392 / 0.838
+    (0.4071 / 0.8221, 0.4406 / 0.8281, 0.3916 / 0.8378 in process with the shared base run, as
+    the CLIs in subprocesses gave before).
 
     The bars come from what holds across data seeds (`scripts/mil_vs_cells.sh`, README "MIL
     against cell tiles"), not from this seed alone. MIL minus cell tiles, strict: +0.033, +0.009,
@@ -83,11 +65,15 @@ def test_the_image_head_lifts_the_strict_map_and_mil_keeps_up_with_cell_tiles(sc
     (+0.049 here, +0.039 to +0.081 before: the head knows which classes an image holds); MIL is
     at least on par with the cell tiles on the strict mAP (never more than 0.03 below) and on
     the Open Images mAP within 0.04 (-0.036 to +0.023).
+
+    The bars on MIL against the cell tiles are this deterministic run's, not the seeds' (they
+    were lowered to "no more than 0.03 below" after noisy runs): measured +0.034 strict and
+    +0.006 Open Images; bars +0.01 and -0.01, room for another machine's float rounding.
     """
     (mil, mil_oi), (head, head_oi), (cell, cell_oi) = scores["mil"], scores["mil_cell_head"], scores["cell"]
     assert mil > head + 0.015, scores
-    assert mil > cell - 0.03, scores
-    assert mil_oi > cell_oi - 0.04, scores
+    assert mil > cell + 0.01, scores
+    assert mil_oi > cell_oi - 0.01, scores
 
 
 def test_the_image_from_its_cells_lifts_the_cell_tiles(scores):

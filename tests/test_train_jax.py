@@ -28,7 +28,7 @@ from train_tpu import history
 from train_tpu import config as cfgmod
 
 keras = pytest.importorskip("keras")
-pytestmark = pytest.mark.timeout(1800)
+pytestmark = pytest.mark.timeout(1800)  # xdist: one worker with test_learning[jax] (tests/conftest.py)
 
 _CHECKS = r"""
 import json, sys
