@@ -271,12 +271,9 @@ def build_beam(cfg: BuildConfig, beam_args: Sequence[str] = (), progress: bool =
         if local:
             raise core.BuildError(f"{runner} workers cannot see this machine's files: give --out, "
                                       f"--images, --masks and --cell-labels as gs:// paths (not {local[0]})")
-    table = core.read_cell_labels(cfg)
-    finished = core.load_finished(cfg, table)
+    table, finished = core.start(cfg, log)
     if finished is not None:
-        log(f"{cfg.out}: already complete")
         return finished
-    core.check_segmenter(cfg)
     with core.Runner(0) as runner:  # the pilot decodes 8 images here, on the launching machine
         # The pilot's results are not reused (unlike the local engine's): the workers decode
         # those 8 images again rather than receive their records inside the pipeline's definition.

@@ -36,12 +36,9 @@ def build(cfg: BuildConfig, progress: bool = True, log: Callable[[str], None] = 
 
     from tqdm import tqdm
 
-    table = core.read_cell_labels(cfg)
-    finished = core.load_finished(cfg, table)
+    table, finished = core.start(cfg, log)
     if finished is not None:
-        log(f"{cfg.out}: already complete")
         return finished
-    core.check_segmenter(cfg)
     with core.Runner(cfg.workers) as runner:
         pilot: dict[str, Result] = {}  # results decoded while planning, used once
         plan = core.load_or_make_plan(cfg, runner, log, pilot, table)

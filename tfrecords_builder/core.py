@@ -250,6 +250,19 @@ def load_finished(cfg: BuildConfig, table=None) -> BuildResult | None:
     return BuildResult(cfg.out, manifest, 0, len(manifest["shards"]))
 
 
+
+def start(cfg: BuildConfig, log: Callable[[str], None]):
+    """What both engines do first: `(table, finished)`, the --cell-labels table (None without
+    it) and the result of a build already complete in `cfg.out` (then logged; else None, after
+    the segmenter is checked, so a build that cannot segment stops before any work)."""
+    table = read_cell_labels(cfg)
+    finished = load_finished(cfg, table)
+    if finished is not None:
+        log(f"{cfg.out}: already complete")
+        return table, finished
+    check_segmenter(cfg)
+    return table, None
+
 def load_or_make_plan(cfg: BuildConfig, runner: Runner, log: Callable[[str], None],
                       keep: dict, table=None) -> planlib.Plan:
     """The saved plan of an unfinished build (checked against `cfg`), or a new one: made
