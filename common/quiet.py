@@ -14,9 +14,7 @@ process, and the trainer more):
   `import tensorflow` runs with file descriptor 2 sent to a temporary file; afterwards stderr
   is restored and every line of it that is not a known start-up line is written back, so an
   import that fails still shows why.
-- Keras' warning that `shuffle=True` is ignored for a tf.data.Dataset (the trainer's datasets
-  are shuffled by the pipeline).
-The stages' own lines, Python warnings of any other kind and errors still show.
+The stages' own lines, Python warnings and errors still show.
 
 `--verbose` on any stage, or HPA_VERBOSE=1 in the environment, leaves all of it alone (and
 `quiet(verbose=True)` sets HPA_VERBOSE=1 so that child processes are verbose too).
@@ -29,7 +27,6 @@ import os
 import re
 import sys
 import tempfile
-import warnings
 
 ENV = "HPA_VERBOSE"  # 1/true/yes: TensorFlow's start-up lines are printed, as without this module
 
@@ -49,9 +46,8 @@ NOISE = tuple(re.compile(p) for p in (
     _ABSL + r"NodeDef mentions attribute",
     r"^Attempting to register factory for plugin",
 ))
-VERBOSE_HELP = ("also print TensorFlow's start-up lines (C++ and absl logs, Keras' shuffle "
-                "notice), which are hidden by default; HPA_VERBOSE=1 does the same")
-KERAS_SHUFFLE = r"`shuffle=True` was passed, but will be ignored"
+VERBOSE_HELP = ("also print TensorFlow's start-up lines (C++ and absl logs), which are hidden "
+                "by default; HPA_VERBOSE=1 does the same")
 
 _installed = False
 
@@ -68,8 +64,8 @@ def is_noise(line: str) -> bool:
 
 def quiet(verbose: bool = False) -> bool:
     """Silence TensorFlow's start-up lines in this process and its children, unless `verbose`
-    or HPA_VERBOSE. Call before TensorFlow is imported (a later call still sets the warning
-    filter; the C++ log level is read by TensorFlow when it loads). Returns True when quiet."""
+    or HPA_VERBOSE. Call before TensorFlow is imported (the C++ log level is read by TensorFlow
+    when it loads). Returns True when quiet."""
     global _installed
     if verbose:
         os.environ[ENV] = "1"  # children (workers, subprocesses) follow the parent
@@ -78,7 +74,6 @@ def quiet(verbose: bool = False) -> bool:
     # Makefile and tests set 2 (errors still print, among them cuInit's): 3 keeps only FATAL
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    warnings.filterwarnings("ignore", message=KERAS_SHUFFLE)
     if not _installed and "tensorflow" not in sys.modules:
         sys.meta_path.insert(0, _QuietImport())
         _installed = True

@@ -374,7 +374,10 @@ def _train(cfg, resume: bool, callbacks) -> dict:
                val_count=val_count, val_batches=-(-val_count // cfg.batch_size),
                model_size=model_size, mode=mode, val_masks=val_masks, val_targets=val_targets)
     if start_epoch < cfg.epochs:
+        # shuffle=False: the tf.data pipeline shuffles (seeded per epoch); Keras' default True
+        # is ignored for a dataset and only warns
         model.fit(train_ds, epochs=cfg.epochs, initial_epoch=start_epoch, steps_per_epoch=steps,
+                  shuffle=False,
                   callbacks=[_epoch_end_callback()(run), *callbacks],
                   verbose=1 if sys.stdout.isatty() else 2)
     else:
