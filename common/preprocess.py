@@ -8,6 +8,7 @@ spec it trained on into `preprocess.json` and inference reads it back, never ret
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 
 import cv2
@@ -71,6 +72,91 @@ class TileSpec:
 
     def replace(self, **changes) -> "TileSpec":
         return dataclasses.replace(self, **changes)
+
+
+# The TileSpec fields that say how a tile is cut (what `Preprocess.tile` holds).
+CUT_FIELDS = ("size", "mode", "mask_outside", "margin", "interpolation", "model_size")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Everything a dataset's or model's `preprocess.json` records, in its three parts: how a
+    tile is cut (`tile`), the bag size (`bag`: 0 = one cell per example; N = an image's cells as
+    one bag of N, cell mode only) and how the cells were segmented (`segmentation`; None = not
+    recorded: image mode, or a file written before it was recorded).
+
+    Saved FLAT, as it always was: the tile's fields beside `bag` and `segmentation`, so files
+    written before this class existed load unchanged (a missing `bag` is 0, a missing
+    `segmentation` None) and a saved file is byte-identical to what TileSpec.save wrote.
+    """
+
+    tile: TileSpec
+    bag: int = 0
+    segmentation: SegmentationSpec | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.tile, TileSpec):
+            raise TypeError(f"Preprocess.tile must be a TileSpec, got {type(self.tile).__name__}")
+        if self.tile.bag or self.tile.segmentation is not None:
+            raise ValueError("Preprocess.tile holds how a tile is cut only: give bag and segmentation "
+                             "to Preprocess, not to its TileSpec")
+        if isinstance(self.segmentation, dict):
+            object.__setattr__(self, "segmentation", SegmentationSpec.from_dict(self.segmentation))
+        if self.segmentation is not None and not isinstance(self.segmentation, SegmentationSpec):
+            raise TypeError("Preprocess.segmentation must be a SegmentationSpec or None, "
+                            f"got {type(self.segmentation).__name__}")
+        if isinstance(self.bag, bool) or not isinstance(self.bag, int) or self.bag < 0:
+            raise ValueError(f"Preprocess.bag must be an int >= 0, got {self.bag!r}")
+        if self.bag and self.tile.mode != "cell":
+            raise ValueError(f"Preprocess.bag {self.bag} needs tile.mode 'cell' (bags are of cells), "
+                             f"got tile.mode {self.tile.mode!r}")
+
+    @property
+    def input_size(self) -> int:
+        """Side of the model's input, pixels (`tile.input_size`)."""
+        return self.tile.input_size
+
+    @property
+    def mode(self) -> str:
+        """What an example is: "bag" for a bag run, else the tile's mode ("cell" or "image")."""
+        return "bag" if self.bag else self.tile.mode
+
+    def to_dict(self) -> dict:
+        """The flat dict of preprocess.json: the tile's fields, `bag`, `segmentation`."""
+        tile = cfglib.to_dict(self.tile)
+        return {**{k: tile[k] for k in CUT_FIELDS}, "bag": self.bag,
+                "segmentation": None if self.segmentation is None else self.segmentation.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data) -> "Preprocess":
+        data = dict(data)
+        known = (*CUT_FIELDS, "bag", "segmentation")
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"Preprocess: unknown keys {unknown}; known: {sorted(known)}")
+        bag = data.pop("bag", 0)
+        seg = data.pop("segmentation", None)
+        tile = cfglib.from_dict(TileSpec, data)
+        return cls(tile=tile, bag=int(bag or 0),
+                   segmentation=None if seg is None else SegmentationSpec.from_dict(seg))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "Preprocess":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str) -> None:
+        from common import storage
+
+        storage.write_text(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str) -> "Preprocess":
+        from common import storage
+
+        return cls.from_json(storage.read_text(path))
 
 
 _INTERP = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
