@@ -63,7 +63,7 @@ def naive_run(images: str, sample, model, spec, seg_options, rule) -> tuple[floa
         probs, cell_masks = [], []
         for c in info:
             full = seg.cells == c.id  # a full HxW frame per cell
-            tile = cell_tile(image, full, c.bbox, spec)
+            tile = cell_tile(image, full, c.bbox, spec.tile)
             probs.append(np.asarray(model.predict_on_batch(to_model_input(tile[None])))[0])
             cell_masks.append(masks.reference_encode(full))
         triples = []
@@ -132,7 +132,7 @@ def stage_times(images: str, sample, group, spec, seg_options) -> dict[str, floa
         info = seg.cell_info()
         total["segment"] += time.perf_counter() - t
         t = time.perf_counter()
-        tiles = cell_tiles(image, seg.cells, spec, cell_ids=[c.id for c in info])[0]
+        tiles = cell_tiles(image, seg.cells, spec.tile, cell_ids=[c.id for c in info])[0]
         total["tiles"] += time.perf_counter() - t
         all_tiles.append(tiles)
         t = time.perf_counter()
@@ -174,14 +174,14 @@ def main(argv=None) -> int:
 
     from common import masks, models
     from testkit import synthetic
-    from common.preprocess import TileSpec
+    from common.preprocess import Preprocess, TileSpec
     from infer_gpu import engine, reading, runs, scorer
     from infer_gpu.config import PredictConfig
 
     device = scorer.setup_device(args.device)
     # before the model is built: TF's pools are fixed once it starts, and both sides share them
     threads = engine.size_thread_pools(args.workers, device, args.tf_threads)
-    spec = TileSpec(size=args.tile)
+    spec = Preprocess(TileSpec(size=args.tile))
     opts = PredictConfig(batch_size=args.batch_size, workers=args.workers, progress=False,
                          tf_threads=args.tf_threads)
     seg_options = {"backend": reading.segmentation_used(opts).backend, **reading.segmentation_options(opts)}

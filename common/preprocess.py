@@ -21,7 +21,8 @@ PREPROCESS_FILE = "preprocess.json"
 
 @dataclass(frozen=True)
 class TileSpec:
-    """How a tile is cut. Saved beside every dataset and model as `preprocess.json`."""
+    """How a tile is cut. Saved, with the bag size and the segmentation, beside every dataset and
+    model as `preprocess.json` (`Preprocess`)."""
 
     size: int = 224  # output side, pixels
     mode: str = "cell"  # "cell": one tile per cell; "image": the whole image
@@ -30,10 +31,6 @@ class TileSpec:
     interpolation: str = "area"  # "area" (best for shrinking), "linear" or "nearest"
     model_size: int = 0  # side the model sees; 0 = `size`. Else tiles are cut at `size` and
     # then resized with `resize_tiles` (one TF op, same in training's tf.data and in inference)
-    bag: int = 0  # cell mode: 0 = one cell per example; N = an image's cells as one bag of N
-    # cell mode: how the cells were segmented (`common.segmentation.SegmentationSpec`); None =
-    # not recorded (image mode, or a preprocess.json written before it was recorded)
-    segmentation: SegmentationSpec | None = None
 
     @property
     def input_size(self) -> int:
@@ -49,12 +46,8 @@ class TileSpec:
             raise ValueError(f"TileSpec.interpolation must be one of {sorted(_INTERP)}")
         if self.margin < 0:
             raise ValueError("TileSpec.margin must be >= 0")
-        if self.bag < 0 or (self.bag and self.mode != "cell"):
-            raise ValueError(f"TileSpec.bag must be 0, or >= 1 with mode 'cell', got {self.bag}")
         if self.model_size and self.model_size < 8:
             raise ValueError(f"TileSpec.model_size must be 0 or >= 8, got {self.model_size}")
-        if isinstance(self.segmentation, dict):  # TileSpec(**to_dict(spec)), as the builder's jobs do
-            object.__setattr__(self, "segmentation", SegmentationSpec.from_dict(self.segmentation))
 
     def to_json(self) -> str:
         return cfglib.to_json(self)
@@ -97,9 +90,6 @@ class Preprocess:
     def __post_init__(self):
         if not isinstance(self.tile, TileSpec):
             raise TypeError(f"Preprocess.tile must be a TileSpec, got {type(self.tile).__name__}")
-        if self.tile.bag or self.tile.segmentation is not None:
-            raise ValueError("Preprocess.tile holds how a tile is cut only: give bag and segmentation "
-                             "to Preprocess, not to its TileSpec")
         if isinstance(self.segmentation, dict):
             object.__setattr__(self, "segmentation", SegmentationSpec.from_dict(self.segmentation))
         if self.segmentation is not None and not isinstance(self.segmentation, SegmentationSpec):
@@ -117,9 +107,22 @@ class Preprocess:
         return self.tile.input_size
 
     @property
+    def size(self) -> int:
+        """Side of the cut tiles, pixels (`tile.size`)."""
+        return self.tile.size
+
+    @property
     def mode(self) -> str:
-        """What an example is: "bag" for a bag run, else the tile's mode ("cell" or "image")."""
+        """The tile's mode, "cell" or "image" (`tile.mode`; a bag run's is "cell")."""
+        return self.tile.mode
+
+    @property
+    def role(self) -> str:
+        """What an example is: "bag" for a bag run (`bag` > 0), else `mode`."""
         return "bag" if self.bag else self.tile.mode
+
+    def replace(self, **changes) -> "Preprocess":
+        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         """The flat dict of preprocess.json: the tile's fields, `bag`, `segmentation`."""

@@ -1,8 +1,9 @@
 """The run folder: what training writes and inference reads, local or `gs://`.
 
     model.keras       the trained model (float32, no optimizer): `float32 [B, N, N, 4]` -> `[B, 19]`
-    preprocess.json   the TileSpec the model was trained on (inference cuts tiles with it), with
-                      how the training data's cells were segmented (`TileSpec.segmentation`)
+    preprocess.json   the Preprocess the model was trained on: its TileSpec (inference cuts tiles
+                      with it), bag size, and how the training data's cells were segmented
+                      (`Preprocess.segmentation`)
     config.json       the training config that made the run (a rerun reads it back)
 
 The trainer also keeps `history.csv`/`history.png` and `checkpoints/` there (train_tpu's own
@@ -20,7 +21,7 @@ from typing import Any, Mapping
 from common import config as cfglib
 from common import storage
 from common.models import MODEL_FILE, model_path  # noqa: F401 - part of this module's interface
-from common.preprocess import PREPROCESS_FILE, TileSpec
+from common.preprocess import PREPROCESS_FILE, Preprocess
 
 CONFIG_FILE = "config.json"
 _NEEDS = f"a run folder needs {MODEL_FILE} and {PREPROCESS_FILE}"
@@ -31,7 +32,7 @@ class RunFolder:
     """One trained run as inference sees it: where it is, its tile spec and its config."""
 
     path: str
-    spec: TileSpec
+    spec: Preprocess
     config: Mapping[str, Any] = field(default_factory=dict)  # {} when there is no config.json
 
     @property
@@ -56,8 +57,8 @@ def write_config(run_dir: str, cfg) -> str:
     return path
 
 
-def write_spec(run_dir: str, spec: TileSpec) -> str:
-    """Write the TileSpec the model takes as `RUN_DIR/preprocess.json`; returns the path."""
+def write_spec(run_dir: str, spec: Preprocess) -> str:
+    """Write the Preprocess the model takes as `RUN_DIR/preprocess.json`; returns the path."""
     path = spec_path(run_dir)
     spec.save(path)
     return path
@@ -92,13 +93,13 @@ def read_config(run_dir: str) -> dict:
     return data
 
 
-def read_spec(run_dir: str) -> TileSpec:
-    """The TileSpec a run was trained with (`RUN_DIR/preprocess.json`); errors name the file."""
+def read_spec(run_dir: str) -> Preprocess:
+    """The Preprocess a run was trained with (`RUN_DIR/preprocess.json`); errors name the file."""
     path = spec_path(run_dir)
     if not storage.exists(path):
         raise FileNotFoundError(f"{path}: missing; {_NEEDS}")
     try:
-        return TileSpec.load(path)
+        return Preprocess.load(path)
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: not a valid tile spec: {err}") from err
 

@@ -1,7 +1,7 @@
 """The shard folder: what the TFRecord builder writes and the trainer reads, local or `gs://`.
 
     fold{K}-{i:05d}-of-{n:05d}.tfrec   shard i of n of fold K; records per `common.features`
-    preprocess.json                     the TileSpec every tile was cut with (written first)
+    preprocess.json                     the Preprocess every tile was cut with (written first)
     manifest.json                       what went in: the build's config, counts per shard, per
                                         fold and per class, every image's fold, shard and fold
                                         group, the groups' summary, and every skipped image
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Iterable, NamedTuple
 
 from common import storage
-from common.preprocess import PREPROCESS_FILE, TileSpec
+from common.preprocess import PREPROCESS_FILE, Preprocess
 
 log = logging.getLogger("hpa.shards")
 
@@ -64,17 +64,17 @@ def fold_of(path: str) -> int:
 
 # -- preprocess.json -------------------------------------------------------------------------
 
-def write_spec(data_dir: str, spec: TileSpec) -> str:
+def write_spec(data_dir: str, spec: Preprocess) -> str:
     path = storage.join(data_dir, PREPROCESS_FILE)
     spec.save(path)
     return path
 
 
-def read_spec(data_dir: str) -> TileSpec:
-    """The TileSpec the folder's tiles were cut with; errors name the file."""
+def read_spec(data_dir: str) -> Preprocess:
+    """How the folder's tiles were cut, bagged and segmented (`Preprocess`); errors name the file."""
     path = storage.join(data_dir, PREPROCESS_FILE)
     try:
-        return TileSpec.load(path)
+        return Preprocess.load(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: missing; a shard folder needs the preprocess.json the "
                                 f"TFRecord builder writes") from None

@@ -2,7 +2,7 @@
 and the chunks' outputs back to the image's cells and to the image.
 
 A bag run is a `--model` run whose `preprocess.json` has `bag` N > 0 (its model has the
-`cells`/`mask` inputs). predict cuts the image's K cell tiles with the run's TileSpec and
+`cells`/`mask` inputs). predict cuts the image's K cell tiles with the run's `Preprocess.tile` and
 groups them, in cell-id order, into ceil(K/N) consecutive chunks (`chunk_cells`, by
 `common.bags.chunk_order`): chunk c holds cells cN .. cN+N-1. A chunk with r < N real cells is
 filled up by repeating those r cells in order, with the mask marking the real ones: the rule

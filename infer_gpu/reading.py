@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from common.preprocess import TileSpec
+from common.preprocess import Preprocess
 from infer_gpu.report import RunStopped
 
 STAGES = ("decode", "segment", "tiles", "encode")
@@ -96,7 +96,7 @@ def segmentation_used(config, recorded=None):
 
 def segmentation_to_use(config, runs: Sequence, warn=None):
     """Check predict's segmentation against the one each run's training data was cut with
-    (`TileSpec.segmentation` in its preprocess.json) and return the `SegmentationSpec` to use.
+    (`Preprocess.segmentation` in its preprocess.json) and return the `SegmentationSpec` to use.
 
     Without --backend/--work-size, the runs' is used. Raises ValueError naming each differing
     field with both values and the run, or the runs that disagree with each other, unless
@@ -183,10 +183,10 @@ def segment_cells(image: np.ndarray, backend: str, seg_options: dict):
     return seg, seg.cell_info()
 
 
-def cut_tiles(image: np.ndarray, cells: np.ndarray, info: list, specs: Sequence[TileSpec]) -> dict:
+def cut_tiles(image: np.ndarray, cells: np.ndarray, info: list, specs: Sequence[Preprocess]) -> dict:
     """`{spec index: KxNxNx4 uint8}` (image specs: `1xNxNx4`; bag specs: the cells' tiles in
     bags, `bags.chunk_cells`'s `(chunks, mask)`); the cells' boxes come from `info`. Specs that
-    differ only in `bag` share their tiles (cut once)."""
+    with the same `tile` (bag runs and tile runs cut alike) share their tiles (cut once)."""
     from common.preprocess import cell_tiles, image_tile
     from infer_gpu.bags import chunk_cells
 
@@ -196,10 +196,10 @@ def cut_tiles(image: np.ndarray, cells: np.ndarray, info: list, specs: Sequence[
     cut: dict = {}
 
     def tiles(spec):
-        key = spec.replace(bag=0)
+        key = spec.tile
         if key not in cut:
-            cut[key] = (image_tile(image, spec)[None] if spec.mode == "image"
-                        else cell_tiles(image, cells, spec, cell_ids=ids, boxes=boxes)[0])
+            cut[key] = (image_tile(image, key)[None] if key.mode == "image"
+                        else cell_tiles(image, cells, key, cell_ids=ids, boxes=boxes)[0])
         return cut[key]
 
     return {k: chunk_cells(tiles(spec), spec.bag) if spec.bag else tiles(spec) for k, spec in enumerate(specs)}
@@ -228,7 +228,7 @@ class _Clock:
         self._t, self.stage = now, next_stage or self.stage
 
 
-def prepare_image(task: tuple, source: str, specs: Sequence[TileSpec], backend: str = "default",
+def prepare_image(task: tuple, source: str, specs: Sequence[Preprocess], backend: str = "default",
                   seg_options: dict | None = None, keep_image: bool = False) -> Prepared:
     """Read, segment, cut tiles for every spec and encode every cell mask of one image.
 

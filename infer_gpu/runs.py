@@ -1,6 +1,6 @@
-"""The trained runs `predict` scores with: a run folder -> its TileSpec and its loaded model.
+"""The trained runs `predict` scores with: a run folder -> its Preprocess and its loaded model.
 
-The folder's format (`model.keras`, `preprocess.json` with the tile spec it was trained on,
+The folder's format (`model.keras`, `preprocess.json` with the Preprocess it was trained on,
 `config.json`) is `common.run_folder`'s. Here predict checks that the model's input fits the
 spec and its output has the 19 classes, and fingerprints the weights so that `--resume` can refuse parts scored by other models.
 """
@@ -11,13 +11,13 @@ from dataclasses import dataclass
 
 from common import run_folder
 from common.labels import NUM_CLASSES
-from common.preprocess import TileSpec
+from common.preprocess import Preprocess
 from common.run_folder import read_spec  # noqa: F401 - part of this module's interface
 
 
 @dataclass
 class RunDir:
-    """One trained run: where it is, its tile spec (`preprocess.json`) and its model.
+    """One trained run: where it is, its Preprocess (`preprocess.json`) and its model.
 
     model: a Keras model, or any callable `(float32 BxNxNx4 tensor, training=False) -> Bx19`
     usable inside `tf.function` (a bag run, `spec.bag` > 0: `({cells, mask}) -> {cell, image}`,
@@ -25,11 +25,12 @@ class RunDir:
     """
 
     path: str
-    spec: TileSpec
+    spec: Preprocess
     model: object = dataclasses.field(repr=False, default=None)
     fingerprint: str = ""
     # how the training data's cells were segmented (`common.segmentation.SegmentationSpec`,
-    # from preprocess.json); None = not recorded. `spec` holds the tile spec without it.
+    # from preprocess.json); None = not recorded. `spec` holds the Preprocess without it, so runs
+    # that differ only in it share a group (`scorer.Scorers`).
     segmentation: object = None
 
 
@@ -56,7 +57,7 @@ def load_run(run_dir: str, expect_mode: str | None = None) -> RunDir:
                   segmentation=spec.segmentation)
 
 
-def checked_spec(model, spec: TileSpec, path: str) -> TileSpec:
+def checked_spec(model, spec: Preprocess, path: str) -> Preprocess:
     """The run's spec once the model is checked against it: input `[B, S, S, 4]` -> `[B, 19]`,
     or for a bag model (`common.mil`) `[B, N, S, S, 4]` + mask -> cell `[B, N, 19]`, image
     `[B, 19]`. A bag model's N fills in a spec that has no `bag` (an older preprocess.json)."""

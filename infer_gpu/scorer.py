@@ -1,7 +1,7 @@
 """Scoring tiles with models: the device, test-time augmentation, and one compiled function
 per tile spec (`ModelGroup`; `BagGroup` for bag runs), reused across calls in one process.
 
-`Scorers.build(runs)` groups the runs by TileSpec, so each tile is cut once however many runs
+`Scorers.build(runs)` groups the runs by Preprocess, so each tile is cut once however many runs
 share it; `predict` then feeds each group its tiles in fixed-size batches (`batching`).
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.labels import NUM_CLASSES
-from common.preprocess import TileSpec
+from common.preprocess import Preprocess
 
 MAX_TTA = 8
 
@@ -73,7 +73,7 @@ def dihedral(x, k: int):
 
 # ---------------------------------------------------------------------------------------------
 class ModelGroup:
-    """Runs that share one TileSpec, scored together: mean over models and TTA transforms.
+    """Runs that share one Preprocess, scored together: mean over models and TTA transforms.
 
     `predict(tiles BxNxNx4 uint8) -> Bx19 float32`, N = spec.size; tiles go through the same
     `resize_tiles(spec.input_size)` and `to_model_input` as in training. Batches are padded to
@@ -81,7 +81,7 @@ class ModelGroup:
     results independent of how many tiles a batch happened to hold).
     """
 
-    def __init__(self, spec: TileSpec, models: list, tta: int = 1, batch_size: int = 64):
+    def __init__(self, spec: Preprocess, models: list, tta: int = 1, batch_size: int = 64):
         import tensorflow as tf
 
         from common.preprocess import resize_tiles, to_model_input
@@ -116,7 +116,7 @@ class ModelGroup:
 
 
 class BagGroup:
-    """Bag runs (`TileSpec.bag` N > 0) that share one TileSpec, scored together; see `bags`.
+    """Bag runs (`Preprocess.bag` N > 0) that share one Preprocess, scored together; see `bags`.
 
     `predict((chunks BxNxSxSx4 uint8, mask BxN float32)) -> BxMx(1+N)x19 float32`, M = the
     number of models: per model, row 0 the image head and rows 1.. the cell head, each the mean
@@ -125,14 +125,14 @@ class BagGroup:
     (empty bags, mask 0) so that the compiled function sees one shape.
     """
 
-    def __init__(self, spec: TileSpec, models: list, tta: int = 1, batch_size: int = 4):
+    def __init__(self, spec: Preprocess, models: list, tta: int = 1, batch_size: int = 4):
         import tensorflow as tf
 
         from common import mil
         from common.preprocess import resize_tiles, to_model_input
 
         if not spec.bag:
-            raise ValueError("a bag group needs a TileSpec with bag > 0")
+            raise ValueError("a bag group needs a Preprocess with bag > 0")
         if not 1 <= tta <= MAX_TTA:
             raise ValueError(f"tta must be 1-{MAX_TTA}, got {tta}")
         if not models:
@@ -187,7 +187,7 @@ def in_fixed_batches(fn, arrays: tuple, batch_size: int, item_shape: tuple) -> n
 _GROUPS: dict = {}
 
 
-def model_group(spec: TileSpec, models: list, tta: int = 1, batch_size: int = 64):
+def model_group(spec: Preprocess, models: list, tta: int = 1, batch_size: int = 64):
     """A ModelGroup (a BagGroup for a bag spec), reused when the same models are scored again in
     this process (its compiled function is traced once: repeated `predict` calls in a notebook
     or benchmark skip tracing). batch_size: tiles per model call; a bag group takes
@@ -205,15 +205,15 @@ def model_group(spec: TileSpec, models: list, tta: int = 1, batch_size: int = 64
     return hit
 
 
-def role(spec: TileSpec) -> str:
+def role(spec: Preprocess) -> str:
     """What a spec's runs give the combine rule: 'cell' (a score per cell), 'image' (one
     whole-image score) or 'bag' (both: a bag model's cell head and image head, `bags`)."""
-    return "bag" if spec.bag else spec.mode
+    return spec.role
 
 
 @dataclass
 class Scorers:
-    """One ModelGroup (BagGroup for bag runs) per distinct TileSpec of the runs.
+    """One ModelGroup (BagGroup for bag runs) per distinct Preprocess of the runs.
 
     specs: the distinct specs (index = spec index used in tiles and scores); roles: `{index:
     'cell'|'image'|'bag'}` (`role`); weights: `{index: number of models}` (each model counts
@@ -228,7 +228,7 @@ class Scorers:
     @classmethod
     def build(cls, runs, tta: int = 1, batch_size: int = 64) -> "Scorers":
         """runs: `runs.RunDir`s (cell, bag and image runs together)."""
-        specs: list[TileSpec] = []
+        specs: list[Preprocess] = []
         members: dict[int, list] = {}
         for r in runs:
             if r.spec not in specs:

@@ -168,7 +168,7 @@ def backend_predict(report: Report, args, sz: dict, work: Path, state: dict) -> 
 
     # the TF-free CPU stages of predict, on synthetic images of --image-size px
     from testkit import synthetic
-    from common.preprocess import TileSpec
+    from common.preprocess import Preprocess, TileSpec
     from infer_gpu import reading
     from infer_gpu.config import PredictConfig
 
@@ -177,7 +177,7 @@ def backend_predict(report: Report, args, sz: dict, work: Path, state: dict) -> 
     opts = PredictConfig()
     used = reading.segmentation_used(opts)  # predict's default segmentation (no run to follow here)
     seg = reading.segmentation_options(opts, used)
-    spec = TileSpec(size=sz["tile"])
+    spec = Preprocess(TileSpec(size=sz["tile"]))
     total = {s: 0.0 for s in STAGES}
     cells = 0
     for task in reading.read_sample(str(data / "sample_submission.csv")):

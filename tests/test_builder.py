@@ -80,8 +80,9 @@ def test_image_mode_round_trip(synthetic_small, tmp_path):
     assert result.exit_code == 0 and not result.skipped
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir() if not SHARD_RE.match(p.name)) == ["manifest.json", "preprocess.json"]
-    assert preprocess.TileSpec.load(str(out / "preprocess.json")) == cfg.tile_spec()
-    assert cfg.tile_spec().segmentation is None  # image mode: no segmentation to record
+    assert preprocess.Preprocess.load(str(out / "preprocess.json")) == cfg.preprocess()
+    assert cfg.preprocess().segmentation is None  # image mode: no segmentation to record
+    assert cfg.preprocess().tile == cfg.tile_spec() and cfg.preprocess().bag == 0
     check_shard_names([p.name for p in shard_files(out)], 3)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest == result.manifest
@@ -119,7 +120,7 @@ def test_cell_mode_round_trip_with_masks_and_workers(syn12, tmp_path):
     assert result.exit_code == 0
     out = tmp_path / "out"
     # the label maps were read, not made: the dataset says so (inference cannot redo them)
-    seg_spec = preprocess.TileSpec.load(str(out / "preprocess.json")).segmentation
+    seg_spec = preprocess.Preprocess.load(str(out / "preprocess.json")).segmentation
     assert seg_spec.backend == "masks" and seg_spec.work_size is None
     check_shard_names([p.name for p in shard_files(out)], 2)
     assert len(shard_files(out)) > 2
@@ -170,9 +171,9 @@ def test_cell_mode_segments_when_no_masks_are_given(synthetic_small, tmp_path, w
     result = buildlib.build(cfg, progress=False, log=lambda s: None)
     assert result.exit_code == 0
     # how the cells were segmented is recorded with the tiles
-    spec = preprocess.TileSpec.load(str(tmp_path / "out" / "preprocess.json"))
+    spec = preprocess.Preprocess.load(str(tmp_path / "out" / "preprocess.json"))
     assert spec.segmentation == segmentation.SegmentationSpec(backend="default", work_size=cfg.work_size)
-    assert spec.replace(segmentation=None) == cfg.tile_spec()
+    assert spec.replace(segmentation=None) == cfg.preprocess() and spec.tile == cfg.tile_spec()
     examples = read_examples(shard_files(tmp_path / "out"))
     for image_id in result.manifest["images"]:
         seg = segmentation.segment(images.load_image(str(data / "images"), image_id),

@@ -43,7 +43,7 @@ def bag_build(synthetic_small, tmp_path_factory):
 
 def test_a_bag_holds_the_cell_modes_tiles_of_a_seeded_choice_of_cells(bag_build):
     data, out, _ = bag_build
-    spec = preprocess.TileSpec.load(str(out / preprocess.PREPROCESS_FILE))
+    spec = preprocess.Preprocess.load(str(out / preprocess.PREPROCESS_FILE))
     assert spec.mode == "cell" and spec.bag == BAG and spec.size == 32
     bags = read_bags(out, BAG, 32)
     labels = dict(read_labels_csv(str(data / "train.csv")))
@@ -61,7 +61,7 @@ def test_a_bag_holds_the_cell_modes_tiles_of_a_seeded_choice_of_cells(bag_build)
         # the first k are the chosen cells in id order, then the same cells again (padding)
         order = np.arange(BAG) % k
         np.testing.assert_array_equal(ex["cell_index"], chosen[order])
-        tiles, _, boxes = preprocess.cell_tiles(image, cells, spec, cell_ids=chosen)
+        tiles, _, boxes = preprocess.cell_tiles(image, cells, spec.tile, cell_ids=chosen)
         np.testing.assert_array_equal(ex["image"], tiles[order])
         np.testing.assert_array_equal(ex["bbox"], boxes[order])
         np.testing.assert_array_equal(ex["labels"], multi_hot(labels[image_id]))

@@ -17,7 +17,7 @@ import pytest
 
 from common import cell_table, masks, submission
 from common.labels import NUM_CLASSES
-from common.preprocess import TileSpec
+from common.preprocess import Preprocess, TileSpec
 from infer_gpu import cli, combine, report
 from tests.test_predict_e2e import (TableModel, _copy_images, _random_scores, _rows, _save_run, _tiny_cnn,
                                     _write_sample, run_predict, stand_in_run)
@@ -30,7 +30,8 @@ def _cell_run():
 
 
 def _image_run():
-    return stand_in_run(TableModel({}, _random_scores), spec=TileSpec(size=48, mode="image"), name="image-random")
+    return stand_in_run(TableModel({}, _random_scores), spec=Preprocess(TileSpec(size=48, mode="image")),
+                        name="image-random")
 
 
 def _table(n_images: int = 3, seed: int = 0, with_c: bool = True) -> cell_table.CellTable:

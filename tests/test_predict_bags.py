@@ -16,7 +16,7 @@ import pytest
 
 from common import mil, run_folder, submission
 from common.labels import NUM_CLASSES
-from common.preprocess import TileSpec
+from common.preprocess import Preprocess, TileSpec
 from infer_gpu import bags, combine, reading, runs, scorer
 from tests.test_predict_e2e import _segment, _save_run, _tiny_cnn, _write_sample, run_predict
 
@@ -47,7 +47,7 @@ def _bag_model(bag: int, seed: int, pooling: str):
     return model
 
 
-def _write_bag_run(path: Path, model, spec: TileSpec) -> Path:
+def _write_bag_run(path: Path, model, spec: Preprocess) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     run_folder.write_model(str(path), model)
     run_folder.write_spec(str(path), spec)
@@ -64,19 +64,20 @@ def syn(synthetic_small) -> Path:
 def bag4(tmp_path_factory) -> Path:
     """A bag run of 4 cells, attention pooling (the mask matters to it)."""
     return _write_bag_run(tmp_path_factory.mktemp("bag4") / "run", _bag_model(4, 1, "attention"),
-                          TileSpec(size=SIZE, bag=4))
+                          Preprocess(TileSpec(size=SIZE), bag=4))
 
 
 @pytest.fixture(scope="module")
 def bag3(tmp_path_factory) -> Path:
     """Another bag run: 3 cells, max pooling."""
     return _write_bag_run(tmp_path_factory.mktemp("bag3") / "run", _bag_model(3, 2, "max"),
-                          TileSpec(size=SIZE, bag=3))
+                          Preprocess(TileSpec(size=SIZE), bag=3))
 
 
 @pytest.fixture(scope="module")
 def cell_run(tmp_path_factory) -> Path:
-    return _save_run(_tiny_cnn(seed=3, size=SIZE), tmp_path_factory.mktemp("cell") / "run", TileSpec(size=SIZE))
+    return _save_run(_tiny_cnn(seed=3, size=SIZE), tmp_path_factory.mktemp("cell") / "run",
+                     Preprocess(TileSpec(size=SIZE)))
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +204,7 @@ def test_chunking_and_padding_change_nothing_for_the_cell_head(loaded, bag4):
     model = loaded[bag4].model
     rng = np.random.default_rng(3)
     tiles = rng.integers(0, 256, (7, SIZE, SIZE, 4)).astype(np.uint8)
-    spec = TileSpec(size=SIZE, bag=4)
+    spec = Preprocess(TileSpec(size=SIZE), bag=4)
     chunks, mask = bags.chunk_cells(tiles, 4)
     group = scorer.model_group(spec, [model], batch_size=16)  # the group predict builds (4 bags a call)
     assert isinstance(group, scorer.BagGroup) and group.batch_size == 4
@@ -227,13 +228,13 @@ def test_chunking_and_padding_change_nothing_for_the_cell_head(loaded, bag4):
 def test_load_run_recognises_a_bag_run_and_checks_its_size(bag4, cell_run, loaded):
     run = loaded[bag4]  # loaded from its folder by runs.load_run
     assert run.spec.bag == 4 and scorer.role(run.spec) == "bag"
-    assert runs.checked_spec(run.model, TileSpec(size=SIZE), "older").bag == 4  # no `bag`: the model says N
+    assert runs.checked_spec(run.model, Preprocess(TileSpec(size=SIZE)), "older").bag == 4  # no `bag`: the model says N
     with pytest.raises(ValueError, match="bag model of 4 cells but preprocess.json gives bag 3"):
-        runs.checked_spec(run.model, TileSpec(size=SIZE, bag=3), "run")
+        runs.checked_spec(run.model, Preprocess(TileSpec(size=SIZE), bag=3), "run")
     with pytest.raises(ValueError, match="model input"):
-        runs.checked_spec(run.model, TileSpec(size=2 * SIZE, bag=4), "run")
+        runs.checked_spec(run.model, Preprocess(TileSpec(size=2 * SIZE), bag=4), "run")
     with pytest.raises(ValueError, match="not a bag model"):
-        runs.checked_spec(loaded[cell_run].model, TileSpec(size=SIZE, bag=4), "run")
+        runs.checked_spec(loaded[cell_run].model, Preprocess(TileSpec(size=SIZE), bag=4), "run")
 
 
 def test_a_bag_run_predicts_the_hand_computed_scores(syn, bag4, loaded, one_image, tmp_path):

@@ -28,13 +28,13 @@ import pytest
 from common import metrics, submission
 from testkit import synthetic
 from common.labels import NEGATIVE, NUM_CLASSES, multi_hot
-from common.preprocess import PREPROCESS_FILE, TileSpec
+from common.preprocess import PREPROCESS_FILE, Preprocess, TileSpec
 from infer_gpu import combine, engine, reading, report, runs
 from infer_gpu.config import PredictConfig
 from tests.notebooks import read_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
-TILE = TileSpec(size=32)
+TILE = Preprocess(TileSpec(size=32))
 pytestmark = pytest.mark.timeout(900)
 
 
@@ -85,7 +85,7 @@ def _random_scores(tile: np.ndarray) -> np.ndarray:
     return np.random.default_rng(_key(tile)).uniform(0, 1, NUM_CLASSES).astype(np.float32)
 
 
-def oracle_model(data: Path, spec: TileSpec = TILE) -> TableModel:
+def oracle_model(data: Path, spec: Preprocess = TILE) -> TableModel:
     """Each segmented cell's tile -> its true labels (multi-hot), via the best-IoU truth cell."""
     from common.images import load_image
     from common.preprocess import cell_tiles
@@ -97,7 +97,7 @@ def oracle_model(data: Path, spec: TileSpec = TILE) -> TableModel:
         image = load_image(str(data / "images"), image_id)
         seg = _segment(image)
         truth = load_labels(str(data / "masks" / f"{image_id}_cells.png"))
-        tiles, ids, _ = cell_tiles(image, seg.cells, spec)
+        tiles, ids, _ = cell_tiles(image, seg.cells, spec.tile)
         for tile, cid in zip(tiles, ids):
             mine = seg.cells == cid
             overlap = np.bincount(truth[mine], minlength=truth.max() + 1)
@@ -108,7 +108,7 @@ def oracle_model(data: Path, spec: TileSpec = TILE) -> TableModel:
     return TableModel(table)
 
 
-def stand_in_run(model, spec: TileSpec = TILE, name: str = "stand-in") -> runs.RunDir:
+def stand_in_run(model, spec: Preprocess = TILE, name: str = "stand-in") -> runs.RunDir:
     return runs.RunDir(path=name, spec=spec, model=model, fingerprint=name)
 
 
@@ -129,7 +129,7 @@ def _rows(path) -> dict[str, submission.ImageRow]:
     return {r.image_id: r for r in submission.read_submission(str(path))}
 
 
-def _save_run(model, run_dir: Path, spec: TileSpec = TILE, config: dict | None = None) -> Path:
+def _save_run(model, run_dir: Path, spec: Preprocess = TILE, config: dict | None = None) -> Path:
     from common import models
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -178,7 +178,7 @@ def trained_run(tmp_path_factory) -> Path:
     for image_id in sorted({k[0] for k in labels}):
         image = load_image(str(data / "images"), image_id)
         cells = load_labels(str(data / "masks" / f"{image_id}_cells.png"))
-        tiles, ids, _ = cell_tiles(image, cells, TILE)
+        tiles, ids, _ = cell_tiles(image, cells, TILE.tile)
         xs.append(tiles)
         ys += [multi_hot(labels[(image_id, int(c))]) for c in ids]
     model = _tiny_cnn(seed=0)
@@ -241,7 +241,7 @@ def test_two_models_are_averaged(syn, trained_run, tmp_path):
 
 def test_image_model_is_combined_as_documented(syn, tmp_path):
     cell = stand_in_run(TableModel({}, lambda t: np.full(NUM_CLASSES, 0.64, np.float32)))
-    image_spec = TileSpec(size=48, mode="image")
+    image_spec = Preprocess(TileSpec(size=48, mode="image"))
     image = stand_in_run(TableModel({}, lambda t: np.full(NUM_CLASSES, 0.25, np.float32)), spec=image_spec)
     out = tmp_path / "submission.csv"
     summary = run_predict(syn / "images", syn / "sample_submission.csv", out, runs=[cell], image_runs=[image],
@@ -666,14 +666,14 @@ def test_a_finished_cli_run_keeps_its_options_models_and_segmentation_in_the_rep
     [model] = report["models"]
     crc = zlib.crc32(Path(run_folder.model_path(str(trained_run))).read_bytes()) & 0xFFFFFFFF
     assert model["path"] == str(trained_run) and model["weights"] == f"crc32:{crc:08x}"
-    assert TileSpec.from_json(model["spec"]) == TILE
+    assert Preprocess.from_json(model["spec"]) == TILE
     assert report["image_models"] == []
     # the run records no segmentation (an older run folder): the flags decide, nothing is refused
     assert report["segmentation"] == {"backend": "default", "work_size": 320, "model_files": [], "options": [],
                                       "nuclei_model": None, "cell_model": None}
 
 
-# --- the training data's segmentation (TileSpec.segmentation in preprocess.json) --------------
+# --- the training data's segmentation (Preprocess.segmentation in preprocess.json) --------------
 def _with_segmentation(run: Path, dst: Path, seg) -> Path:
     """A copy of the run folder `run` whose preprocess.json records the segmentation `seg`."""
     from common import run_folder

@@ -214,7 +214,7 @@ def _orientation_sensitive_model(size: int, seed: int = 0):
 
 
 def test_tta_8_is_the_mean_of_the_8_transformed_predictions():
-    from common.preprocess import TileSpec
+    from common.preprocess import Preprocess, TileSpec
 
     n = 12
     model = _orientation_sensitive_model(n)
@@ -225,7 +225,7 @@ def test_tta_8_is_the_mean_of_the_8_transformed_predictions():
                np.rot90(x, 3, axes=(1, 2)), np.rot90(np.transpose(x, (0, 2, 1, 3)), 2, axes=(1, 2))]
     preds = [np.asarray(model(np.ascontiguousarray(v), training=False)) for v in by_hand]
     assert len({p.tobytes() for p in preds}) == 8  # every transform changes the output
-    spec = TileSpec(size=n, mode="cell")
+    spec = Preprocess(TileSpec(size=n, mode="cell"))
     got = scorer.ModelGroup(spec, [model], tta=8, batch_size=4).predict(tiles)  # 2 batches, one padded
     np.testing.assert_allclose(got, np.mean(preds, axis=0), rtol=1e-5, atol=1e-6)
     one = scorer.ModelGroup(spec, [model], tta=1, batch_size=4).predict(tiles)

@@ -21,7 +21,7 @@ def test_old_flat_json_without_bag_or_segmentation_loads():
     pre = P.Preprocess.from_json(OLD_TILE)
     assert pre.tile == P.TileSpec(size=128, margin=0.1)
     assert pre.bag == 0 and pre.segmentation is None
-    assert pre.mode == "cell" and pre.input_size == 128
+    assert pre.mode == pre.role == "cell" and pre.input_size == 128 and pre.size == 128
 
 
 def test_old_flat_json_with_bag_and_segmentation_loads():
@@ -29,7 +29,7 @@ def test_old_flat_json_with_bag_and_segmentation_loads():
     data.update(bag=6, model_size=64, segmentation={"backend": "hpa", "work_size": 512,
                                                     "model_files": ["a", "b"], "options": [["x", "1"]]})
     pre = P.Preprocess.from_json(json.dumps(data))
-    assert pre.bag == 6 and pre.mode == "bag" and pre.input_size == 64
+    assert pre.bag == 6 and pre.role == "bag" and pre.mode == "cell" and pre.input_size == 64
     assert pre.segmentation == SegmentationSpec(backend="hpa", work_size=512, model_files=("a", "b"),
                                                 options=(("x", "1"),))
     assert pre.tile == P.TileSpec(size=128, margin=0.1, model_size=64)
@@ -38,8 +38,11 @@ def test_old_flat_json_with_bag_and_segmentation_loads():
 @pytest.mark.parametrize("bag,seg", [(0, None), (5, None), (0, SegmentationSpec()),
                                      (3, SegmentationSpec(backend="hpa", model_files=("f1", "f2")))])
 def test_save_is_byte_identical_to_what_tilespec_saved(tmp_path, bag, seg):
-    old = P.TileSpec(size=96, margin=0.2, model_size=64, bag=bag, segmentation=seg)
-    old.save(str(tmp_path / "old.json"))
+    # what TileSpec.save wrote when TileSpec still held bag and segmentation (its to_json:
+    # `json.dumps(asdict(spec), indent=2, sort_keys=True) + "\n"`)
+    old = {"size": 96, "mode": "cell", "mask_outside": True, "margin": 0.2, "interpolation": "area",
+           "model_size": 64, "bag": bag, "segmentation": None if seg is None else seg.to_dict()}
+    (tmp_path / "old.json").write_text(json.dumps(old, indent=2, sort_keys=True) + "\n")
     pre = P.Preprocess(P.TileSpec(size=96, margin=0.2, model_size=64), bag=bag, segmentation=seg)
     pre.save(str(tmp_path / "new.json"))
     assert (tmp_path / "new.json").read_bytes() == (tmp_path / "old.json").read_bytes()
@@ -51,7 +54,7 @@ def test_image_mode_round_trip(tmp_path):
     pre = P.Preprocess(P.TileSpec(size=256, mode="image"))
     pre.save(str(tmp_path / "p.json"))
     assert P.Preprocess.load(str(tmp_path / "p.json")) == pre
-    assert pre.mode == "image"
+    assert pre.mode == pre.role == "image"
 
 
 def test_cross_part_errors():
@@ -77,3 +80,9 @@ def test_bag_and_tile_runs_share_the_tile_when_cut_alike():
     assert tile_run.tile == bag_run.tile and hash(tile_run.tile) == hash(bag_run.tile)
     other = P.Preprocess(P.TileSpec(size=128, model_size=64, margin=0.1), bag=8)
     assert other.tile != bag_run.tile
+
+
+def test_tilespec_holds_the_cut_only():
+    assert [f for f in P.TileSpec.__dataclass_fields__] == list(P.CUT_FIELDS)
+    with pytest.raises(ValueError, match="unknown keys \\['bag'\\]"):
+        P.TileSpec.from_json('{"size": 64, "bag": 3}')

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from common import models, run_folder
-from common.preprocess import TileSpec
+from common.preprocess import Preprocess, TileSpec
 from train_tpu.config import make_config
 
 SIZE = 32
@@ -21,7 +21,7 @@ def tiny_model():
 def test_written_folder_reads_back_the_same(tmp_path, tiny_model):
     run = str(tmp_path / "run")
     cfg = make_config("smoke", data="/d", out=run)
-    spec = TileSpec(size=SIZE, mode="image", margin=0.1)
+    spec = Preprocess(TileSpec(size=SIZE, mode="image", margin=0.1))
     os.makedirs(run)
     run_folder.write_config(run, cfg)
     run_folder.write_spec(run, spec)
@@ -43,7 +43,7 @@ def test_missing_files_are_named(tmp_path, tiny_model):
     os.makedirs(run)
     with pytest.raises(FileNotFoundError, match=r"preprocess\.json: missing"):
         run_folder.load(run)
-    run_folder.write_spec(run, TileSpec(size=SIZE))
+    run_folder.write_spec(run, Preprocess(TileSpec(size=SIZE)))
     with pytest.raises(FileNotFoundError, match=r"run/model\.keras: missing"):
         run_folder.load(run)
     with pytest.raises(FileNotFoundError, match=r"run/config\.json: missing"):

@@ -277,7 +277,7 @@ def test_real_1000_A12_2_nuclei_survive_the_labelling_step(shared_data):
 
 
 def test_segmentation_spec_round_trips_in_preprocess_json_and_names_its_differences(tmp_path):
-    from common.preprocess import TileSpec
+    from common.preprocess import Preprocess, TileSpec
     from common.segmentation import SegmentationSpec, spec_for
 
     (tmp_path / "n.pth").write_bytes(b"nuclei weights")
@@ -286,13 +286,13 @@ def test_segmentation_spec_round_trips_in_preprocess_json_and_names_its_differen
                    networks=object(), label_params=labelling.LabelParams(min_cell_area=10.0))
     assert hpa.backend == "hpa" and len(hpa.model_files) == 2 and hpa.model_files[0] != hpa.model_files[1]
     assert [k for k, _ in hpa.options] == ["label_params"]  # networks do not change the masks' recipe
-    spec = TileSpec(size=32, segmentation=hpa)
+    spec = Preprocess(TileSpec(size=32), segmentation=hpa)
     path = str(tmp_path / "preprocess.json")
     spec.save(path)
-    assert TileSpec.load(path) == spec
+    assert Preprocess.load(path) == spec
     # a preprocess.json from before segmentation was recorded still loads: unknown
     (tmp_path / "old.json").write_text('{"size": 32, "mode": "cell"}')
-    assert TileSpec.load(str(tmp_path / "old.json")).segmentation is None
+    assert Preprocess.load(str(tmp_path / "old.json")).segmentation is None
     (tmp_path / "n.pth").write_bytes(b"other nuclei weights")
     other = spec_for("hpa", 512, nuclei_model=str(tmp_path / "n.pth"), cell_model=str(tmp_path / "c.pth"))
     diff = hpa.describe_difference(other, "training", "predict")

@@ -6,7 +6,7 @@ import fnmatch
 import pytest
 
 from common import shard_folder as S
-from common.preprocess import TileSpec
+from common.preprocess import Preprocess, TileSpec
 
 
 def test_shard_names_round_trip_and_match_the_glob():
@@ -51,6 +51,6 @@ def test_manifest_written_is_read_back_and_counts_reach_the_trainer(tmp_path):
 def test_spec_round_trip_and_a_missing_spec_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"preprocess\.json: missing"):
         S.read_spec(str(tmp_path))
-    spec = TileSpec(size=48, mode="image")
+    spec = Preprocess(TileSpec(size=48, mode="image"))
     S.write_spec(str(tmp_path), spec)
     assert S.read_spec(str(tmp_path)) == spec

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from common import models, run_folder, storage
-from common.preprocess import TileSpec
+from common.preprocess import Preprocess
 from tests.notebooks import read_notebook
 from tests.train_shards import make_shards, write_manifest
 from train_tpu import data, history
@@ -188,10 +188,10 @@ def test_cli_smoke_writes_a_complete_run_folder(shards, tmp_path):
     assert cfg["size"] == 48 and cfg["weight_decay"] == 1e-4 and cfg["epochs"] == 2
     assert cfg["data"] == shards and cfg["mode"] == "cell"
     # tiles are stored at 32 px and resized to 48 for the model: inference must do the same
-    spec = TileSpec.load(str(out / "preprocess.json"))
-    assert (spec.size, spec.model_size, spec.input_size, spec.mode) == (32, 48, 48, "cell")
+    spec = Preprocess.load(str(out / "preprocess.json"))
+    assert (spec.size, spec.tile.model_size, spec.input_size, spec.mode) == (32, 48, 48, "cell")
     # how the training data's cells were segmented goes with the model
-    assert spec.segmentation == TileSpec.load(os.path.join(shards, "preprocess.json")).segmentation
+    assert spec.segmentation == Preprocess.load(os.path.join(shards, "preprocess.json")).segmentation
     assert spec.segmentation.backend == "masks"
     model = models.load_model(str(out))
     assert tuple(model.input.shape[1:]) == (48, 48, 4)

@@ -118,7 +118,7 @@ def test_model_spec_for_inference(shards):
     assert data.model_spec(spec, 0, "cell") == spec  # size 0: the dataset's
     assert data.model_spec(spec, 32, "cell") == spec
     bigger = data.model_spec(spec, 48, "cell")
-    assert bigger.size == 32 and bigger.model_size == 48 and bigger.input_size == 48
+    assert bigger.size == 32 and bigger.tile.model_size == 48 and bigger.input_size == 48
     with pytest.raises(ValueError, match="built in 'cell' mode, training asked for --mode image"):
         data.model_spec(spec, 0, "image", where="x/preprocess.json")
 

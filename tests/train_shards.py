@@ -10,7 +10,7 @@ import numpy as np
 
 from common import features, images, shard_folder
 from common.labels import multi_hot, read_labels_csv
-from common.preprocess import PREPROCESS_FILE, TileSpec, cell_tiles, image_tile
+from common.preprocess import PREPROCESS_FILE, Preprocess, TileSpec, cell_tiles, image_tile
 
 
 def make_shards(synthetic_dir, out_dir, size: int = 32, folds: int = 2, mode: str = "cell",
@@ -21,13 +21,13 @@ def make_shards(synthetic_dir, out_dir, size: int = 32, folds: int = 2, mode: st
     targets `{(ID, cell): (19,)}`: every cell record carries `cell_targets` (a cell missing
     from it, its image's labels), as the builder's --cell-labels writes them.
 
-    Returns `{"spec": TileSpec, "counts": {fold: examples}, "files": [paths]}`.
+    Returns `{"spec": Preprocess, "counts": {fold: examples}, "files": [paths]}`.
     """
     import tensorflow as tf
 
     synthetic_dir, out_dir = str(synthetic_dir), str(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    spec = TileSpec(size=size, mode=mode, bag=bag)
+    spec = Preprocess(TileSpec(size=size, mode=mode), bag=bag)
     rows = read_labels_csv(os.path.join(synthetic_dir, "train.csv"))
     per_fold: dict[int, list[bytes]] = {k: [] for k in range(folds)}
     for j, (image_id, labels) in enumerate(rows):
@@ -36,12 +36,12 @@ def make_shards(synthetic_dir, out_dir, size: int = 32, folds: int = 2, mode: st
         h, w = image.shape[:2]
         if mode == "image":
             per_fold[fold].append(features.serialize(
-                image_tile(image, spec), image_id=image_id, labels=labels, source_size=(h, w),
+                image_tile(image, spec.tile), image_id=image_id, labels=labels, source_size=(h, w),
                 fold=fold))
             continue
         cells = cv2.imread(os.path.join(synthetic_dir, "masks", f"{image_id}_cells.png"),
                            cv2.IMREAD_UNCHANGED).astype(np.int32)
-        tiles, ids, boxes = cell_tiles(image, cells, spec)
+        tiles, ids, boxes = cell_tiles(image, cells, spec.tile)
         soft = None if targets is None else [
             targets.get((image_id, int(c)), multi_hot(labels)) for c in ids]
         if bag:

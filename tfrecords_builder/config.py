@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from common import config as cfglib
-from common.preprocess import TileSpec
+from common.preprocess import Preprocess, TileSpec
 from common.segmentation import WORK_SIZE
 
 DEFAULT_SIZE = {"image": 512, "cell": 224, "bag": 224}  # tile side (px) when --size is not given
@@ -120,14 +120,17 @@ class BuildConfig:
             raise ValueError(f"work_size must be >= 1, got {self.work_size}")
         if self.segmenter not in SEGMENTERS:
             raise ValueError(f"segmenter must be 'default' or 'hpa', got {self.segmenter!r}")
-        self.tile_spec()  # validates size, margin, interpolation
+        self.preprocess()  # validates size, margin, interpolation
 
     def tile_spec(self) -> TileSpec:
-        """The TileSpec every tile is cut with; written to the output as `preprocess.json`."""
-        bag = self.mode == "bag"
-        return TileSpec(size=self.size or DEFAULT_SIZE[self.mode], mode="cell" if bag else self.mode,
-                        mask_outside=self.mask_outside, margin=self.margin,
-                        interpolation=self.interpolation, bag=self.max_cells if bag else 0)
+        """The TileSpec every tile is cut with (a bag build's are cell tiles)."""
+        return TileSpec(size=self.size or DEFAULT_SIZE[self.mode], mode="cell" if self.mode == "bag" else self.mode,
+                        mask_outside=self.mask_outside, margin=self.margin, interpolation=self.interpolation)
+
+    def preprocess(self) -> Preprocess:
+        """The tile spec with the bag size (a bag build's `max_cells`, else 0); written to the
+        output as `preprocess.json`, with the segmentation (`core.segmentation_spec`)."""
+        return Preprocess(self.tile_spec(), bag=self.max_cells if self.mode == "bag" else 0)
 
     def image_source(self, list_index: int) -> str:
         """Image folder of the `list_index`-th label list."""

@@ -1,7 +1,7 @@
 """The build core shared by both engines (local processes, Apache Beam): plan, resume, finish.
 
 Output folder (local or gs://):
-    preprocess.json          the TileSpec of every tile (written first)
+    preprocess.json          the Preprocess of every tile (written first)
     fold{K}-{i:05d}-of-{n:05d}.tfrec   complete shards only
     manifest.json            written last: its presence means the build is complete
     _build/plan.json         state while building: config, folds, each shard's image list
@@ -113,9 +113,7 @@ class Runner:
 
 def job(cfg: BuildConfig) -> Job:
     """What every task of the build shares (`worker.Job`), from its config."""
-    from common import config as cfglib
-
-    return Job(mode=cfg.mode, spec=cfglib.to_dict(cfg.tile_spec()), masks=cfg.masks, segmenter=cfg.segmenter,
+    return Job(mode=cfg.mode, spec=cfg.preprocess().to_dict(), masks=cfg.masks, segmenter=cfg.segmenter,
                nuclei_model=cfg.nuclei_model, cell_model=cfg.cell_model,
                trust_model_files=cfg.trust_model_files, seed=cfg.seed, work_size=cfg.work_size)
 
@@ -282,7 +280,7 @@ def load_or_make_plan(cfg: BuildConfig, runner: Runner, log: Callable[[str], Non
         )
     plan = make_plan(cfg, runner, keep, table)
     storage.makedirs(cfg.out)
-    shard_folder.write_spec(cfg.out, cfg.tile_spec().replace(segmentation=segmentation_spec(job(cfg))))
+    shard_folder.write_spec(cfg.out, cfg.preprocess().replace(segmentation=segmentation_spec(job(cfg))))
     storage.write_text(plan_path, plan.to_json())
     groups = manifestlib.group_summary(plan, cfg)
     log(f"planned {len(plan.entries)} images into {len(plan.shards)} shards, {cfg.folds} folds "

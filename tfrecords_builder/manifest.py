@@ -68,7 +68,7 @@ def build_manifest(cfg: BuildConfig, plan: Plan, shard_records: dict[str, dict],
     extra = {} if table is None else {"cell_labels": cell_targets.summary(
         table, by_id, (shard_records[s["name"]] for s in plan.shards))}
     return shard_folder.make_manifest(
-        config=cell_targets.settings(cfglib.to_dict(cfg), table), preprocess=cfglib.to_dict(cfg.tile_spec()), **extra,
+        config=cell_targets.settings(cfglib.to_dict(cfg), table), preprocess=cfg.preprocess().to_dict(), **extra,
         classes=list(CLASS_NAMES), bytes_per_image_estimate=plan.bytes_per_image,
         estimate=plan.estimate, groups=group_summary(plan, cfg), folds=[folds[k] for k in sorted(folds)],
         shards=shards, images=images, skipped=skipped)

@@ -28,7 +28,7 @@ class Job:
     """What every task of one build shares."""
 
     mode: str  # "image" | "cell" | "bag"
-    spec: dict  # TileSpec as a dict (a bag build's has `bag`, the most cells per record)
+    spec: dict  # Preprocess as its flat dict (a bag build's `bag`: the most cells per record)
     masks: str = ""  # folder of precomputed `{ID}_cells.png` / `{ID}_nuclei.png`, or ""
     segmenter: str = "default"
     nuclei_model: str = ""  # segmenter "hpa": hpacellseg's model files (.pth)
@@ -204,14 +204,14 @@ def cell_examples(task: Task, image: np.ndarray, spec) -> tuple[list[bytes], lis
     ], counts
 
 
-def bag_example(task: Task, image: np.ndarray, spec) -> tuple[bytes, int, list[int] | None]:
-    """One image as one bag record: up to `spec.bag` of its cells, cut like cell mode's.
+def bag_example(task: Task, image: np.ndarray, spec, bag: int) -> tuple[bytes, int, list[int] | None]:
+    """One image as one bag record: up to `bag` of its cells, cut like cell mode's (`spec`, a TileSpec).
     Returns the record, how many cells it holds and the counts of `Result.cell_labels` (over
     the bag's cells)."""
     from common import preprocess
 
     cells, info = _cells(task, image)
-    keep = [info[i] for i in bags.choose_cells(len(info), spec.bag, task.image_id, task.job.seed)]
+    keep = [info[i] for i in bags.choose_cells(len(info), bag, task.image_id, task.job.seed)]
     tiles, _, _ = preprocess.cell_tiles(image, cells, spec, cell_ids=[c.id for c in keep],
                                         boxes=[c.bbox for c in keep])
     targets, counts = cell_targets(task, info, keep)
@@ -264,7 +264,8 @@ def _tile(task: Task, image: np.ndarray, result: Result) -> None:
     """The image's records into `result.records`."""
     from common import preprocess
 
-    spec = preprocess.TileSpec(**task.job.spec)
+    pre = preprocess.Preprocess.from_dict(task.job.spec)
+    spec = pre.tile
     if task.job.mode == "image":
         result.records = [features.serialize(
             preprocess.image_tile(image, spec),
@@ -272,7 +273,7 @@ def _tile(task: Task, image: np.ndarray, result: Result) -> None:
             source_size=result.source_size, fold=task.fold,
         )]
     elif task.job.mode == "bag":
-        record, result.cells, result.cell_labels = bag_example(task, image, spec)
+        record, result.cells, result.cell_labels = bag_example(task, image, spec, pre.bag)
         result.records = [record]
     else:
         result.records, result.cell_labels = cell_examples(task, image, spec)

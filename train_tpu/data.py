@@ -18,7 +18,7 @@ from common import bags, features, mil
 from common import shard_folder as shards_lib
 from common.labels import NUM_CLASSES
 from common.models import NUM_CHANNELS
-from common.preprocess import TileSpec, resize_tiles, to_model_input
+from common.preprocess import Preprocess, resize_tiles, to_model_input
 
 log = logging.getLogger("train_tpu")
 
@@ -39,21 +39,21 @@ def _tf():
     return tf
 
 
-def load_spec(data_dir: str) -> TileSpec:
-    """The TileSpec the dataset's tiles were cut with (`DATA/preprocess.json`)."""
+def load_spec(data_dir: str) -> Preprocess:
+    """How the dataset's tiles were cut, bagged and segmented (`DATA/preprocess.json`)."""
     return shards_lib.read_spec(data_dir)
 
 
-def model_spec(data_spec: TileSpec, size: int, mode: str, where: str = "") -> TileSpec:
+def model_spec(data_spec: Preprocess, size: int, mode: str, where: str = "") -> Preprocess:
     """The spec inference must use: the dataset's, with `model_size` set when the model's
     input side differs from the stored tiles (size 0 = keep the dataset's)."""
-    data_mode = "bag" if data_spec.bag else data_spec.mode
+    data_mode = data_spec.role
     if data_mode != mode:
         raise ValueError(f"{where or 'dataset'}: the dataset was built in {data_mode!r} mode, "
                          f"training asked for --mode {mode}")
     if not size or size == data_spec.input_size:
         return data_spec
-    return data_spec.replace(model_size=0 if size == data_spec.size else size)
+    return data_spec.replace(tile=data_spec.tile.replace(model_size=0 if size == data_spec.size else size))
 
 
 def class_prior(data_dir: str, train_files) -> "np.ndarray | None":

@@ -1,6 +1,6 @@
 """The training run: strategy -> data -> model (in the strategy's scope) -> fit -> run folder.
 
-Run folder (local or gs://): `config.json`, `preprocess.json` (the TileSpec inference must use),
+Run folder (local or gs://): `config.json`, `preprocess.json` (the Preprocess inference must use),
 `history.csv`, `history.png`, `checkpoints/epoch_{E:03d}.keras` (model + optimizer state, one
 per finished epoch) and, at the end, `model.keras` (float32, no optimizer: for inference).
 """

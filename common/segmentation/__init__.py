@@ -13,7 +13,7 @@ Label maps are `HxW int32`, 0 = background; a cell and its nucleus share the id;
 Boxes are `(y0, x0, y1, x1)`, half-open, in full-resolution pixels (`cell_boxes` finds them).
 
 `SegmentationSpec` records how a dataset's cells were segmented (stored in its `preprocess.json`,
-see `common.preprocess.TileSpec.segmentation`, and copied into the run folder by the trainer);
+see `common.preprocess.Preprocess.segmentation`, and copied into the run folder by the trainer);
 `spec_for` is the one function that makes it from a segmenter's settings, for the builder and
 for predict, which compares the two.
 """
