@@ -86,3 +86,26 @@ def test_tilespec_holds_the_cut_only():
     assert [f for f in P.TileSpec.__dataclass_fields__] == list(P.CUT_FIELDS)
     with pytest.raises(ValueError, match="unknown keys \\['bag'\\]"):
         P.TileSpec.from_json('{"size": 64, "bag": 3}')
+
+
+def test_predict_cuts_once_for_a_bag_run_and_a_tile_run_cut_alike(monkeypatch):
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from infer_gpu import reading
+
+    calls = []
+    real = P.cell_tiles
+    monkeypatch.setattr(P, "cell_tiles", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    image = np.random.default_rng(0).integers(0, 256, (40, 40, 4), dtype=np.uint8)
+    cells = np.zeros((40, 40), np.int32)
+    cells[2:12, 3:15], cells[20:35, 18:30] = 1, 2
+    info = [SimpleNamespace(id=1, bbox=(2, 3, 12, 15)), SimpleNamespace(id=2, bbox=(20, 18, 35, 30))]
+    tile = P.TileSpec(size=16)
+    out = reading.cut_tiles(image, cells, info, [P.Preprocess(tile), P.Preprocess(tile, bag=4),
+                                                 P.Preprocess(P.TileSpec(size=16, margin=0.1))])
+    assert calls == [tile, P.TileSpec(size=16, margin=0.1)]  # the bag run reuses the tile run's tiles
+    chunks, mask = out[1]
+    assert chunks.shape == (1, 4, 16, 16, 4) and mask.tolist() == [[1, 1, 0, 0]]
+    np.testing.assert_array_equal(chunks[0, :2], out[0])
