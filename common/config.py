@@ -170,7 +170,7 @@ def add_arguments(parser, cls, *, defaults=None, skip=(), positional=(), require
                   types: Mapping[str, Any] | None = None, choices: Mapping[str, Any] | None = None,
                   metavars: Mapping[str, str] | None = None, flags: Mapping[str, str] | None = None,
                   false_flags: Mapping[str, str] | None = None,
-                  helps: Mapping[str, str] | None = None):
+                  helps: Mapping[str, str] | None = None, exclusive=()):
     """Add one argument per field of the dataclass `cls` to an argparse parser (or group).
 
     - name: `--kebab-name` (`flags={"field": "--other"}` renames one); `positional` fields are
@@ -185,6 +185,10 @@ def add_arguments(parser, cls, *, defaults=None, skip=(), positional=(), require
     - bool: `--x` (store_true) where the default is False, else `--x/--no-x`
       (BooleanOptionalAction). `false_flags={"field": "--keep-x"}` instead adds one flag that
       sets the field to False.
+    - exclusive: groups of fields whose flags exclude each other, e.g.
+      `exclusive=(("sample_submission", "labels"),)` (argparse's mutually exclusive group);
+      a field of a group named in `required` makes the group required (exactly one of its
+      flags must be given) instead of that field.
     - default: not given. The namespace then holds only the options the user typed (plus
       positionals), so `from_args` changes only those fields of its base.
     Returns the parser.
@@ -196,9 +200,17 @@ def add_arguments(parser, cls, *, defaults=None, skip=(), positional=(), require
     known = {f.name for f in dataclasses.fields(cls)}
     named = set(skip) | set(positional) | set(required) | set(types) | set(choices) | set(metavars)
     named |= set(flags) | set(false_flags) | set(helps_over)
-    unknown = sorted(named - known)
+    grouped = [name for group in exclusive for name in group]
+    unknown = sorted((named | set(grouped)) - known)
     if unknown:
         raise ValueError(f"add_arguments({cls.__name__}): not fields: {unknown}")
+    if len(set(grouped)) < len(grouped) or set(grouped) & (set(positional) | set(skip)):
+        raise ValueError(f"add_arguments({cls.__name__}): a field in two exclusive groups, or one "
+                         f"that is positional or skipped: {list(exclusive)}")
+    target = {}  # field -> the parser or mutually exclusive group its flag goes to
+    for group in exclusive:
+        box = parser.add_mutually_exclusive_group(required=bool(set(group) & set(required)))
+        target.update({name: box for name in group})
     comments = field_help(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -222,8 +234,8 @@ def add_arguments(parser, cls, *, defaults=None, skip=(), positional=(), require
         if f.name in false_flags:
             if tp is not bool:
                 raise ValueError(f"false_flags: {f.name} is not a bool field")
-            parser.add_argument(false_flags[f.name], dest=f.name, action="store_false",
-                                default=argparse.SUPPRESS, help=kw["help"])
+            target.get(f.name, parser).add_argument(false_flags[f.name], dest=f.name, action="store_false",
+                                                    default=argparse.SUPPRESS, help=kw["help"])
             continue
         if tp is bool:
             kw["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
@@ -250,10 +262,10 @@ def add_arguments(parser, cls, *, defaults=None, skip=(), positional=(), require
         if f.name in positional:
             parser.add_argument(f.name, **kw)
             continue
-        if f.name in required:
+        if f.name in required and f.name not in target:
             kw["required"] = True
-        parser.add_argument(flags.get(f.name, flag_name(f.name)), dest=f.name,
-                            default=argparse.SUPPRESS, **kw)
+        target.get(f.name, parser).add_argument(flags.get(f.name, flag_name(f.name)), dest=f.name,
+                                                default=argparse.SUPPRESS, **kw)
     return parser
 
 

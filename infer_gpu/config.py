@@ -1,4 +1,8 @@
-"""PredictConfig: everything `predict` takes besides its paths; presets are instances.
+"""PredictConfig: everything `predict` takes, its paths included; presets are instances.
+
+As with the builder's and the trainer's configs, the paths (images, sample_submission or
+labels, models, image_models, out, cells) are fields: a config without any of them is a
+preset (its values are checked); with any of them, `__post_init__` requires the inputs.
 
 `python -m infer_gpu predict` derives its options from these fields (help = the field's
 comment) and from `combine.CombineRule`'s; `--preset NAME` picks the base that the given
@@ -47,8 +51,35 @@ class PredictConfig:
     prefetch: int = 0  # images read ahead of the model; 0 = workers + 2
     max_pending: int = 32  # images the batcher may hold before it scores a partial batch
     seg_options: tuple = ()  # more ((key, value), ...) for common.segmentation.segment (library use)
+    # --- paths (empty in a preset; see __post_init__); the comments are --help, as above ---
+
+    images: str = ""  # folder or gs:// prefix holding {ID}_{red,green,blue,yellow}.png (or .tif/.tif.gz/.jpg)
+    sample_submission: str = ""  # the competition's sample_submission.csv: which IDs to predict, with their sizes
+    # instead of --sample-submission: a label list (ID,Label CSV such as train.csv; other columns
+    # ignored): its IDs in file order, sizes from the image files; an ID whose files are missing or
+    # unreadable fails like any image (empty row)
+    labels: str = ""
+    # a trained cell-mode run directory (model.keras + preprocess.json), a bag run included (see the
+    # rule below); repeat to average several models
+    models: tuple[str, ...] = ()
+    # an image-mode run directory whose whole-image score is combined with the cell scores (see the
+    # rule below); repeatable
+    image_models: tuple[str, ...] = ()
+    out: str = ""  # the submission CSV to write (local or gs://)
+    # also write the per-cell table (see below): PATH.parquet, or PATH.csv with its provenance in
+    # PATH.csv.meta.json
+    cells: str = ""
 
     def __post_init__(self):
+        for name in PATH_FIELDS:  # os.PathLike -> str, lists -> tuples of str
+            value = getattr(self, name)
+            if name in ("models", "image_models"):
+                value = tuple(os.fspath(v) for v in (value or ()))
+            else:
+                value = os.fspath(value) if value else ""
+            object.__setattr__(self, name, value)
+        if self.has_paths():
+            self._check_paths()
         checks = {
             "backend": self.backend is None or self.backend in BACKENDS,
             "work_size": self.work_size is None or self.work_size >= 1,
@@ -65,6 +96,36 @@ class PredictConfig:
         if bad:
             raise ValueError("PredictConfig: bad " + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad))
 
+    def has_paths(self) -> bool:
+        """Whether any path is set: a run's config, not a preset."""
+        return any(getattr(self, name) for name in PATH_FIELDS)
+
+    def _check_paths(self) -> None:
+        if not self.images:
+            raise ValueError("an image folder (--images) is needed")
+        if bool(self.sample_submission) == bool(self.labels):
+            raise ValueError("predict needs exactly one of --sample-submission and --labels")
+        if not self.out:
+            raise ValueError("a submission CSV to write (--out) is needed")
+        if self.cells:
+            from common.cell_table import format_of
+
+            format_of(self.cells)  # an unsupported extension is refused before any work
+            if self.cells == self.out:
+                raise ValueError(f"--cells {self.cells} is also --out: give the cell table its own path")
+
+    def require_models(self, loaded: bool = False) -> None:
+        """A ValueError unless the config names a run (`loaded`: runs were passed already
+        loaded, see `engine.predict`)."""
+        if not (self.models or self.image_models or loaded):
+            raise ValueError("predict needs at least one --model or --image-model run directory")
+
+    def inputs(self) -> dict:
+        """The inputs as OUT.report.json records them: images, sample_submission (None with
+        labels), labels (only when given)."""
+        return {"images": self.images, "sample_submission": self.sample_submission or None,
+                **({"labels": self.labels} if self.labels else {})}
+
     def to_dict(self) -> dict:
         """JSON-ready (segmentation objects passed in `seg_options` are written as their repr)."""
         out = dataclasses.asdict(self)
@@ -72,6 +133,8 @@ class PredictConfig:
                               for k, v in self.seg_options]
         return out
 
+
+PATH_FIELDS = ("images", "sample_submission", "labels", "models", "image_models", "out", "cells")
 
 PRESETS = {
     "default": PredictConfig(),

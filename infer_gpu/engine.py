@@ -22,6 +22,10 @@ Memory stays bounded by the readers' depth, the batcher's image cap (`max_pendin
 writer's queue. An image whose data is bad gets a part marked `failed` with an empty row, and
 the run goes on (`--resume` tries it again); any other error stops the run as
 `report.RunStopped`, with the original traceback, and the parts written so far stay.
+
+`predict(config)` takes everything, the paths included, from its `PredictConfig`;
+`run_predict(images, sample_submission, models, out, ...)` is the older form with the paths
+as arguments, kept for library callers.
 """
 from __future__ import annotations
 
@@ -41,44 +45,37 @@ from infer_gpu.report import RunStopped, Summary, run_settings, write_report
 from infer_gpu.writing import PartWriter, assemble
 
 
-def run_predict(images: str, sample_submission: str | None, models: Sequence[str], out: str,
-                image_models: Sequence[str] = (), config: PredictConfig | None = None,
-                runs=None, image_runs=None, cells: str | None = None, labels: str | None = None) -> Summary:
-    """Write `out` (the submission CSV) for every ID of `sample_submission`, or of the label
-    list `labels` (`ID,Label` CSV; sizes from the image files): exactly one of the two.
+def predict(config: PredictConfig, *, runs=None, image_runs=None) -> Summary:
+    """Write `config.out` (the submission CSV) for every ID of `config.sample_submission`, or
+    of the label list `config.labels` (`ID,Label` CSV; sizes from the image files).
 
-    images: folder or `gs://` prefix of `{ID}_{channel}.png`; models / image_models: run
-    directories (cell-mode `preprocess.json`, bag runs included / image-mode). `runs` / `image_runs` may pass
-    already-loaded `runs.RunDir`s instead (benchmarks, tests). cells: also write the per-cell
-    table there (`common.cell_table`: `.parquet` or `.csv`). Returns the Summary; the CSV (and
-    the table) are only written when every image is done (see `config.limit`); the report always is.
+    The paths are the config's fields, as for the builder and the trainer (`PredictConfig`
+    checks them): images, a folder or `gs://` prefix of `{ID}_{channel}.png`; models /
+    image_models, run directories (cell-mode `preprocess.json`, bag runs included /
+    image-mode); cells, also write the per-cell table there (`common.cell_table`: `.parquet`
+    or `.csv`). `runs` / `image_runs` may pass already-loaded `runs.RunDir`s instead of
+    models / image_models (benchmarks, tests). Returns the Summary; the CSV (and the table)
+    are only written when every image is done (see `config.limit`); the report always is.
     """
-    config = config or PredictConfig()
+    if not config.has_paths():
+        raise ValueError("an image folder (--images) is needed")  # a preset: no paths
+    config.require_models(loaded=bool(runs or image_runs))
     wall = time.perf_counter()
-    if (sample_submission is None) == (labels is None):
-        raise ValueError("predict needs exactly one of --sample-submission and --labels")
-    if cells is not None:
-        from common.cell_table import format_of
-
-        format_of(cells)  # an unsupported extension is refused before any work
-        if str(cells) == str(out):
-            raise ValueError(f"--cells {cells} is also --out: give the cell table its own path")
-    if not (models or image_models or runs or image_runs):
-        raise ValueError("predict needs at least one --model or --image-model run directory")
-    sample = read_sample(sample_submission) if labels is None else read_labelled(labels)
+    images, out, cells = config.images, config.out, config.cells or None
+    sample = read_sample(config.sample_submission) if not config.labels else read_labelled(config.labels)
 
     from infer_gpu.scorer import Scorers, setup_device
 
     summary = Summary(out=out, total=len(sample), seconds={s: 0.0 for s in STAGES})
     summary.device = setup_device(config.device)
     size_thread_pools(config.workers, summary.device, config.tf_threads)  # before any model
-    runs, image_runs = load_runs(models, image_models, runs, image_runs)
+    runs, image_runs = load_runs(config.models, config.image_models, runs, image_runs)
     scorers = Scorers.build([*runs, *image_runs], tta=config.tta, batch_size=config.batch_size)
     used = segmentation_to_use(config, [*runs, *image_runs])  # the runs' unless told otherwise
     settings = run_settings(sample, runs, image_runs, config, used)
     if cells is not None:
         settings["cell_table"] = True  # the parts hold cell rows: a resume must ask for them too
-    inputs = {"images": images, "sample_submission": sample_submission, **({"labels": labels} if labels else {})}
+    inputs = config.inputs()
     store = PartStore(out)
     todo = images_to_do(sample, store.start(settings, resume=config.resume), config.limit, summary)
 
@@ -119,6 +116,20 @@ def run_predict(images: str, sample_submission: str | None, models: Sequence[str
         inputs = {**inputs, "cells": cells}
     write_report(summary, config=config, settings=settings, inputs=inputs)
     return summary
+
+
+def run_predict(images: str, sample_submission: str | None, models: Sequence[str], out: str,
+                image_models: Sequence[str] = (), config: PredictConfig | None = None,
+                runs=None, image_runs=None, cells: str | None = None, labels: str | None = None) -> Summary:
+    """The older, positional form of `predict`: the paths as arguments, set on `config` (a
+    preset; default `PredictConfig()`), then `predict(config, runs=, image_runs=)`. Exactly
+    one of `sample_submission` and `labels`."""
+    import dataclasses
+
+    paths = dict(images=images, sample_submission=sample_submission or "", labels=labels or "",
+                 models=tuple(models or ()), image_models=tuple(image_models or ()), out=out, cells=cells or "")
+    config = dataclasses.replace(config or PredictConfig(), **paths)
+    return predict(config, runs=runs, image_runs=image_runs)
 
 
 def size_thread_pools(workers: int, device: str, tf_threads: int = 0) -> dict:

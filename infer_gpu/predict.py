@@ -1,6 +1,7 @@
 """`python -m infer_gpu predict`: the command line (test images + trained run directories ->
 submission.csv). Its options are `infer_gpu.config.PredictConfig`'s and `combine.CombineRule`'s
-fields, with `--preset`; the work is `infer_gpu.engine.run_predict`."""
+fields (the paths included, as in the other stages), with `--preset`; the work is
+`infer_gpu.engine.predict`."""
 from __future__ import annotations
 
 import argparse
@@ -78,36 +79,24 @@ def _tta(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    import dataclasses
+
     from infer_gpu.combine import CombineRule
-    from infer_gpu.config import BACKENDS, DEVICES, PRESETS, PredictConfig
+    from infer_gpu.config import BACKENDS, DEVICES, PATH_FIELDS, PRESETS, PredictConfig
 
     parser.formatter_class = _Formatter  # keep the rule's layout, and show defaults
     parser.epilog = EPILOG
-    parser.add_argument("--images", required=True,
-                        help="folder or gs:// prefix holding {ID}_{red,green,blue,yellow}.png (or .tif/.tif.gz/.jpg)")
-    ids = parser.add_mutually_exclusive_group(required=True)
-    ids.add_argument("--sample-submission",
-                     help="the competition's sample_submission.csv: which IDs to predict, with their sizes")
-    ids.add_argument("--labels", metavar="CSV",
-                     help="instead of --sample-submission: a label list (ID,Label CSV such as train.csv; "
-                          "other columns ignored): its IDs in file order, sizes from the image files; an ID "
-                          "whose files are missing or unreadable fails like any image (empty row)")
-    parser.add_argument("--model", action="append", default=[], metavar="RUN_DIR",
-                        help="a trained cell-mode run directory (model.keras + preprocess.json), "
-                             "a bag run included (see the rule below); repeat to average several models")
-    parser.add_argument("--image-model", action="append", default=[], metavar="RUN_DIR",
-                        help="an image-mode run directory whose whole-image score is combined with "
-                             "the cell scores (see the rule below); repeatable")
-    parser.add_argument("--out", required=True, help="the submission CSV to write (local or gs://)")
-    parser.add_argument("--cells", metavar="PATH",
-                        help="also write the per-cell table (see below): PATH.parquet, or PATH.csv with "
-                             "its provenance in PATH.csv.meta.json")
+    base = PRESETS["default"]
+    others = tuple(f.name for f in dataclasses.fields(PredictConfig) if f.name not in PATH_FIELDS)
+    cfglib.add_arguments(  # the paths first, as fields of the config (help: their comments)
+        parser, PredictConfig, defaults=base, skip=others, required=("images", "sample_submission", "out"),
+        exclusive=(("sample_submission", "labels"),), flags={"models": "--model", "image_models": "--image-model"},
+        metavars={"labels": "CSV", "models": "RUN_DIR", "image_models": "RUN_DIR", "cells": "PATH"})
     parser.add_argument("--preset", default="default", choices=tuple(PRESETS),
                         help="the base options (infer_gpu.config.PRESETS; smoke: seconds on a CPU); "
                              "the options below change it")
-    base = PRESETS["default"]
     cfglib.add_arguments(
-        parser, PredictConfig, defaults=base, skip=("rule", "seg_options"),
+        parser, PredictConfig, defaults=base, skip=("rule", "seg_options", *PATH_FIELDS),
         types={"work_size": positive_int, "tta": _tta, "batch_size": positive_int, "limit": positive_int,
                "max_pending": positive_int},
         choices={"backend": BACKENDS, "device": DEVICES}, metavars={"overlays": "DIR", "limit": "N"},
@@ -134,18 +123,16 @@ def config_from_args(args):
 
 
 def run(args) -> int:
-    from infer_gpu.engine import run_predict
+    from infer_gpu.engine import predict
     from infer_gpu.parts import ResumeError
     from infer_gpu.report import EXIT_FAILED_IMAGES
 
-    if not args.model and not args.image_model:
-        print("predict: give at least one --model or --image-model RUN_DIR", file=sys.stderr)
-        return 2
     try:
-        config = config_from_args(args)
-        summary = run_predict(args.images, args.sample_submission, args.model, args.out,
-                              image_models=args.image_model, config=config, cells=args.cells,
-                              labels=args.labels)
+        config = config_from_args(args)  # the paths included: PredictConfig checks them
+        if not config.models and not config.image_models:
+            print("predict: give at least one --model or --image-model RUN_DIR", file=sys.stderr)
+            return 2
+        summary = predict(config)
     except (FileNotFoundError, ValueError, ResumeError, RuntimeError, PermissionError, ImportError) as err:
         print(f"predict: {err}", file=sys.stderr)
         return 2
@@ -159,7 +146,7 @@ def run(args) -> int:
     if not s.complete:
         print(f"stopped before the end (--limit); {s.out} not written yet: rerun with --resume")
         return 0
-    print(f"wrote {s.out}" + (f" and {args.cells}" if args.cells else ""))
+    print(f"wrote {s.out}" + (f" and {config.cells}" if config.cells else ""))
     if s.failed:
         every = "every image" if s.failed == s.total else f"{s.failed} of {s.total} images"
         print(f"predict: {every} failed and got an empty row (see {s.out}.report.json); "

@@ -154,3 +154,19 @@ def test_set_errors_name_the_item():
             C.parse_sets(Opts, items)
     with pytest.raises(ValueError, match="size must be >= 1"):  # the dataclass validates
         C.from_args(Opts, argparse.Namespace(), base=Opts(), sets=["size=0"])
+
+
+def test_exclusive_groups():
+    p = _parser(exclusive=(("out", "mode"),))
+    assert C.from_args(Opts, p.parse_args(["--out", "o"])) == Opts(out="o")
+    assert C.from_args(Opts, p.parse_args([])) == Opts()  # not required: neither is fine
+    with pytest.raises(SystemExit):
+        p.parse_args(["--out", "o", "--mode", "b"])  # not both
+    required = _parser(exclusive=(("out", "mode"),), required=("out",), metavars={"out": "DIR"})
+    assert C.from_args(Opts, required.parse_args(["--mode", "b"])) == Opts(mode="b")  # either one
+    with pytest.raises(SystemExit):
+        required.parse_args([])  # one of the group is required
+    with pytest.raises(ValueError, match="not fields.*nope"):
+        _parser(exclusive=(("out", "nope"),))
+    with pytest.raises(ValueError, match="two exclusive groups"):
+        _parser(exclusive=(("out", "mode"), ("mode", "size")))

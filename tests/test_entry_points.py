@@ -15,6 +15,7 @@ from train_tpu import cli as train_cli
 from train_tpu.config import PRESETS as TRAIN_PRESETS
 
 PREDICT = ["predict", "--images", "i", "--sample-submission", "s.csv", "--model", "m", "--out", "o.csv"]
+PREDICT_PATHS = dict(images="i", sample_submission="s.csv", models=("m",), out="o.csv")  # as fields, as in the other stages
 
 
 def _sub(parser, name):
@@ -33,7 +34,7 @@ def test_every_stage_defaults_to_the_default_preset():
     assert builder.preset == trainer.preset == predict.preset == "default"
     assert train_cli.config_from_args(trainer) == dataclasses.replace(
         TRAIN_PRESETS["default"], data="d", out="o", mode="cell")
-    assert predict_config(predict) == PREDICT_PRESETS["default"]
+    assert predict_config(predict) == dataclasses.replace(PREDICT_PRESETS["default"], **PREDICT_PATHS)
 
 
 def test_every_stage_has_set_and_verbose():
@@ -54,7 +55,7 @@ def test_predict_set_reaches_the_config_and_the_combine_rule():
     cfg = predict_config(args)
     smoke = PREDICT_PRESETS["smoke"]
     assert cfg == dataclasses.replace(
-        smoke, tta=2, work_size=320,
+        smoke, tta=2, work_size=320, **PREDICT_PATHS,
         rule=dataclasses.replace(smoke.rule, cell_weight=0.25, min_score=0.3))
     bad = infer_cli.build_parser().parse_args([*PREDICT, "--set", "rule.cell_wieght=1"])
     with pytest.raises(ValueError, match=r"CombineRule: unknown keys \['cell_wieght'\]"):

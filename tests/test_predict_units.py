@@ -320,10 +320,39 @@ def test_cli_rejects_bad_values():
     p = _parser()
     base = ["--images", "i", "--sample-submission", "s", "--out", "o", "--model", "m"]
     args = p.parse_args(base + ["--model", "m2", "--tta", "8", "--work-size", "256"])
-    assert args.model == ["m", "m2"] and args.tta == 8 and args.work_size == 256
+    assert args.models == ["m", "m2"] and args.tta == 8 and args.work_size == 256
     for bad in (["--tta", "9"], ["--batch-size", "0"], ["--border-weight", "1.2"], ["--backend", "x"]):
         with pytest.raises(SystemExit):
             p.parse_args(base + bad)
+
+
+def test_paths_are_config_fields_checked_as_the_other_stages_check_theirs(tmp_path):
+    import dataclasses
+
+    from infer_gpu import predict
+    from infer_gpu.config import PRESETS, PredictConfig
+
+    assert not any(p.has_paths() for p in PRESETS.values())  # presets: no paths
+    args = _parser().parse_args(["--images", "i", "--labels", "l.csv", "--out", "o.csv", "--model", "m",
+                                 "--model", "m2", "--image-model", "im", "--cells", "c.parquet"])
+    cfg = predict.config_from_args(args)
+    assert (cfg.images, cfg.sample_submission, cfg.labels, cfg.out, cfg.cells) == ("i", "", "l.csv", "o.csv", "c.parquet")
+    assert cfg.models == ("m", "m2") and cfg.image_models == ("im",)
+    assert cfg.inputs() == {"images": "i", "sample_submission": None, "labels": "l.csv"}
+    ok = dict(images="i", sample_submission="s.csv", out="o.csv", models=("m",))
+    assert PredictConfig(**{**ok, "images": tmp_path}).images == str(tmp_path)  # os.PathLike -> str
+    assert PredictConfig(**{**ok, "models": [tmp_path]}).models == (str(tmp_path),)
+    for bad, match in ((dict(images=""), r"--images"), (dict(out=""), r"--out"),
+                       (dict(labels="l.csv"), "exactly one of --sample-submission and --labels"),
+                       (dict(sample_submission=""), "exactly one of"),
+                       (dict(cells="c.xlsx"), "unsupported extension"), (dict(cells="o.csv"), "is also --out")):
+        with pytest.raises(ValueError, match=match):
+            PredictConfig(**{**ok, **bad})
+    with pytest.raises(ValueError, match="at least one --model or --image-model"):
+        dataclasses.replace(PredictConfig(**ok), models=()).require_models()
+    PredictConfig(**{**ok, "models": ()}).require_models(loaded=True)  # runs passed already loaded
+    with pytest.raises(ValueError, match=r"--images"):
+        PredictConfig(out="o.csv")  # any path makes it a run's config: the others are required
 
 
 # --- run directories and device --------------------------------------------------------------
