@@ -121,6 +121,13 @@ class Preprocess:
         """What an example is: "bag" for a bag run (`bag` > 0), else `mode`."""
         return "bag" if self.bag else self.tile.mode
 
+    @property
+    def scoring(self) -> tuple:
+        """`(tile, bag)`: what decides how a run's examples are cut and fed to its model. Runs
+        equal in it score in one group (`infer_gpu.scorer.Scorers`), whatever their
+        segmentation (which decides the cells, checked once for all runs by predict)."""
+        return self.tile, self.bag
+
     def replace(self, **changes) -> "Preprocess":
         return dataclasses.replace(self, **changes)
 

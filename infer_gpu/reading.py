@@ -142,8 +142,7 @@ def segmentation_to_use(config, runs: Sequence, warn=None):
 
 
 def _recorded(run):
-    seg = getattr(run, "segmentation", None)
-    return seg if seg is not None else getattr(run.spec, "segmentation", None)
+    return run.spec.segmentation
 
 
 def segmentation_options(config, used=None) -> dict:

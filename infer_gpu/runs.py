@@ -28,10 +28,12 @@ class RunDir:
     spec: Preprocess
     model: object = dataclasses.field(repr=False, default=None)
     fingerprint: str = ""
-    # how the training data's cells were segmented (`common.segmentation.SegmentationSpec`,
-    # from preprocess.json); None = not recorded. `spec` holds the Preprocess without it, so runs
-    # that differ only in it share a group (`scorer.Scorers`).
-    segmentation: object = None
+
+    @property
+    def segmentation(self):
+        """How the training data's cells were segmented (`common.segmentation.SegmentationSpec`,
+        `spec.segmentation`); None = not recorded."""
+        return self.spec.segmentation
 
 
 def load_run(run_dir: str, expect_mode: str | None = None) -> RunDir:
@@ -53,8 +55,7 @@ def load_run(run_dir: str, expect_mode: str | None = None) -> RunDir:
     model = run_folder.load_model(folder, data=data)
     del data
     spec = checked_spec(model, spec, path)
-    return RunDir(path=run_dir, spec=spec.replace(segmentation=None), model=model, fingerprint=fingerprint,
-                  segmentation=spec.segmentation)
+    return RunDir(path=run_dir, spec=spec, model=model, fingerprint=fingerprint)
 
 
 def checked_spec(model, spec: Preprocess, path: str) -> Preprocess:

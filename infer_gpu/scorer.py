@@ -228,12 +228,14 @@ class Scorers:
     @classmethod
     def build(cls, runs, tta: int = 1, batch_size: int = 64) -> "Scorers":
         """runs: `runs.RunDir`s (cell, bag and image runs together)."""
-        specs: list[Preprocess] = []
+        specs: list[Preprocess] = []  # the first run's of each group
+        keys: list[tuple] = []  # Preprocess.scoring: runs equal in it share a group
         members: dict[int, list] = {}
         for r in runs:
-            if r.spec not in specs:
+            if r.spec.scoring not in keys:
+                keys.append(r.spec.scoring)
                 specs.append(r.spec)
-            members.setdefault(specs.index(r.spec), []).append(r.model)
+            members.setdefault(keys.index(r.spec.scoring), []).append(r.model)
         return cls(specs=tuple(specs),
                    roles={k: role(s) for k, s in enumerate(specs)},
                    weights={k: len(m) for k, m in members.items()},
