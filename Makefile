@@ -19,9 +19,10 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-beam.txt pyproject.
 demo: $(STAMP)
 	PY=$(PY) bash scripts/demo.sh $(DEMO_OUT)
 
-# two pytest-xdist workers; a test's xdist_group runs whole on one (tests/conftest.py)
+# three pytest-xdist workers (more than the 2 cores: tracing is single-threaded); a test's
+# group runs whole on one worker (tests/conftest.py GROUPS)
 test: $(STAMP)
-	$(PY) -m pytest tests -n 2 --dist loadgroup --durations=30
+	$(PY) -m pytest tests -n 3 --dist loadgroup --durations=30
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

@@ -11,19 +11,26 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
-# `make test` runs `pytest -n 2 --dist loadgroup` (pytest-xdist): a unit of work is a group,
+# `make test` runs `pytest -n 3 --dist loadgroup` (pytest-xdist): a unit of work is a group,
 # run whole on one worker, so a module- or session-scoped fixture is built once. A test's group
 # is its module (as --dist loadfile), except the groups below that span modules: "learning_base"
 # (the tests of tests/learning_runs.py's base run) and "jax" (one JAX compilation cache).
 # xdist's own `xdist_group` marks do not reach its scheduler under pytest 9 (it renames
 # `item._nodeid`, which pytest 9 no longer reads), so the groups are named here by node id and
-# the scheduler below reads them. The slowest groups are collected first, so that the two
+# the scheduler below reads them. The slowest groups are collected first, so that the
 # workers start on them and the many short modules fill in behind (measured: `--durations`).
+# Three workers on the 2-core machine: much of a smoke training is single-threaded Python
+# (tracing the step functions), so a third worker fills the cores the others leave idle
+# (measured: 16 min 38 s against 20 min 18 s on two).
 GROUPS = {  # node id prefix -> group
     "tests/test_learning_mil.py": "learning_base",
     "tests/test_learning.py::test_demo_preset_learns_cell_labels_from_image_labels[tensorflow]": "learning_base",
     "tests/test_learning.py::test_demo_preset_learns_cell_labels_from_image_labels[jax]": "jax",
     "tests/test_train_jax.py": "jax",
+    # test_train.py's module alone was the longest unit (~640 s on the loaded machine): its two
+    # resume tests run as a unit of their own (each worker builds the module's small shards)
+    "tests/test_train.py::test_sigkilled_run_resumes_with_the_data_order_of_an_uninterrupted_run": "train_resume",
+    "tests/test_train.py::test_interrupted_run_resumes_from_the_last_epoch": "train_resume",
 }
 SLOW_FIRST = ("test_learning_mil", "test_learning", "test_train_jax", "test_learning_pseudo_label",
               "test_self_train", "test_train", "test_train_bag", "test_predict_e2e")

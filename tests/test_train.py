@@ -94,10 +94,13 @@ def test_deterministic_runs_repeat_to_the_bit(shards, tmp_path):
     (wa, ha), (wb, hb) = runs
     assert ha == hb and len(ha) == 2, (ha, hb)
     assert len(wa) == len(wb) and all(np.array_equal(x, y) for x, y in zip(wa, wb))
-    # another seed is another run
-    trainlib.train(cfg.replace(out=str(tmp_path / "c"), seed=6))
-    rows = history.read_history(str(tmp_path / "c" / history.HISTORY_CSV))
-    assert [(r["loss"], r["val_loss"]) for r in rows] != ha
+    # equal because the run is repeatable, not because nothing moves: epoch 2 changed the
+    # weights of epoch 1's checkpoint, and the two epochs' losses differ. (That another seed
+    # draws another order is tests/test_train_data.py's; a third training here cost ~40 s.)
+    first = models.load_model(str(tmp_path / "a" / trainlib.CHECKPOINTS / trainlib.checkpoint_name(1)))
+    moved = [not np.array_equal(w.numpy(), x) for w, x in zip(first.weights, wa)]
+    assert sum(moved) > len(wa) // 2, (sum(moved), len(wa))
+    assert ha[0] != ha[1]
 
 
 class _Interrupted(Exception):

@@ -294,6 +294,10 @@ def test_each_epoch_has_its_own_order_and_a_resumed_stream_continues_it(shards):
         np.testing.assert_array_equal(a, b)  # deterministic
     np.testing.assert_array_equal(resumed[0], whole[2])
     assert not np.array_equal(whole[0], whole[1]) and not np.array_equal(whole[0], whole[2])
+    # the run's seed picks the order: another seed, another stream
+    cfg = cfg.replace(seed=cfg.seed + 1)
+    other = epochs(0, 1)
+    assert not np.array_equal(other[0], whole[0])
 
 
 def test_epoch_stream_builds_after_a_global_seed_of_zero(shards):
