@@ -15,8 +15,14 @@ def to_dict(cfg) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+def dumps(data: Mapping[str, Any]) -> str:
+    """THE layout of the project's JSON config files (sorted keys, 2-space indent, final newline):
+    equal settings give byte-equal files."""
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
 def to_json(cfg) -> str:
-    return json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n"
+    return dumps(to_dict(cfg))
 
 
 def _coerce(tp, value):

@@ -151,7 +151,7 @@ class Preprocess:
                    segmentation=None if seg is None else SegmentationSpec.from_dict(seg))
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        return cfglib.dumps(self.to_dict())
 
     @classmethod
     def from_json(cls, text: str) -> "Preprocess":

@@ -79,7 +79,7 @@ class PredictConfig:
                 value = os.fspath(value) if value else ""
             object.__setattr__(self, name, value)
         if self.has_paths():
-            self._check_paths()
+            self.check_paths()
         checks = {
             "backend": self.backend is None or self.backend in BACKENDS,
             "work_size": self.work_size is None or self.work_size >= 1,
@@ -100,7 +100,9 @@ class PredictConfig:
         """Whether any path is set: a run's config, not a preset."""
         return any(getattr(self, name) for name in PATH_FIELDS)
 
-    def _check_paths(self) -> None:
+    def check_paths(self) -> None:
+        """A ValueError naming the flag unless the inputs a run needs are there (a preset has
+        none: `predict` refuses it with the first message)."""
         if not self.images:
             raise ValueError("an image folder (--images) is needed")
         if bool(self.sample_submission) == bool(self.labels):
@@ -118,7 +120,7 @@ class PredictConfig:
         """A ValueError unless the config names a run (`loaded`: runs were passed already
         loaded, see `engine.predict`)."""
         if not (self.models or self.image_models or loaded):
-            raise ValueError("predict needs at least one --model or --image-model run directory")
+            raise ValueError("give at least one --model or --image-model RUN_DIR")
 
     def inputs(self) -> dict:
         """The inputs as OUT.report.json records them: images, sample_submission (None with

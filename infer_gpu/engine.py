@@ -57,8 +57,7 @@ def predict(config: PredictConfig, *, runs=None, image_runs=None) -> Summary:
     models / image_models (benchmarks, tests). Returns the Summary; the CSV (and the table)
     are only written when every image is done (see `config.limit`); the report always is.
     """
-    if not config.has_paths():
-        raise ValueError("an image folder (--images) is needed")  # a preset: no paths
+    config.check_paths()  # done by the config when it has paths; a preset has none
     config.require_models(loaded=bool(runs or image_runs))
     wall = time.perf_counter()
     images, out, cells = config.images, config.out, config.cells or None

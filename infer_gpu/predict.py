@@ -129,9 +129,7 @@ def run(args) -> int:
 
     try:
         config = config_from_args(args)  # the paths included: PredictConfig checks them
-        if not config.models and not config.image_models:
-            print("predict: give at least one --model or --image-model RUN_DIR", file=sys.stderr)
-            return 2
+        config.require_models()
         summary = predict(config)
     except (FileNotFoundError, ValueError, ResumeError, RuntimeError, PermissionError, ImportError) as err:
         print(f"predict: {err}", file=sys.stderr)

@@ -109,7 +109,7 @@ def segmentation_to_use(config, runs: Sequence, warn=None):
     from common.segmentation import MASKS
 
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
-    recorded = [(r.path, _recorded(r)) for r in runs]
+    recorded = [(r.path, r.spec.segmentation) for r in runs]
     recorded = [(path, spec) for path, spec in recorded if spec is not None]
     masks = [path for path, spec in recorded if spec.backend == MASKS]
     made = [(path, spec) for path, spec in recorded if spec.backend != MASKS]
@@ -139,10 +139,6 @@ def segmentation_to_use(config, runs: Sequence, warn=None):
              f"which predict cannot make; it segments with backend {used.backend!r}, "
              f"work size {used.work_size}")
     return used
-
-
-def _recorded(run):
-    return run.spec.segmentation
 
 
 def segmentation_options(config, used=None) -> dict:

@@ -29,12 +29,6 @@ class RunDir:
     model: object = dataclasses.field(repr=False, default=None)
     fingerprint: str = ""
 
-    @property
-    def segmentation(self):
-        """How the training data's cells were segmented (`common.segmentation.SegmentationSpec`,
-        `spec.segmentation`); None = not recorded."""
-        return self.spec.segmentation
-
 
 def load_run(run_dir: str, expect_mode: str | None = None) -> RunDir:
     """Load a run folder (local or gs://, `common.run_folder`): its spec, and its model, checked
