@@ -38,7 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "predict":  # predict --engine beam hands them to Beam
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.beam_args = extra
     quiet.quiet(verbose=args.verbose)  # python -m infer_gpu did it already; a library call here
     return int(args._run(args) or 0)
 

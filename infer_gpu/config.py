@@ -18,6 +18,7 @@ from infer_gpu.combine import CombineRule
 
 BACKENDS = ("default", "hpa")
 DEVICES = ("auto", "gpu", "cpu")
+ENGINES = ("local", "beam")
 
 
 def _default_workers() -> int:
@@ -51,6 +52,9 @@ class PredictConfig:
     prefetch: int = 0  # images read ahead of the model; 0 = workers + 2
     max_pending: int = 32  # images the batcher may hold before it scores a partial batch
     seg_options: tuple = ()  # more ((key, value), ...) for common.segmentation.segment (library use)
+    # local: this machine (reader threads ahead of one scorer); beam: the same work as an Apache Beam pipeline (infer_gpu.beam_engine): DirectRunner with --workers processes unless --runner names another; flags predict does not know go to Beam's pipeline options
+    engine: str = "local"
+    beam_args: tuple = ()  # Beam pipeline options (--runner DataflowRunner --project ...): the CLI's unknown flags with --engine beam
     # --- paths (empty in a preset; see __post_init__); the comments are --help, as above ---
 
     images: str = ""  # folder or gs:// prefix holding {ID}_{red,green,blue,yellow}.png (or .tif/.tif.gz/.jpg)
@@ -71,6 +75,7 @@ class PredictConfig:
     cells: str = ""
 
     def __post_init__(self):
+        object.__setattr__(self, "beam_args", tuple(str(a) for a in (self.beam_args or ())))
         for name in PATH_FIELDS:  # os.PathLike -> str, lists -> tuples of str
             value = getattr(self, name)
             if name in ("models", "image_models"):
@@ -91,6 +96,7 @@ class PredictConfig:
             "limit": self.limit >= 0,
             "prefetch": self.prefetch >= 0,
             "max_pending": self.max_pending >= 1,
+            "engine": self.engine in ENGINES,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
+from dataclasses import dataclass
 from typing import Sequence
 
 from common.pool import ordered_map
@@ -45,6 +46,84 @@ from infer_gpu.report import RunStopped, Summary, run_settings, write_report
 from infer_gpu.writing import PartWriter, assemble
 
 
+@dataclass
+class Run:
+    """A predict run once its inputs are read and checked and its runs loaded: what both
+    engines (this one, and `infer_gpu.beam_engine`'s) start from and finish with."""
+
+    config: PredictConfig
+    sample: list  # [(ID, width, height)], the CSV's order
+    summary: Summary
+    runs: list  # runs.RunDir, cell and bag mode
+    image_runs: list
+    scorers: object  # scorer.Scorers
+    used: object  # the SegmentationSpec predict segments with
+    settings: dict  # what decides the results (report.run_settings): the parts' guard
+    store: PartStore
+    todo: list  # [(ID, width, height)] still to predict this run
+    wall: float  # perf_counter at the start
+
+
+def start_run(config: PredictConfig, runs=None, image_runs=None) -> Run:
+    """Check the config, read the ID list, set up the device, load the runs, choose the
+    segmentation, start (or resume) the parts and list what is still to do."""
+    config.check_paths()  # done by the config when it has paths; a preset has none
+    config.require_models(loaded=bool(runs or image_runs))
+    wall = time.perf_counter()
+    sample = read_sample(config.sample_submission) if not config.labels else read_labelled(config.labels)
+
+    from infer_gpu.scorer import Scorers, setup_device
+
+    summary = Summary(out=config.out, total=len(sample), seconds={s: 0.0 for s in STAGES})
+    summary.device = setup_device(config.device)
+    size_thread_pools(config.workers, summary.device, config.tf_threads)  # before any model
+    runs, image_runs = load_runs(config.models, config.image_models, runs, image_runs)
+    scorers = Scorers.build([*runs, *image_runs], tta=config.tta, batch_size=config.batch_size)
+    used = segmentation_to_use(config, [*runs, *image_runs])  # the runs' unless told otherwise
+    settings = run_settings(sample, runs, image_runs, config, used)
+    if config.cells:
+        settings["cell_table"] = True  # the parts hold cell rows: a resume must ask for them too
+    store = PartStore(config.out)
+    todo = images_to_do(sample, store.start(settings, resume=config.resume), config.limit, summary)
+    return Run(config, sample, summary, runs, image_runs, scorers, used, settings, store, todo, wall)
+
+
+def image_reader(config: PredictConfig, scorers, used):
+    """The per-image function of both engines: `(ID, width, height) -> reading.Prepared` (read,
+    segment, cut every spec's tiles, encode every mask; `reading.prepare_image`)."""
+    return functools.partial(prepare_image, source=config.images, specs=scorers.specs, backend=used.backend,
+                             seg_options=segmentation_options(config, used), keep_image=bool(config.overlays))
+
+
+def finish_image(job, scorers, rule, writer: PartWriter):
+    """A scored `batching.Job` -> its `combine.ImageResult`, reported (stderr) and queued on
+    `writer` as the image's part (and overlay): the per-image end of both engines."""
+    result = image_result(job, scorers.roles, scorers.weights, rule)
+    _report_problem(result)
+    writer.put(job.prepared, result)
+    return result
+
+
+def finish_run(run: Run) -> Summary:
+    """The CSV (and --cells table) from the parts, in the ID list's order, once every ID has
+    one; then the report. Both engines end here."""
+    config, summary, store = run.config, run.summary, run.store
+    summary.wall_seconds = time.perf_counter() - run.wall
+    summary.images_per_second = summary.processed / max(summary.wall_seconds, 1e-9)
+    inputs = config.inputs()
+    provenance = {**run.settings, "inputs": inputs, "combine": "infer_gpu.combine (the rule's c, i, s)"}
+    errors = assemble(config.out, run.sample, store, cells=config.cells or None, provenance=provenance)
+    if errors is not None:
+        summary.complete, summary.errors = True, errors
+        summary.failed = sum(1 for e in errors if e["failed"])
+        if not config.keep_parts and not summary.failed:  # kept, so --resume can retry the failed
+            store.remove()
+    if config.cells:
+        inputs = {**inputs, "cells": config.cells}
+    write_report(summary, config=config, settings=run.settings, inputs=inputs)
+    return summary
+
+
 def predict(config: PredictConfig, *, runs=None, image_runs=None) -> Summary:
     """Write `config.out` (the submission CSV) for every ID of `config.sample_submission`, or
     of the label list `config.labels` (`ID,Label` CSV; sizes from the image files).
@@ -56,41 +135,23 @@ def predict(config: PredictConfig, *, runs=None, image_runs=None) -> Summary:
     or `.csv`). `runs` / `image_runs` may pass already-loaded `runs.RunDir`s instead of
     models / image_models (benchmarks, tests). Returns the Summary; the CSV (and the table)
     are only written when every image is done (see `config.limit`); the report always is.
+    `config.engine` "beam" runs the same on Apache Beam (`infer_gpu.beam_engine.predict_beam`,
+    DirectRunner with `config.workers` processes; `beam_args` there for other runners).
     """
-    config.check_paths()  # done by the config when it has paths; a preset has none
-    config.require_models(loaded=bool(runs or image_runs))
-    wall = time.perf_counter()
-    images, out, cells = config.images, config.out, config.cells or None
-    sample = read_sample(config.sample_submission) if not config.labels else read_labelled(config.labels)
+    if config.engine == "beam":
+        from infer_gpu.beam_engine import predict_beam
 
-    from infer_gpu.scorer import Scorers, setup_device
-
-    summary = Summary(out=out, total=len(sample), seconds={s: 0.0 for s in STAGES})
-    summary.device = setup_device(config.device)
-    size_thread_pools(config.workers, summary.device, config.tf_threads)  # before any model
-    runs, image_runs = load_runs(config.models, config.image_models, runs, image_runs)
-    scorers = Scorers.build([*runs, *image_runs], tta=config.tta, batch_size=config.batch_size)
-    used = segmentation_to_use(config, [*runs, *image_runs])  # the runs' unless told otherwise
-    settings = run_settings(sample, runs, image_runs, config, used)
-    if cells is not None:
-        settings["cell_table"] = True  # the parts hold cell rows: a resume must ask for them too
-    inputs = config.inputs()
-    store = PartStore(out)
-    todo = images_to_do(sample, store.start(settings, resume=config.resume), config.limit, summary)
-
-    read = functools.partial(prepare_image, source=images, specs=scorers.specs, backend=used.backend,
-                             seg_options=segmentation_options(config, used), keep_image=bool(config.overlays))
+        return predict_beam(config, runs=runs, image_runs=image_runs)
+    run = start_run(config, runs, image_runs)
+    summary, scorers = run.summary, run.scorers
     batcher = CrossImageBatcher(scorers.predictors, scorers.batch_sizes)
-    prepared = ordered_map(read, todo, workers=config.workers, depth=config.prefetch or config.workers + 2,
-                           processes=config.processes, name="reader")
+    prepared = ordered_map(image_reader(config, scorers, run.used), run.todo, workers=config.workers,
+                           depth=config.prefetch or config.workers + 2, processes=config.processes, name="reader")
     try:
-        with _progress(len(todo), config.progress) as bar, \
-                PartWriter(store, config.overlays, cells=cells is not None) as writer:
+        with _progress(len(run.todo), config.progress) as bar, \
+                PartWriter(run.store, config.overlays, cells=bool(config.cells)) as writer:
             for job in score_stream(prepared, batcher, config.max_pending):
-                result = image_result(job, scorers.roles, scorers.weights, config.rule)
-                _report_problem(result)
-                summary.count(result, job.prepared)
-                writer.put(job.prepared, result)
+                summary.count(finish_image(job, scorers, config.rule, writer), job.prepared)
                 bar.update(1)
     except RunStopped:
         raise
@@ -102,19 +163,7 @@ def predict(config: PredictConfig, *, runs=None, image_runs=None) -> Summary:
 
     summary.batches = batcher.batches
     summary.seconds["score"] = batcher.score_seconds
-    summary.wall_seconds = time.perf_counter() - wall
-    summary.images_per_second = summary.processed / max(summary.wall_seconds, 1e-9)
-    provenance = {**settings, "inputs": inputs, "combine": "infer_gpu.combine (the rule's c, i, s)"}
-    errors = assemble(out, sample, store, cells=cells, provenance=provenance)
-    if errors is not None:
-        summary.complete, summary.errors = True, errors
-        summary.failed = sum(1 for e in errors if e["failed"])
-        if not config.keep_parts and not summary.failed:  # kept, so --resume can retry the failed
-            store.remove()
-    if cells is not None:
-        inputs = {**inputs, "cells": cells}
-    write_report(summary, config=config, settings=settings, inputs=inputs)
-    return summary
+    return finish_run(run)
 
 
 def run_predict(images: str, sample_submission: str | None, models: Sequence[str], out: str,

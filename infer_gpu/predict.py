@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     import dataclasses
 
     from infer_gpu.combine import CombineRule
-    from infer_gpu.config import BACKENDS, DEVICES, PATH_FIELDS, PRESETS, PredictConfig
+    from infer_gpu.config import BACKENDS, DEVICES, ENGINES, PATH_FIELDS, PRESETS, PredictConfig
 
     parser.formatter_class = _Formatter  # keep the rule's layout, and show defaults
     parser.epilog = EPILOG
@@ -96,10 +96,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the base options (infer_gpu.config.PRESETS; smoke: seconds on a CPU); "
                              "the options below change it")
     cfglib.add_arguments(
-        parser, PredictConfig, defaults=base, skip=("rule", "seg_options", *PATH_FIELDS),
+        parser, PredictConfig, defaults=base, skip=("rule", "seg_options", "beam_args", *PATH_FIELDS),
         types={"work_size": positive_int, "tta": _tta, "batch_size": positive_int, "limit": positive_int,
                "max_pending": positive_int},
-        choices={"backend": BACKENDS, "device": DEVICES}, metavars={"overlays": "DIR", "limit": "N"},
+        choices={"backend": BACKENDS, "device": DEVICES, "engine": ENGINES}, metavars={"overlays": "DIR", "limit": "N"},
         false_flags={"progress": "--no-progress"})
     rule = parser.add_argument_group("combine rule (see below)")
     cfglib.add_arguments(rule, CombineRule, defaults=base.rule,
@@ -119,7 +119,11 @@ def config_from_args(args):
         args.workers = 0  # as ever: a negative count of readers means inline
     base = cfglib.preset(PRESETS, args.preset)
     base = dataclasses.replace(base, rule=cfglib.from_args(CombineRule, args, base=base.rule))
-    return cfglib.from_args(PredictConfig, args, base=base, sets=getattr(args, "set", ()))
+    config = cfglib.from_args(PredictConfig, args, base=base, sets=getattr(args, "set", ()))
+    extra = tuple(getattr(args, "beam_args", None) or ())
+    if extra and config.engine != "beam":
+        raise ValueError(f"unrecognized arguments: {' '.join(extra)} (Beam's pipeline options need --engine beam)")
+    return dataclasses.replace(config, beam_args=extra) if extra else config
 
 
 def run(args) -> int:

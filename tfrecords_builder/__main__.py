@@ -111,12 +111,14 @@ def download_main(argv) -> int:
 def _run(cfg, beam_args, progress: bool):
     """The engine's build; Beam only imported when asked for."""
     if cfg.engine == "beam":
+        from common.beam import require_beam
+
         try:
-            from tfrecords_builder.beam_engine import build_beam
-            import apache_beam  # noqa: F401
+            require_beam()
         except ImportError as err:
-            raise ValueError(f"--engine beam needs Apache Beam ({err}): pip install 'hpa-scc[beam]' "
-                             "or pip install -r requirements-beam.txt") from None
+            raise ValueError(str(err)) from None
+        from tfrecords_builder.beam_engine import build_beam
+
         return build_beam(cfg, beam_args, progress=progress)
     from tfrecords_builder.build import build
 

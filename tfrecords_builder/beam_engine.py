@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable, Sequence
 
+from common import beam as beamlib
 from common import storage
 from tfrecords_builder import core
 from tfrecords_builder import manifest as manifestlib
@@ -39,9 +40,7 @@ from tfrecords_builder.config import BuildConfig
 SKIPPED = "skipped"  # tag of ProcessImage's side output
 COUNTERS = ("images", "cells", "records", "skipped", "shards", "bytes")
 NAMESPACE = "tfrecords_builder"
-# Runners whose workers run on this machine and so see its files; any other needs gs:// paths.
-LOCAL_RUNNERS = ("DirectRunner", "direct", "SwitchingDirectRunner", "BundleBasedDirectRunner", "PrismRunner",
-                 "prism")
+LOCAL_RUNNERS = beamlib.LOCAL_RUNNERS  # workers that see this machine's files
 
 
 @dataclass(frozen=True)
@@ -205,23 +204,9 @@ def _write_shard_fn():
 
 
 def pipeline_options(cfg: BuildConfig, beam_args: Sequence[str]):
-    """Beam's PipelineOptions from the arguments the builder did not know.
-
-    Default runner DirectRunner. On DirectRunner, `--workers N` (N > 1) means N worker processes
-    (`--direct_num_workers N --direct_running_mode multi_processing`) unless those are given.
-    """
-    from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
-
-    options = PipelineOptions(list(beam_args))
-    std = options.view_as(StandardOptions)
-    if not std.runner:
-        std.runner = "DirectRunner"
-    if std.runner in ("DirectRunner", "direct", "SwitchingDirectRunner") and cfg.workers > 1 \
-            and not any(a.startswith("--direct_num_workers") for a in beam_args):
-        direct = options.view_as(DirectOptions)
-        direct.direct_num_workers = cfg.workers
-        direct.direct_running_mode = "multi_processing"
-    return options
+    """Beam's PipelineOptions from the arguments the builder did not know (`common.beam`):
+    DirectRunner unless told; `--workers N` (N > 1) = N worker processes on DirectRunner."""
+    return beamlib.pipeline_options(cfg.workers, beam_args)
 
 
 def run_pipeline(cfg: BuildConfig, shards: list[str], options) -> dict[str, int]:
@@ -230,7 +215,6 @@ def run_pipeline(cfg: BuildConfig, shards: list[str], options) -> dict[str, int]
     The plan must already be saved in the output's state folder (workers read it there).
     """
     import apache_beam as beam
-    from apache_beam.metrics.metric import MetricsFilter
 
     p = beam.Pipeline(options=options)
     outputs = (
@@ -247,11 +231,7 @@ def run_pipeline(cfg: BuildConfig, shards: list[str], options) -> dict[str, int]
     )
     result = p.run()
     result.wait_until_finish()
-    counts = dict.fromkeys(COUNTERS, 0)
-    for c in result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]:
-        value = c.committed if c.committed is not None else c.attempted
-        counts[c.key.metric.name] = counts.get(c.key.metric.name, 0) + int(value or 0)
-    return counts
+    return beamlib.counters(result, NAMESPACE, COUNTERS)
 
 
 def build_beam(cfg: BuildConfig, beam_args: Sequence[str] = (), progress: bool = True,
@@ -261,16 +241,13 @@ def build_beam(cfg: BuildConfig, beam_args: Sequence[str] = (), progress: bool =
     beam_args: Beam pipeline options (`--runner DataflowRunner --project ...`); DirectRunner
     when no runner is given. Returns the BuildResult (`exit_code` 2 when images were skipped).
     """
-    from apache_beam.options.pipeline_options import StandardOptions
-
     del progress  # Beam reports progress itself (DirectRunner logs, the Dataflow job page)
     options = pipeline_options(cfg, beam_args)
-    runner = options.view_as(StandardOptions).runner
-    if runner not in LOCAL_RUNNERS:
-        local = [p for p in (cfg.out, *cfg.images, cfg.masks, cfg.cell_labels) if p and not storage.is_gcs(p)]
-        if local:
-            raise core.BuildError(f"{runner} workers cannot see this machine's files: give --out, "
-                                      f"--images, --masks and --cell-labels as gs:// paths (not {local[0]})")
+    problem = beamlib.remote_paths_problem(beamlib.runner_name(options), [
+        ("--out", cfg.out), *(("--images", p) for p in cfg.images), ("--masks", cfg.masks),
+        ("--cell-labels", cfg.cell_labels)])
+    if problem:
+        raise core.BuildError(problem)
     table, finished = core.start(cfg, log)
     if finished is not None:
         return finished
