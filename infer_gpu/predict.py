@@ -46,6 +46,12 @@ mask (the submission's string). Parquet (provenance - runs with their weights' f
 segmentation, rule, failed IDs - in its metadata), or CSV (the same, PATH.meta.json). Written
 from OUT.parts/ with the CSV; the detections of OUT are its rows' classes with s >= --min-score.
 
+--engine beam: the same work and outputs as an Apache Beam pipeline (module infer_gpu.beam_engine):
+DirectRunner with --workers processes on this machine, or e.g. --runner DataflowRunner --project P
+--region R --temp_location gs://... with GPU workers (gs:// images, runs and --out; the exact
+command in docs/predict.md, "Predict on Beam and Dataflow"). Parts are the same, so a run
+killed under one engine can be finished by the other with --resume.
+
 exit status:
   0  OUT written, every image done
   1  the run stopped on an error that is not an image's data (traceback on stderr)
