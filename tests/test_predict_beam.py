@@ -211,3 +211,21 @@ def test_predict_help_names_the_beam_engine(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--engine {local,beam}" in text and "go to Beam's pipeline options" in text
     assert "docs/predict.md" in text and "DataflowRunner" in text
+
+
+def test_the_dataflow_worker_image_pins_the_projects_versions():
+    """scripts/dataflow/predict-gpu.Dockerfile: Beam's SDK image of the pinned Beam and this
+    Python, and TensorFlow's CUDA wheels at the pinned TensorFlow (Beam refuses other versions
+    on its workers; another TensorFlow could load model.keras otherwise)."""
+    import re
+
+    text = (ROOT / "scripts" / "dataflow" / "predict-gpu.Dockerfile").read_text()
+    pins = {}
+    for name in ("requirements.txt", "requirements-beam.txt"):
+        for line in (ROOT / name).read_text().splitlines():
+            m = re.match(r"^([A-Za-z0-9_.-]+)==([^\s;#]+)", line)
+            if m:
+                pins[m.group(1).lower()] = m.group(2)
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert f"FROM apache/beam_python{py}_sdk:{pins['apache-beam']}" in text
+    assert f'"tensorflow[and-cuda]=={pins["tensorflow"]}"' in text
