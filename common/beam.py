@@ -28,10 +28,16 @@ def pipeline_options(workers: int, beam_args: Sequence[str]):
 
     Default runner DirectRunner. On DirectRunner, `workers` N > 1 means N worker processes
     (`--direct_num_workers N --direct_running_mode multi_processing`) unless those are given.
+    The workers log at WARNING (`--default_sdk_harness_log_level`) unless told, or verbose.
     """
     from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
-    options = PipelineOptions(list(beam_args))
+    from common import quiet
+
+    beam_args = list(beam_args)
+    if not quiet.is_verbose() and not any(a.startswith("--default_sdk_harness_log_level") for a in beam_args):
+        beam_args += ["--default_sdk_harness_log_level", "WARNING"]  # workers' INFO lines (HPA_VERBOSE=1: all)
+    options = PipelineOptions(beam_args)
     std = options.view_as(StandardOptions)
     if not std.runner:
         std.runner = "DirectRunner"

@@ -1,7 +1,7 @@
 """predict on Apache Beam: the same rows as the local engine, from many workers (DirectRunner
 on this machine, DataflowRunner with GPU workers for collections too big for one GPU).
 
-    on the launching machine (the local engine's own steps, `engine.start_run`):
+    on the launching machine (the local engine's own steps, `steps.start_run`):
       read and check the ID list and the runs, choose the segmentation, start or resume the
       parts (OUT.parts/, the local engine's store), list the IDs still to do; write them to
       OUT.parts/todo.jsonl (the pipeline carries only slice numbers, so its size does not grow
@@ -10,12 +10,12 @@ on this machine, DataflowRunner with GPU workers for collections too big for one
       Create(slice numbers) -> ParDo(ExpandSlice): the slice's (ID, width, height) tasks
       -> Reshuffle (spreads the images over every worker)
       -> ParDo(PredictImages): per worker process, `setup` loads the runs and compiles the
-           scorers once (shared by the process's threads); per image `engine.image_reader`
+           scorers once (shared by the process's threads); per image `steps.image_reader`
            (read, segment, tiles, masks: `reading.prepare_image`), tiles batched across the
-           images of a bundle (`batching.CrossImageBatcher`), `engine.finish_image` (the
+           images of a bundle (`batching.CrossImageBatcher`), `steps.finish_image` (the
            combine rule, `combine.image_result`) writes the image's part (and overlay) as it
            finishes (`writing.PartWriter`)
-    back on the launching machine: `engine.finish_run` assembles the CSV (and the --cells
+    back on the launching machine: `steps.finish_run` assembles the CSV (and the --cells
     table) from the parts in the ID list's order and writes the report, as the local engine does.
 
 An image whose data is bad becomes a failed part and an empty row (exit status 3, `--resume`
@@ -69,7 +69,7 @@ def worker_state(token: str, config: PredictConfig, used, settings: dict) -> _Wo
     with _LOCK:
         state = _WORKERS.get(token)
         if state is None:
-            from infer_gpu.engine import image_reader, load_runs, size_thread_pools
+            from infer_gpu.steps import image_reader, load_runs, size_thread_pools
             from infer_gpu.parts import PartStore
             from infer_gpu.scorer import Scorers, setup_device
 
@@ -144,7 +144,7 @@ def _dofns():
                 self.writer.__exit__(RuntimeError, None, None)
 
         def _finish(self, jobs):
-            from infer_gpu.engine import finish_image
+            from infer_gpu.steps import finish_image
 
             for job in jobs:
                 result = finish_image(job, self.state.scorers, self.config.rule, self.writer)
@@ -170,7 +170,7 @@ def predict_beam(config: PredictConfig, runs=None, image_runs=None) -> Summary:
     """
     import uuid
 
-    from infer_gpu.engine import finish_run, image_reader, start_run
+    from infer_gpu.steps import finish_run, image_reader, start_run
 
     beamlib.require_beam()
     import apache_beam as beam

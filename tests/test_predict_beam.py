@@ -112,6 +112,7 @@ def test_two_worker_processes_give_the_local_rows_and_the_same_failures_and_exit
     assert local.returncode == beam.returncode == EXIT_FAILED_IMAGES, beam.stderr[-3000:]
     assert "Beam DirectRunner workers" in beam.stdout
     assert "oneDNN" not in beam.stderr and "cuInit" not in beam.stderr  # the workers are quiet too
+    assert "INFO:apache_beam.runners.worker" not in beam.stderr  # their harness logs at WARNING
     _assert_same_rows(tmp_path / "beam.csv", tmp_path / "local.csv")
     reports = [json.loads(Path(f"{tmp_path / name}.report.json").read_text()) for name in ("local.csv", "beam.csv")]
     assert [sorted(e["id"] for e in r["errors"]) for r in reports] == [["syn_0001", "syn_0002", "syn_0004"]] * 2
