@@ -65,7 +65,7 @@ def bad_images(synthetic_small, tmp_path_factory) -> Path:
 def _config(data: Path, out: Path, models: dict, sample: Path | None = None, **options) -> PredictConfig:
     return PredictConfig(**{"images": str(data / "images"),
                             "sample_submission": str(sample or data / "sample_submission.csv"),
-                            "models": (models["cell"],), "image_models": (models["image"],), "out": str(out),
+                            "models": (models["cell"],), "image_models": (models.get("image"),), "out": str(out),
                             "progress": False, "batch_size": 16, "workers": 1, **options})
 
 
@@ -91,7 +91,8 @@ def test_in_memory_beam_equals_the_local_engine_with_tta_image_runs_and_the_cell
     local = engine.predict(_config(data, tmp_path / "local.csv", models, cells=str(tmp_path / "local.parquet"),
                                    workers=2, **opts))
     beam = engine.predict(_config(data, tmp_path / "beam.csv", models, cells=str(tmp_path / "beam.parquet"),
-                                  engine="beam", **opts))
+                                  engine="beam", overlays=str(tmp_path / "overlays"), **opts))
+    assert sorted(p.stem for p in (tmp_path / "overlays").glob("*.png")) == [f"syn_{i:04d}" for i in range(6)]
     assert beam.complete and local.complete and beam.processed == local.processed == 6
     assert (beam.cells, beam.detections) == (local.cells, local.detections) and beam.cells > 50
     assert beam.device.startswith("Beam DirectRunner")
@@ -100,6 +101,19 @@ def test_in_memory_beam_equals_the_local_engine_with_tta_image_runs_and_the_cell
     report = json.loads(Path(str(tmp_path / "beam.csv") + ".report.json").read_text())
     assert report["options"]["engine"] == "beam" and report["processed"] == 6
     assert not Path(str(tmp_path / "beam.csv") + ".parts").exists()  # removed once the CSV is written
+
+
+def test_a_bag_run_with_tta_gives_the_local_rows(synthetic_small, tmp_path):
+    from tests.test_predict_bags import SIZE, _bag_model, _write_bag_run
+
+    run = _write_bag_run(tmp_path / "bag4", _bag_model(4, 1, "attention"), Preprocess(TileSpec(size=SIZE), bag=4))
+    data = Path(synthetic_small)
+    for name, extra in (("local", {"workers": 2}), ("beam", {"engine": "beam"})):
+        config = _config(data, tmp_path / f"{name}.csv", {"cell": str(run)}, cells=str(tmp_path / f"{name}.parquet"),
+                         image_models=(), tta=2, **extra)
+        assert engine.predict(config).complete
+    _assert_same_rows(tmp_path / "beam.csv", tmp_path / "local.csv")
+    _assert_same_cells(tmp_path / "beam.parquet", tmp_path / "local.parquet")
 
 
 def test_two_worker_processes_give_the_local_rows_and_the_same_failures_and_exit_status(bad_images, models,
