@@ -120,7 +120,8 @@ def test_two_worker_processes_give_the_local_rows_and_the_same_failures_and_exit
                                                                                          tmp_path):
     common = ["--images", bad_images / "images", "--sample-submission", bad_images / "sample.csv",
               "--model", models["cell"], "--image-model", models["image"], "--batch-size", "16"]
-    local = _cli(*common, "--out", tmp_path / "local.csv", "--workers", "2", "--cells", tmp_path / "local.csv.cells.csv")
+    local = _cli(*common, "--out", tmp_path / "local.csv", "--workers", "2",
+                 "--cells", tmp_path / "local.csv.cells.csv")
     beam = _cli(*common, "--out", tmp_path / "beam.csv", "--workers", "2", "--cells", tmp_path / "beam.cells.csv",
                 "--engine", "beam")
     assert local.returncode == beam.returncode == EXIT_FAILED_IMAGES, beam.stderr[-3000:]
