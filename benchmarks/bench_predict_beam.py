@@ -7,7 +7,8 @@ EfficientNet from common.models at --tile px: speed does not depend on the weigh
   (a) the local engine, `predict --workers W` (W reader threads ahead of one scorer), and
   (b) the Beam engine, `predict --engine beam --workers W` (DirectRunner, W worker processes,
       each reading inline and scoring its own batches),
-both with TensorFlow's default thread pools, best of --repeats after one warm-up run of each;
+both with TensorFlow's default thread pools, best of --repeats after one warm-up run of each
+(the two take turns, so a change in the machine's load reaches both);
 checks that both wrote the same rows (IDs, sizes, masks; confidences within 1e-5) and prints
 images/s and the ratio (b)/(a), target >= 0.7. What differs, by design: every Beam run starts
 its W worker processes, which import TensorFlow and load the run (the local engine's warm
@@ -97,8 +98,8 @@ def main(argv=None) -> int:
         import dataclasses
 
         times, summaries = {}, {}
-        for name, extra in (("local", {}), ("beam", {"engine": "beam"})):
-            for k in range(1 + args.repeats):  # run 0 warms up
+        for k in range(1 + args.repeats):  # round 0 warms both up; then local and Beam take turns
+            for name, extra in (("local", {}), ("beam", {"engine": "beam"})):
                 out = os.path.join(tmp, f"{name}{k}.csv")
                 start = time.perf_counter()
                 summary = engine.predict(dataclasses.replace(base, out=out, **extra))
