@@ -569,7 +569,8 @@ def test_a_failed_image_is_tried_again_by_resume_cli(syn, trained_run, tmp_path)
     assert not out.exists() and json.loads((parts / "syn_0001.json").read_text())["failed"] is True
     assert json.loads((parts / "syn_0000.json").read_text())["failed"] is False
 
-    second = subprocess.run(_cli(*common, "--resume"), cwd=ROOT, env=env, capture_output=True, text=True)
+    # the resumes in this process (the CLI's main): the first call above was the CLI's own process
+    second = _cli_here(*common, "--resume")
     assert second.returncode == report.EXIT_FAILED_IMAGES, second.stderr[-3000:]
     assert "1 of 6 images failed" in second.stderr and "--resume" in second.stderr
     assert "(3 from an earlier run; 1 tried again after failing)" in second.stdout
@@ -578,7 +579,7 @@ def test_a_failed_image_is_tried_again_by_resume_cli(syn, trained_run, tmp_path)
     assert parts.is_dir()  # kept: the failed image can still be tried again
 
     (images / "syn_0001_green.png").write_bytes(good)
-    third = subprocess.run(_cli(*common, "--resume"), cwd=ROOT, env=env, capture_output=True, text=True)
+    third = _cli_here(*common, "--resume")
     assert third.returncode == 0, third.stderr[-3000:]
     assert "(5 from an earlier run; 1 tried again after failing)" in third.stdout
     _assert_same_rows(out, ref)  # the retried image is scored in a batch of its own: float noise
