@@ -11,7 +11,9 @@ A small CNN trained here on cell tiles of another synthetic set is the trained m
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import shutil
@@ -349,6 +351,17 @@ def _cli(*args) -> list[str]:
     return [sys.executable, "-m", "infer_gpu", "predict", *map(str, args)]
 
 
+def _cli_here(*args) -> subprocess.CompletedProcess:
+    """`python -m infer_gpu predict ARGS` run in this process (its `main`, console captured):
+    the same parsing and code without a fresh interpreter importing TensorFlow."""
+    from infer_gpu.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(["predict", *map(str, args)])
+    return subprocess.CompletedProcess(args, status, out.getvalue(), err.getvalue())
+
+
 def test_resume_after_kill_and_after_limit_gives_the_same_file(syn, trained_run, tmp_path):
     data = _many_images(syn, tmp_path / "data", copies=5)  # 30 images: the kill lands mid-run
     common = ["--images", data / "images", "--sample-submission", data / "sample.csv", "--model", trained_run,
@@ -390,14 +403,12 @@ def test_resume_after_kill_and_after_limit_gives_the_same_file(syn, trained_run,
     # 2) --limit stops early without the CSV; --resume with other options is refused
     sliced = tmp_path / "sliced.csv"
     cells = ["--cells", tmp_path / "sliced_cells.csv"]
-    first = subprocess.run(_cli(*common, "--out", sliced, "--limit", "7", *cells), cwd=ROOT, env=env,
-                           capture_output=True, text=True)
+    # (in this process: the kill and the resume after it above are the CLI in processes of its own)
+    first = _cli_here(*common, "--out", sliced, "--limit", "7", *cells)
     assert first.returncode == 0 and "--resume" in first.stdout and not sliced.exists()
-    refused = subprocess.run(_cli(*common, "--out", sliced, "--resume", "--tta", "2", *cells), cwd=ROOT, env=env,
-                             capture_output=True, text=True)
+    refused = _cli_here(*common, "--out", sliced, "--resume", "--tta", "2", *cells)
     assert refused.returncode == 2 and "tta: 1 then, 2 now" in refused.stderr
-    rest = subprocess.run(_cli(*common, "--out", sliced, "--resume", "--batch-size", "5", *cells), cwd=ROOT, env=env,
-                          capture_output=True, text=True)  # batch size does not change results
+    rest = _cli_here(*common, "--out", sliced, "--resume", "--batch-size", "5", *cells)  # batch size: same results
     assert rest.returncode == 0, rest.stderr[-3000:]
     assert "(7 from an earlier run)" in rest.stdout
     _assert_same_rows(sliced, full)
@@ -558,7 +569,8 @@ def test_a_failed_image_is_tried_again_by_resume_cli(syn, trained_run, tmp_path)
     assert not out.exists() and json.loads((parts / "syn_0001.json").read_text())["failed"] is True
     assert json.loads((parts / "syn_0000.json").read_text())["failed"] is False
 
-    second = subprocess.run(_cli(*common, "--resume"), cwd=ROOT, env=env, capture_output=True, text=True)
+    # the resumes in this process (the CLI's main): the first call above was the CLI's own process
+    second = _cli_here(*common, "--resume")
     assert second.returncode == report.EXIT_FAILED_IMAGES, second.stderr[-3000:]
     assert "1 of 6 images failed" in second.stderr and "--resume" in second.stderr
     assert "(3 from an earlier run; 1 tried again after failing)" in second.stdout
@@ -567,7 +579,7 @@ def test_a_failed_image_is_tried_again_by_resume_cli(syn, trained_run, tmp_path)
     assert parts.is_dir()  # kept: the failed image can still be tried again
 
     (images / "syn_0001_green.png").write_bytes(good)
-    third = subprocess.run(_cli(*common, "--resume"), cwd=ROOT, env=env, capture_output=True, text=True)
+    third = _cli_here(*common, "--resume")
     assert third.returncode == 0, third.stderr[-3000:]
     assert "(5 from an earlier run; 1 tried again after failing)" in third.stdout
     _assert_same_rows(out, ref)  # the retried image is scored in a batch of its own: float noise

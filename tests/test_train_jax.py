@@ -1,8 +1,10 @@
 """The trainer on Keras' JAX backend (issue #15), on the CPU.
 
 JAX runs in subprocesses (the backend is fixed per process): the real CLI, killed with SIGKILL
-after its first checkpoint and resumed over two host CPU devices; then ONE script process that
-runs the other JAX checks and writes their results to JSON, read here under TensorFlow:
+after its first checkpoint; then ONE script process over two host CPU devices that resumes it
+(the CLI's `main`, the same arguments plus --resume) and runs the other JAX checks, writing
+their results to JSON, read here under TensorFlow (a second JAX process of its own for the
+resume cost 12 s more, 151 s against 139 s for both fixtures alone on the idle machine):
 - the smoke preset's loss falls on JAX;
 - DataParallel over two CPU devices makes the same loss and the same update as one device;
 - the 3-to-4 channel weight transfer reproduces the 3-channel model on RGB input;
@@ -17,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -31,7 +34,18 @@ keras = pytest.importorskip("keras")
 pytestmark = pytest.mark.timeout(1800)  # xdist: one worker with test_learning[jax] (tests/conftest.py)
 
 _CHECKS = r"""
-import json, sys
+import contextlib, io, json, sys
+from common import quiet
+quiet.quiet()  # as `python -m train_tpu` does, before anything imports TensorFlow
+
+# the killed run resumed by the CLI, its console captured (first: a clean process)
+from train_tpu.cli import main as train_main
+resume_argv = json.loads(sys.argv[6])
+out, err = io.StringIO(), io.StringIO()
+with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    status = train_main(resume_argv)
+resumed = {"returncode": status, "stdout": out.getvalue(), "stderr": err.getvalue()}
+
 import numpy as np
 import jax, keras
 import tensorflow as tf
@@ -42,7 +56,8 @@ from train_tpu.config import make_config
 from tests.test_models import SIZE, _features, _source_model
 
 shards, run, x_path, out_path, weights_path = sys.argv[1:6]
-res = {"backend": keras.backend.backend(), "devices": len(jax.devices())}
+res = {"backend": keras.backend.backend(), "devices": len(jax.devices()), "resumed": resumed}
+keras.distribution.set_distribution(None)
 
 # asking for missing hardware is an error on JAX too
 try:
@@ -97,16 +112,17 @@ def shards(synthetic_small, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def jax_run(shards, tmp_path_factory):
-    """The CLI on JAX: started, SIGKILLed after its first checkpoint, resumed to the end over
-    two CPU devices. Returns `(run folder, killed CompletedProcess-like, resumed)`."""
+    """The CLI on JAX: started, SIGKILLed after its first checkpoint; then the script (_CHECKS)
+    resumes it to the end over two CPU devices and runs its checks. Returns `(run folder,
+    killed CompletedProcess-like, resumed: the same, the script's other results)`."""
     env = jax_env(tmp_path_factory)
     run = tmp_path_factory.mktemp("jax_run") / "run"
-    cmd = [sys.executable, "-m", "train_tpu", "--backend", "jax", "--data", shards,
-           "--mode", "cell", "--out", str(run), "--preset", "smoke", "--epochs", "4",
-           "--steps-per-epoch", "2", "--cpu-replicas", "2"]
+    args = ["--backend", "jax", "--data", shards, "--mode", "cell", "--out", str(run), "--preset", "smoke",
+            "--epochs", "4", "--steps-per-epoch", "2", "--cpu-replicas", "2"]
     logs = run.parent / "killed.log"
     with open(logs, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "train_tpu", *args], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
         first = run / "checkpoints" / "epoch_001.keras"
         deadline = time.time() + 1200
         while not first.exists() and proc.poll() is None and time.time() < deadline:
@@ -116,31 +132,29 @@ def jax_run(shards, tmp_path_factory):
     killed = {"returncode": proc.returncode, "log": logs.read_text(),
               "checkpoints": sorted(os.listdir(run / "checkpoints")) if run.exists() else [],
               "model": (run / run_folder.MODEL_FILE).exists()}
-    resumed = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=1200)
-    return run, killed, resumed
 
-
-@pytest.fixture(scope="module")
-def checks(jax_run, tmp_path_factory):
-    """The script's results (one JAX process over two CPU devices) and the inputs it scored."""
-    run = jax_run[0]
     work = tmp_path_factory.mktemp("jax_checks")
     x = np.random.default_rng(1).uniform(0, 255, (6, 32, 32, 4)).astype("float32")
     np.save(work / "x.npy", x)
     res = subprocess.run(
-        [sys.executable, "-c", _CHECKS, json.loads((run / "config.json").read_text())["data"],
-         str(run), str(work / "x.npy"), str(work / "probs.npy"), str(work / "src.weights.h5")],
+        [sys.executable, "-c", _CHECKS, shards, str(run), str(work / "x.npy"), str(work / "probs.npy"),
+         str(work / "src.weights.h5"), json.dumps(args + ["--resume"])],
         cwd=ROOT, env=jax_env(tmp_path_factory, cpu_devices=2), capture_output=True, text=True,
         timeout=1500)
     assert res.returncode == 0, res.stderr[-4000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     out["x"], out["probs"] = x, np.load(work / "probs.npy")
-    return out
+    return run, killed, types.SimpleNamespace(**out.pop("resumed")), out
+
+
+@pytest.fixture(scope="module")
+def checks(jax_run):
+    """The script's results (one JAX process over two CPU devices) and the inputs it scored."""
+    return jax_run[3]
 
 
 def test_cli_on_jax_resumes_after_sigkill_over_two_devices(jax_run):
-    run, killed, resumed = jax_run
+    run, killed, resumed, _ = jax_run
     assert killed["returncode"] == -signal.SIGKILL, "the run ended before it could be killed: " \
         + killed["log"][-2000:]
     assert "epoch_001.keras" in killed["checkpoints"] and not killed["model"]
