@@ -38,7 +38,8 @@ GROUPS = {  # node id prefix -> group
 # machine), slowest first; the groups not named follow in collection order.
 SLOW_FIRST = ("jax", "learning_base", "tests/test_train.py", "tests/test_train_bag.py", "train_resume",
               "tests/test_accel_check.py", "tests/test_predict_e2e.py", "tests/test_self_train.py",
-              "tests/test_learning_pseudo_label.py", "tests/test_strategy.py", "tests/test_models.py",
+              "tests/test_learning_pseudo_label.py", "tests/test_predict_beam.py", "tests/test_strategy.py",
+              "tests/test_models.py",
               "tests/test_train_targets.py", "tests/test_builder_beam.py", "tests/test_predict_bags.py",
               "tests/test_quiet.py")
 
