@@ -216,13 +216,17 @@ def predict_beam(config: PredictConfig, runs=None, image_runs=None) -> Summary:
     finally:
         with _LOCK:
             _WORKERS.pop(token, None)
-    parts = run.store.read_all()
-    missing = [i for i, _, _ in run.todo if i not in parts]
+    from infer_gpu.parts import part_failed, part_name
+
+    finished = run.store.finished_names()  # listed only: finish_run reads the parts once
+    missing = [i for i, _, _ in run.todo if part_name(i) not in finished]
     if missing:
         raise RunStopped(f"the pipeline finished but {len(missing)} image(s) have no part (e.g. {missing[0]}); "
                          "run the same command again with --resume to finish them")
-    summary.errors = [{"id": i, "error": parts[i]["error"], "failed": bool(parts[i].get("failed"))}
-                      for i, _, _ in run.todo if parts[i].get("error")]
+    if config.limit:  # a slice may end before the CSV: the report lists this run's errors
+        parts = run.store.read_all()
+        summary.errors = [{"id": i, "error": parts[i]["error"], "failed": part_failed(parts[i])}
+                          for i, _, _ in run.todo if parts[i].get("error")]
     return finish_run(run)
 
 

@@ -31,6 +31,8 @@ as arguments, kept for library callers.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 from common.pool import ordered_map
 from infer_gpu.batching import CrossImageBatcher, score_stream
 from infer_gpu.config import PredictConfig

@@ -53,6 +53,10 @@ class PartStore:
         return [n for n in storage.listdir(self.dir)
                 if n.endswith(".json") and n != SETTINGS_FILE and not n.startswith(".tmp-")]
 
+    def finished_names(self) -> set[str]:
+        """File names of the finished parts (`part_name(ID)`), listed, not read."""
+        return set(self._part_files())
+
     def start(self, settings: dict, resume: bool) -> dict[str, dict]:
         """Prepare the folder; return the finished parts `{image_id: record}` (empty unless resume).
 

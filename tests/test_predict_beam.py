@@ -65,7 +65,8 @@ def bad_images(synthetic_small, tmp_path_factory) -> Path:
 def _config(data: Path, out: Path, models: dict, sample: Path | None = None, **options) -> PredictConfig:
     return PredictConfig(**{"images": str(data / "images"),
                             "sample_submission": str(sample or data / "sample_submission.csv"),
-                            "models": (models["cell"],), "image_models": (models.get("image"),), "out": str(out),
+                            "models": (models["cell"],), "image_models": tuple(filter(None, [models.get("image")])),
+                            "out": str(out),
                             "progress": False, "batch_size": 16, "workers": 1, **options})
 
 
