@@ -26,8 +26,9 @@ def require_beam(flag: str = "--engine beam") -> None:
 def pipeline_options(workers: int, beam_args: Sequence[str]):
     """Beam's PipelineOptions from the arguments the stage did not know.
 
-    Default runner DirectRunner. On DirectRunner, `workers` N > 1 means N worker processes
-    (`--direct_num_workers N --direct_running_mode multi_processing`) unless those are given.
+    Default runner DirectRunner. On DirectRunner, `workers` N > 1 means N workers
+    (`--direct_num_workers N` unless given), as worker processes unless another
+    `--direct_running_mode` is given (`multi_threading`: N worker threads in this process).
     The workers log at WARNING (`--default_sdk_harness_log_level`) unless told, or verbose.
     """
     from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
@@ -41,10 +42,12 @@ def pipeline_options(workers: int, beam_args: Sequence[str]):
     std = options.view_as(StandardOptions)
     if not std.runner:
         std.runner = "DirectRunner"
-    if std.runner in _DIRECT and workers > 1 and not any(a.startswith("--direct_num_workers") for a in beam_args):
+    if std.runner in _DIRECT and workers > 1:
         direct = options.view_as(DirectOptions)
-        direct.direct_num_workers = int(workers)
-        direct.direct_running_mode = "multi_processing"
+        if not any(a.startswith("--direct_num_workers") for a in beam_args):
+            direct.direct_num_workers = int(workers)
+        if not any(a.startswith("--direct_running_mode") for a in beam_args):
+            direct.direct_running_mode = "multi_processing"
     return options
 
 
@@ -55,13 +58,16 @@ def runner_name(options) -> str:
 
 
 def in_this_process(options) -> bool:
-    """Whether the pipeline's workers run inside this process (DirectRunner, in memory): then
+    """Whether the pipeline's workers run inside this process (DirectRunner in memory with one
+    worker, or `--direct_running_mode multi_threading` with any number of worker threads): then
     objects this process holds (already-loaded models) can reach them."""
     from apache_beam.options.pipeline_options import DirectOptions
 
     direct = options.view_as(DirectOptions)
     mode = direct.direct_running_mode or "in_memory"
-    return runner_name(options) in _DIRECT and mode == "in_memory" and (direct.direct_num_workers or 1) <= 1
+    if runner_name(options) not in _DIRECT:
+        return False
+    return mode == "multi_threading" or (mode == "in_memory" and (direct.direct_num_workers or 1) <= 1)
 
 
 def remote_paths_problem(runner: str, paths: Iterable[tuple[str, str]]) -> str | None:

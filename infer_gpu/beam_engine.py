@@ -166,7 +166,9 @@ def predict_beam(config: PredictConfig, runs=None, image_runs=None) -> Summary:
     `config.workers` worker processes when above 1). A runner whose workers run elsewhere
     (Dataflow) needs gs:// images, models, output and overlays. `runs` / `image_runs`
     (already-loaded `runs.RunDir`s) only reach workers that run in this process (DirectRunner,
-    in memory). Returns the Summary (its counts from the pipeline's counters).
+    in memory, or its worker threads with `--direct_running_mode multi_threading`: then the
+    workers score with the runs this process loaded). Returns the Summary (its counts from the
+    pipeline's counters).
     """
     import uuid
 
@@ -186,7 +188,8 @@ def predict_beam(config: PredictConfig, runs=None, image_runs=None) -> Summary:
     here = beamlib.in_this_process(options)
     if (runs or image_runs) and not here:
         raise ValueError("runs passed as loaded objects reach only workers in this process: use the "
-                         "in-memory DirectRunner (--workers 1), or pass the run folders")
+                         "in-memory DirectRunner (--workers 1) or worker threads (--direct_running_mode "
+                         "multi_threading), or pass the run folders")
     run = start_run(config, runs, image_runs)
     summary = run.summary
     summary.device = f"Beam {runner}" + (f" ({summary.device})" if here else " workers")

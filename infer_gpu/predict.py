@@ -47,7 +47,8 @@ segmentation, rule, failed IDs - in its metadata), or CSV (the same, PATH.meta.j
 from OUT.parts/ with the CSV; the detections of OUT are its rows' classes with s >= --min-score.
 
 --engine beam: the same work and outputs as an Apache Beam pipeline (module infer_gpu.beam_engine):
-DirectRunner with --workers processes on this machine, or e.g. --runner DataflowRunner --project P
+DirectRunner with --workers processes on this machine (threads of this process with
+--direct_running_mode multi_threading), or e.g. --runner DataflowRunner --project P
 --region R --temp_location gs://... with GPU workers (gs:// images, runs and --out; the exact
 command in docs/predict.md, "Predict on Beam and Dataflow"). Parts are the same, so a run
 killed under one engine can be finished by the other with --resume.

@@ -104,17 +104,24 @@ def test_in_memory_beam_equals_the_local_engine_with_tta_image_runs_and_the_cell
     assert not Path(str(tmp_path / "beam.csv") + ".parts").exists()  # removed once the CSV is written
 
 
-def test_a_bag_run_with_tta_gives_the_local_rows(synthetic_small, tmp_path):
+def test_a_bag_run_with_tta_gives_the_local_rows_in_memory_and_on_worker_threads(synthetic_small, tmp_path):
+    """In memory, and with two worker threads in this process (`--direct_running_mode
+    multi_threading`), which score with the runs this process loaded."""
     from tests.test_predict_bags import SIZE, _bag_model, _write_bag_run
 
     run = _write_bag_run(tmp_path / "bag4", _bag_model(4, 1, "attention"), Preprocess(TileSpec(size=SIZE), bag=4))
     data = Path(synthetic_small)
-    for name, extra in (("local", {"workers": 2}), ("beam", {"engine": "beam"})):
+    threads = {"engine": "beam", "workers": 2, "beam_args": ("--direct_running_mode", "multi_threading")}
+    summaries = {}
+    for name, extra in (("local", {"workers": 2}), ("beam", {"engine": "beam"}), ("threads", threads)):
         config = _config(data, tmp_path / f"{name}.csv", {"cell": str(run)}, cells=str(tmp_path / f"{name}.parquet"),
                          image_models=(), tta=2, **extra)
-        assert engine.predict(config).complete
-    _assert_same_rows(tmp_path / "beam.csv", tmp_path / "local.csv")
-    _assert_same_cells(tmp_path / "beam.parquet", tmp_path / "local.parquet")
+        summaries[name] = engine.predict(config)
+        assert summaries[name].complete and summaries[name].processed == 6
+    assert summaries["threads"].device == f"Beam DirectRunner ({summaries['local'].device})"  # this process's runs
+    for name in ("beam", "threads"):
+        _assert_same_rows(tmp_path / f"{name}.csv", tmp_path / "local.csv")
+        _assert_same_cells(tmp_path / f"{name}.parquet", tmp_path / "local.parquet")
 
 
 def test_two_worker_processes_give_the_local_rows_and_the_same_failures_and_exit_status(bad_images, models,
@@ -246,3 +253,19 @@ def test_the_dataflow_worker_image_pins_the_projects_versions():
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
     assert f"FROM apache/beam_python{py}_sdk:{pins['apache-beam']}" in text
     assert f'"tensorflow[and-cuda]=={pins["tensorflow"]}"' in text
+
+
+def test_pipeline_options_keep_a_given_running_mode_and_worker_threads_run_in_this_process():
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    from common import beam as beamlib
+
+    default = beamlib.pipeline_options(2, [])
+    threads = beamlib.pipeline_options(2, ["--direct_running_mode", "multi_threading"])
+    assert (default.view_as(DirectOptions).direct_running_mode, default.view_as(DirectOptions).direct_num_workers) \
+        == ("multi_processing", 2)
+    assert (threads.view_as(DirectOptions).direct_running_mode, threads.view_as(DirectOptions).direct_num_workers) \
+        == ("multi_threading", 2)
+    assert beamlib.in_this_process(threads) and not beamlib.in_this_process(default)
+    assert beamlib.in_this_process(beamlib.pipeline_options(1, []))
+    assert not beamlib.in_this_process(beamlib.pipeline_options(2, ["--runner", "DataflowRunner"]))
