@@ -40,7 +40,7 @@ HEAD_LAYERS = (FEATURES_LAYER, HEAD_DROPOUT_LAYER, LOGITS_LAYER, OUTPUT_LAYER)  
 class Backbone:
     name: str  # our name, e.g. "efficientnet_b0"
     keras_fn: str  # the keras.applications function
-    family: str  # "v1" or "v2"
+    family: str  # "v1" or "v2" (keras.applications' EfficientNets), or "test" (TEST_BACKBONE)
     default_size: int  # the resolution the backbone was designed for, px
 
 
@@ -55,6 +55,13 @@ BACKBONES: dict[str, Backbone] = {
                      ("s", 384), ("m", 480), ("l", 480))
     },
 }
+
+
+# A few-layer CNN for tests and CI of the pipelines around the model (resume, data order,
+# export, sharding, strategies), as timm's `test_*` models: built and traced in about a second
+# where an EfficientNet takes most of a minute on a CPU. Random init only; not for real training.
+TEST_BACKBONE = "test_cnn"
+BACKBONES[TEST_BACKBONE] = Backbone(TEST_BACKBONE, "", "test", 32)
 
 
 def get_backbone(name: str) -> Backbone:
@@ -80,6 +87,19 @@ def _default_affine() -> tuple[np.ndarray, np.ndarray]:
 
 def _backbone_fn(bb: Backbone):
     return getattr(_keras().applications, bb.keras_fn)
+
+
+def _test_backbone(inputs):
+    """TEST_BACKBONE's layers on `inputs` (normalised): a stride-2 stem and two stride-2 blocks
+    with BatchNorm, as an EfficientNet's layers are named where the trainer looks for them."""
+    keras = _keras()
+    x = inputs
+    for i, filters in enumerate((8, 16, 32)):
+        name = "stem" if i == 0 else f"block{i}"
+        x = keras.layers.Conv2D(filters, 3, strides=2, padding="same", use_bias=False, name=f"{name}_conv")(x)
+        x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+        x = keras.layers.Activation("swish", name=f"{name}_activation")(x)
+    return x
 
 
 def _build_backbone(bb: Backbone, inputs, size: int, drop_connect_rate: float, channels: int,
@@ -153,14 +173,19 @@ def build_model(backbone: str = "efficientnet_b0", size: int = 224, num_classes:
         a, b = (np.asarray(v, np.float64) for v in input_affine)
     with dtype_policy_scope(dtype_policy):
         inputs = keras.Input(shape=(size, size, NUM_CHANNELS), dtype="float32", name="image")
-        if bb.family == "v2":
+        if bb.family in ("v2", "test"):
             x = keras.layers.Normalization(axis=-1, mean=(-b / a).tolist(),
                                            variance=(1.0 / a ** 2).tolist(), name="input_norm")(inputs)
-            base = _build_backbone(bb, x, size, drop_connect_rate, NUM_CHANNELS, keep_preprocessing=False)
+            if bb.family == "test":
+                features = _test_backbone(x)
+            else:
+                features = _build_backbone(bb, x, size, drop_connect_rate, NUM_CHANNELS,
+                                           keep_preprocessing=False).output
         else:
             base = _build_backbone(bb, inputs, size, drop_connect_rate, NUM_CHANNELS)
             _set_v1_normalization(base, a, b)
-        x = keras.layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(base.output)
+            features = base.output
+        x = keras.layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(features)
         if dropout > 0:
             x = keras.layers.Dropout(dropout, name=HEAD_DROPOUT_LAYER)(x)
         x = keras.layers.Dense(num_classes, name=LOGITS_LAYER)(x)

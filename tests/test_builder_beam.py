@@ -220,7 +220,8 @@ def test_smoke_training_on_beam_built_shards(syn10, tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
     run = subprocess.run(
         [sys.executable, "-m", "train_tpu", "--data", str(out), "--mode", "cell", "--out", str(tmp_path / "run"),
-         "--preset", "smoke", "--strategy", "cpu", "--val-steps", "0", "--epochs", "1", "--steps-per-epoch", "2"],
+         "--preset", "smoke", "--backbone", "test_cnn", "--strategy", "cpu", "--val-steps", "0", "--epochs", "1",
+         "--steps-per-epoch", "2"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert {"model.keras", "config.json", "preprocess.json"} <= set(os.listdir(tmp_path / "run"))

@@ -51,34 +51,33 @@ def scores(learning_data, learning_base, tmp_path_factory):
 
 
 def test_the_image_head_lifts_the_strict_map_and_mil_keeps_up_with_cell_tiles(scores):
-    """Every run is --deterministic, so these numbers repeat on this machine: cell tiles 0.407 /
-    0.822 (strict / Open Images), MIL 0.441 / 0.828, the MIL run's cell head alone 0.392 / 0.838
-    (0.4071 / 0.8221, 0.4406 / 0.8281, 0.3916 / 0.8378 in process with the shared base run, as
-    the CLIs in subprocesses gave before).
+    """Every run is --deterministic, so these numbers repeat on one kind of CPU, but not across
+    kinds (oneDNN and Eigen pick other kernels, so other rounding, and 320 steps carry it far):
+      - the earlier machines: cell tiles 0.4071 / 0.8221 (strict / Open Images), MIL 0.4406 /
+        0.8281, the MIL run's cell head alone 0.3916 / 0.8378;
+      - an AMD EPYC with AVX2 only (2026-12-03; the same to 4 digits in the suite and alone):
+        cell tiles 0.3934 / 0.8330, MIL 0.3811 / 0.8373, cell head alone 0.3455 / 0.8225.
 
     The bars come from what holds across data seeds (`scripts/mil_vs_cells.sh`, README "MIL
-    against cell tiles"), not from this seed alone. MIL minus cell tiles, strict: +0.033, +0.009,
-    -0.021, +0.053, +0.009 on seeds 31-71 (here seed 31), and +0.03 on average over 7 earlier
-    runs at this and the demo's scale: real on average, but within the spread between seeds, so
-    the test does not claim the win. What holds on every seed and run: the image head,
-    multiplied in, lifts the strict mAP over the same model's cell head alone by more than 0.015
-    (+0.049 here, +0.039 to +0.081 before: the head knows which classes an image holds); MIL is
-    at least on par with the cell tiles on the strict mAP (never more than 0.03 below) and on
-    the Open Images mAP within 0.04 (-0.036 to +0.023).
-
-    The bars on MIL against the cell tiles are this deterministic run's, not the seeds' (they
-    were lowered to "no more than 0.03 below" after noisy runs): measured +0.034 strict and
-    +0.006 Open Images; bars +0.01 and -0.01, room for another machine's float rounding.
+    against cell tiles") and across those CPUs. MIL minus cell tiles, strict: +0.033, +0.009,
+    -0.021, +0.053, +0.009 on seeds 31-71 (here seed 31), +0.034 and -0.012 on the two CPUs for
+    seed 31: real on average, but within the spread, so the test does not claim the win (a bar
+    of +0.01, set from the first CPU's run alone, failed on the second). What holds on every seed
+    and CPU: the image head, multiplied in, lifts the strict mAP over the same model's cell head
+    alone by more than 0.015 (+0.049 and +0.036 here, +0.039 to +0.081 on the seeds: the head
+    knows which classes an image holds); MIL is never more than 0.03 below the cell tiles on the
+    strict mAP (lowest -0.021) and within 0.04 of them on the Open Images mAP (-0.036 to +0.023
+    on the seeds; +0.006 and +0.004 on the two CPUs).
     """
     (mil, mil_oi), (head, head_oi), (cell, cell_oi) = scores["mil"], scores["mil_cell_head"], scores["cell"]
     assert mil > head + 0.015, scores
-    assert mil > cell + 0.01, scores
-    assert mil_oi > cell_oi - 0.01, scores
+    assert mil > cell - 0.03, scores
+    assert mil_oi > cell_oi - 0.04, scores
 
 
 def test_the_image_from_its_cells_lifts_the_cell_tiles(scores):
     """`predict --image-from-cells` on the cell-tile run (no training: each image's best cell per
-    class is its image score): strict 0.407 -> 0.445 here; +0.026 to +0.075 on the five seeds
+    class is its image score): strict 0.407 -> 0.445 here (0.393 -> 0.439 on the AMD CPU); +0.026 to +0.075 on the five seeds
     (mean +0.043), Open Images +0.004 to +0.019. Bars: strict up by more than 0.015, Open Images
     not down by more than 0.01."""
     (cell, cell_oi), (rule, rule_oi) = scores["cell"], scores["cell_from_cells"]

@@ -193,11 +193,33 @@ def test_errors_name_the_problem(tmp_path):
         models.load_model(str(tmp_path / "empty_run"))
 
 
-def test_registry_covers_v1_and_v2():
-    assert [f"efficientnet_b{i}" for i in range(8)] == [k for k in models.BACKBONES if "v2" not in k]
-    assert {"efficientnetv2_b0", "efficientnetv2_b3", "efficientnetv2_s", "efficientnetv2_l"} <= set(models.BACKBONES)
-    for bb in models.BACKBONES.values():
+def test_registry_covers_v1_and_v2_and_the_test_backbone():
+    efficientnets = {k: bb for k, bb in models.BACKBONES.items() if bb.family != "test"}
+    assert [f"efficientnet_b{i}" for i in range(8)] == [k for k in efficientnets if "v2" not in k]
+    assert {"efficientnetv2_b0", "efficientnetv2_b3", "efficientnetv2_s", "efficientnetv2_l"} <= set(efficientnets)
+    for bb in efficientnets.values():
         assert hasattr(keras.applications, bb.keras_fn)
+    assert [k for k, bb in models.BACKBONES.items() if bb.family == "test"] == [models.TEST_BACKBONE]
+
+
+def test_the_test_backbone_is_small_normalises_like_the_others_and_has_no_imagenet_weights(tmp_path):
+    """A few layers (tests and CI), ImageNet input normalisation, the trainer's names (stem,
+    BatchNorm momentum, logits bias), a run of it as --weights; ImageNet weights refused."""
+    model = trainmodel.build_model(models.TEST_BACKBONE, 32, bn_momentum=0.9,
+                                   head_bias=trainmodel.prior_logits(np.full(NUM_CLASSES, 0.1)))
+    assert model.count_params() < 20_000 and model.output.shape[-1] == NUM_CLASSES
+    a, b = trainmodel.input_affine(model, 32)
+    want_a, want_b = models._default_affine()
+    np.testing.assert_allclose(a, want_a, rtol=1e-4)
+    np.testing.assert_allclose(b, want_b, rtol=1e-4, atol=1e-4)
+    assert {layer.momentum for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)} == {0.9}
+    np.testing.assert_allclose(model.get_layer(models.LOGITS_LAYER).bias.numpy(), np.log(0.1 / 0.9), rtol=1e-5)
+    with pytest.raises(ValueError, match="test_cnn .*no ImageNet weights"):
+        trainmodel.build_model(models.TEST_BACKBONE, 32, weights="imagenet")
+    models.save_model(model, str(tmp_path / "run" / "model.keras"))
+    again = trainmodel.build_model(models.TEST_BACKBONE, 32, weights=str(tmp_path / "run"))
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 4)).astype(np.float32)
+    np.testing.assert_allclose(again.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
 
 
 def test_bn_momentum_and_prior_head_bias_are_set_and_saved(tmp_path):

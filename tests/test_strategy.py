@@ -108,7 +108,7 @@ from tests import replica_step as R
 
 cfg = R.sgd_config()
 x, y = R.doubled_batch((4, 32, 32, 4))  # one GLOBAL batch of 8
-build = lambda: models.build_model("efficientnet_b0", 32, dropout=0.0, drop_connect_rate=0.0)
+build = lambda: models.build_model(models.TEST_BACKBONE, 32, dropout=0.0, drop_connect_rate=0.0)
 print(json.dumps(R.compare(S.get_strategy("cpu"), tf.distribute.OneDeviceStrategy("/cpu:0"), build,
                            lambda m: T.compile_model(m, cfg, T.make_optimizer(cfg, 1)), x, y)))
 """

@@ -24,6 +24,11 @@ from train_tpu.config import make_config
 keras = pytest.importorskip("keras")
 
 ROOT = Path(__file__).resolve().parents[1]
+# The tests of the trainer's own rules (resume, prior, data order, export) train the few-layer
+# test backbone: they do not depend on the backbone, and an EfficientNet's build and tracing
+# cost most of a minute per run here. The CLI, notebook and determinism tests train the smoke
+# preset's EfficientNet-B0, as a user would.
+TEST = models.TEST_BACKBONE
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +44,10 @@ def shards(synthetic_small, tmp_path_factory):
 
 
 def test_loss_falls_over_a_few_steps(shards):
-    cfg = make_config("smoke", data=shards, learning_rate=3e-3, warmup_epochs=0.0,
-                      min_lr_ratio=1.0)
+    # the test backbone at 3e-2 (3e-3 suits an EfficientNet): 8 steps ended at 0.17 of the first
+    # loss here, 0.81 at 3e-3
+    cfg = make_config("smoke", data=shards, learning_rate=3e-2, warmup_epochs=0.0,
+                      min_lr_ratio=1.0, backbone=TEST)
     split = data.find_split(shards, 0)
     # one fixed batch from the real pipeline (cached after augmentation), seen 8 times
     ds = data.train_dataset(split.train_files, cfg, 32, 32, 8).take(1).cache().repeat()
@@ -48,7 +55,7 @@ def test_loss_falls_over_a_few_steps(shards):
     trainlib.compile_model(model, cfg, trainlib.make_optimizer(cfg, 8))
     losses = model.fit(ds, epochs=8, steps_per_epoch=1, verbose=0).history["loss"]
     assert all(np.isfinite(losses))
-    assert losses[-1] < 0.7 * losses[0], losses
+    assert losses[-1] < 0.5 * losses[0], losses
 
 
 def test_run_starts_from_the_class_prior_with_the_configured_bn_momentum(shards, tmp_path):
@@ -60,7 +67,7 @@ def test_run_starts_from_the_class_prior_with_the_configured_bn_momentum(shards,
         (folder / f.name).write_bytes(f.read_bytes())
     write_manifest(folder, sorted(folder.glob("fold*.tfrec")))
     cfg = make_config("smoke", data=str(folder), out=str(tmp_path / "run"), epochs=1,
-                      steps_per_epoch=1, learning_rate=1e-4, bn_momentum=0.9)
+                      steps_per_epoch=1, learning_rate=1e-4, bn_momentum=0.9, backbone=TEST)
     trainlib.train(cfg)
     ckpt = models.load_model(str(tmp_path / "run" / "checkpoints" / "epoch_001.keras"))
     split = data.find_split(str(folder), cfg.val_fold)
@@ -124,7 +131,7 @@ def test_interrupted_run_resumes_from_the_last_epoch(shards, gcs_bucket):
     out = f"gs://{gcs_bucket}/runs/r1"
     ckpts = f"{out}/checkpoints"
     hist = f"{out}/history.csv"
-    cfg = make_config("smoke", data=shards, out=out, epochs=3, steps_per_epoch=2)
+    cfg = make_config("smoke", data=shards, out=out, epochs=3, steps_per_epoch=2, backbone=TEST)
     with pytest.raises(_Interrupted):
         trainlib.train(cfg, callbacks=[_CrashAfter(1)])
     assert storage.listdir(ckpts) == ["epoch_001.keras"]
@@ -137,7 +144,7 @@ def test_interrupted_run_resumes_from_the_last_epoch(shards, gcs_bucket):
 
     with pytest.raises(FileExistsError, match="--resume"):
         trainlib.train(cfg)
-    with pytest.raises(ValueError, match="backbone: 'efficientnet_b0' then, 'efficientnet_b1' now"):
+    with pytest.raises(ValueError, match="backbone: 'test_cnn' then, 'efficientnet_b1' now"):
         trainlib.train(cfg.replace(backbone="efficientnet_b1"), resume=True)
 
     summary = trainlib.train(cfg, resume=True)
@@ -236,7 +243,7 @@ def test_sigkilled_run_resumes_with_the_data_order_of_an_uninterrupted_run(shard
     import signal
     import time
 
-    args = ["--data", shards, "--mode", "cell", "--preset", "smoke", "--epochs", "4",
+    args = ["--data", shards, "--mode", "cell", "--preset", "smoke", "--backbone", TEST, "--epochs", "4",
             "--steps-per-epoch", "3", "--seed", "3", "--set", "flip=false", "--set", "rotate=false",
             "--set", "scale=0", "--set", "brightness=0"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}

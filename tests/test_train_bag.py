@@ -179,7 +179,7 @@ labels = (rng.uniform(size=(2, 19)) < 0.3).astype("float32")
 cell_y = np.where(mask[..., None] > 0, labels[:, None, :], -1.0).astype("float32")
 x = {mil.CELLS: np.concatenate([cells, cells]), mil.MASK: np.concatenate([mask, mask])}
 y = {mil.IMAGE: np.concatenate([labels, labels]), mil.CELL: np.concatenate([cell_y, cell_y])}
-build = lambda: build_bag_model("efficientnet_b0", 32, bag=3, dropout=0.0, drop_connect_rate=0.0)
+build = lambda: build_bag_model("test_cnn", 32, bag=3, dropout=0.0, drop_connect_rate=0.0)
 print(json.dumps(R.compare(S.get_strategy("cpu"), tf.distribute.OneDeviceStrategy("/cpu:0"), build,
                            lambda m: T.compile_model(m, cfg, T.make_optimizer(cfg, 1), bag=3), x, y)))
 """

@@ -66,8 +66,11 @@ try:
 except S.HardwareNotFoundError as err:
     res["tpu_error"] = str(err)
 
-# the smoke preset's loss falls: one fixed batch from the real pipeline, seen 8 times
-cfg = make_config("smoke", data=shards, learning_rate=3e-3, warmup_epochs=0.0, min_lr_ratio=1.0)
+# the smoke preset's loss falls: one fixed batch from the real pipeline, seen 8 times (the
+# test backbone, as in tests/test_train.py: the trainer's rules do not depend on the backbone;
+# tests/test_learning.py trains an EfficientNet on JAX)
+cfg = make_config("smoke", data=shards, learning_rate=3e-2, warmup_epochs=0.0, min_lr_ratio=1.0,
+                  backbone=models.TEST_BACKBONE)
 split = data.find_split(shards, 0)
 ds = data.train_dataset(split.train_files, cfg, 32, 32, 8).take(1).cache().repeat()
 m = models.build_model(cfg.backbone, 32, dropout=0.0, drop_connect_rate=0.0)
@@ -81,7 +84,7 @@ bx, by = R.doubled_batch((4, 32, 32, 4))
 two = S.get_strategy("cpu")
 res["kind"] = S.device_kind(two)
 res.update(R.compare(two, S.JaxStrategy(jax.devices("cpu")[:1], "cpu"),
-                     lambda: models.build_model("efficientnet_b0", 32, dropout=0.0, drop_connect_rate=0.0),
+                     lambda: models.build_model(models.TEST_BACKBONE, 32, dropout=0.0, drop_connect_rate=0.0),
                      lambda m: T.compile_model(m, sgd, T.make_optimizer(sgd, 1)), bx, by))
 keras.distribution.set_distribution(None)
 
@@ -118,7 +121,7 @@ def jax_run(shards, tmp_path_factory):
     env = jax_env(tmp_path_factory)
     run = tmp_path_factory.mktemp("jax_run") / "run"
     args = ["--backend", "jax", "--data", shards, "--mode", "cell", "--out", str(run), "--preset", "smoke",
-            "--epochs", "4", "--steps-per-epoch", "2", "--cpu-replicas", "2"]
+            "--backbone", models.TEST_BACKBONE, "--epochs", "4", "--steps-per-epoch", "2", "--cpu-replicas", "2"]
     logs = run.parent / "killed.log"
     with open(logs, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "train_tpu", *args], cwd=ROOT, env=env, stdout=log,
@@ -180,7 +183,7 @@ def test_smoke_loss_falls_on_jax(checks):
     assert checks["backend"] == "jax"
     losses = checks["losses"]
     assert all(np.isfinite(losses))
-    assert losses[-1] < 0.7 * losses[0], losses
+    assert losses[-1] < 0.5 * losses[0], losses
 
 
 def test_data_parallel_two_cpu_devices_match_one(checks):
