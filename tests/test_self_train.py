@@ -25,7 +25,8 @@ pytestmark = pytest.mark.timeout(1200)
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """8 synthetic images, cell shards cut by the default segmenter (2 folds), a smoke base run
-    validated on fold 0, trained deterministically."""
+    of the test backbone (the round's runs train like it) validated on fold 0, trained
+    deterministically."""
     from testkit import synthetic
     from tfrecords_builder.__main__ import main as build_main
     from train_tpu.config import make_config
@@ -36,7 +37,10 @@ def base(tmp_path_factory) -> Path:
     assert build_main(["--images", str(d / "data" / "images"), "--labels", str(d / "data" / "train.csv"),
                        "--out", str(d / "shards"), "--mode", "cell", "--size", "32", "--folds", "2",
                        "--shard-mb", "0.05", "--workers", "0", "--no-progress"]) == 0
-    train(make_config("smoke", data=str(d / "shards"), out=str(d / "base"), mode="cell", deterministic=True))
+    from common.models import TEST_BACKBONE
+
+    train(make_config("smoke", data=str(d / "shards"), out=str(d / "base"), mode="cell", deterministic=True,
+                      backbone=TEST_BACKBONE))
     return d
 
 
