@@ -17,12 +17,14 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 # (the tests of tests/learning_runs.py's base run) and "jax" (one JAX compilation cache).
 # xdist's own `xdist_group` marks do not reach its scheduler under pytest 9 (it renames
 # `item._nodeid`, which pytest 9 no longer reads), so the groups are named here by node id and
-# the scheduler below reads them. The slowest groups are collected first, so that the
-# workers start on them and the many short modules fill in behind (measured: `--durations`);
-# xdist's default --loadscope-reorder then sorts the groups by their number of tests, so the
-# heavy 1- and 2-test groups start later. Keeping SLOW_FIRST's order instead (heavy groups first,
-# three trainings at once on the 2 cores) measured slower from a clean clone: 19:43 against
-# 15:55, every training test 1.2-2.3x longer, so the default stays.
+# the scheduler below reads them. The scheduler keeps SLOW_FIRST's order (xdist's default
+# --loadscope-reorder would sort the groups by their number of tests, so the two heaviest, the
+# learning tests' base-run group and the JAX group, of 3 and 7 tests, started after most of the
+# short modules and ended alone: 28:00 on the AMD machine of 2026-12-03, the last 10 minutes on
+# one worker). Once the trainer's own rules trained the test backbone (test_cnn) those two
+# groups are most of the suite's work, so they start first and the short modules fill in.
+# (Before that, three EfficientNet trainings at once measured no better in this order: 19:43
+# against 15:55.)
 # Three workers on the 2-core machine: much of a smoke training is single-threaded Python
 # (tracing the step functions), so a third worker fills the cores the others leave idle
 # (measured: 16 min 38 s against 20 min 18 s on two).
@@ -36,14 +38,13 @@ GROUPS = {  # node id prefix -> group
     "tests/test_train.py::test_sigkilled_run_resumes_with_the_data_order_of_an_uninterrupted_run": "train_resume",
     "tests/test_train.py::test_interrupted_run_resumes_from_the_last_epoch": "train_resume",
 }
-# Groups by their measured seconds (`--durations=0`, main at 6520e2f on the loaded 2-core
-# machine), slowest first; the groups not named follow in collection order.
-SLOW_FIRST = ("jax", "learning_base", "tests/test_train.py", "tests/test_train_bag.py", "train_resume",
-              "tests/test_accel_check.py", "tests/test_predict_e2e.py", "tests/test_self_train.py",
-              "tests/test_learning_pseudo_label.py", "tests/test_predict_beam.py", "tests/test_strategy.py",
-              "tests/test_models.py",
-              "tests/test_train_targets.py", "tests/test_builder_beam.py", "tests/test_predict_bags.py",
-              "tests/test_quiet.py")
+# Groups by their measured seconds (`--durations`, main at ed3c99a on the AMD 2-core machine),
+# slowest first; the groups not named follow in collection order.
+SLOW_FIRST = ("learning_base", "jax", "tests/test_learning_pseudo_label.py", "tests/test_train.py",
+              "tests/test_accel_check.py", "tests/test_train_bag.py", "tests/test_predict_e2e.py",
+              "tests/test_self_train.py", "tests/test_predict_beam.py", "tests/test_train_targets.py",
+              "tests/test_predict_bags.py", "tests/test_models.py", "train_resume", "tests/test_builder_beam.py",
+              "tests/test_predict_threads.py", "tests/test_strategy.py", "tests/test_quiet.py")
 
 
 def group_of(nodeid: str) -> str:
@@ -59,6 +60,7 @@ def pytest_xdist_make_scheduler(config, log):
         return None
     from xdist.scheduler import LoadScopeScheduling
 
+    config.option.loadscopereorder = False  # keep SLOW_FIRST's order (above)
 
     class GroupScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
