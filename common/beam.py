@@ -36,7 +36,8 @@ def pipeline_options(workers: int, beam_args: Sequence[str]):
     from common import quiet
 
     beam_args = list(beam_args)
-    if not quiet.is_verbose() and not any(a.startswith("--default_sdk_harness_log_level") for a in beam_args):
+    given = lambda flag: any(a.startswith(flag) for a in beam_args)  # noqa: E731  (also --flag=value)
+    if not quiet.is_verbose() and not given("--default_sdk_harness_log_level"):
         beam_args += ["--default_sdk_harness_log_level", "WARNING"]  # workers' INFO lines (HPA_VERBOSE=1: all)
     options = PipelineOptions(beam_args)
     std = options.view_as(StandardOptions)
@@ -44,9 +45,9 @@ def pipeline_options(workers: int, beam_args: Sequence[str]):
         std.runner = "DirectRunner"
     if std.runner in _DIRECT and workers > 1:
         direct = options.view_as(DirectOptions)
-        if not any(a.startswith("--direct_num_workers") for a in beam_args):
+        if not given("--direct_num_workers"):
             direct.direct_num_workers = int(workers)
-        if not any(a.startswith("--direct_running_mode") for a in beam_args):
+        if not given("--direct_running_mode"):
             direct.direct_running_mode = "multi_processing"
     return options
 
