@@ -1,49 +1,53 @@
 """Shared fixtures: the real HPA data in ../shared (skipped when absent) and synthetic data."""
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One TensorFlow thread per op and one op at a time in every test process (the xdist workers and
+# the CLIs they start inherit it): three workers on two cores with TensorFlow's default pools
+# (one thread per core each) waited on each other's descheduled threads, the shared demo
+# training took 444 s in the suite against 155 s alone; alone on one thread it takes 162 s.
+# It also makes the --deterministic runs' numbers independent of the machine's core count
+# (Eigen splits an op's work by its thread count, and so its float rounding).
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 # `make test` runs `pytest -n 3 --dist loadgroup` (pytest-xdist): a unit of work is a group,
-# run whole on one worker, so a module- or session-scoped fixture is built once. A test's group
-# is its module (as --dist loadfile), except the groups below that span modules: "learning_base"
-# (the tests of tests/learning_runs.py's base run) and "jax" (one JAX compilation cache).
+# run whole on one worker, so a module- or session-scoped fixture is built once per worker. A
+# test's group is its module (as --dist loadfile), except the groups below that span modules:
+# "jax" (one JAX compilation cache). What several workers need is made once
+# for all of them (`made_once`): the learning tests' data and their shared demo training, which
+# test_learning[tensorflow], test_learning_mil and test_learning_pseudo_label start from.
 # xdist's own `xdist_group` marks do not reach its scheduler under pytest 9 (it renames
 # `item._nodeid`, which pytest 9 no longer reads), so the groups are named here by node id and
 # the scheduler below reads them. The scheduler keeps SLOW_FIRST's order (xdist's default
-# --loadscope-reorder would sort the groups by their number of tests, so the two heaviest, the
-# learning tests' base-run group and the JAX group, of 3 and 7 tests, started after most of the
-# short modules and ended alone: 28:00 on the AMD machine of 2026-12-03, the last 10 minutes on
-# one worker). Once the trainer's own rules trained the test backbone (test_cnn) those two
-# groups are most of the suite's work, so they start first and the short modules fill in.
-# (Before that, three EfficientNet trainings at once measured no better in this order: 19:43
-# against 15:55.)
+# --loadscope-reorder sorts the groups by their number of tests, and the heaviest, with few
+# tests, started after most of the short modules and ended alone: 28:00 on the AMD machine of
+# 2026-12-03, the last 10 minutes on one worker). The learning tests and the JAX group start
+# first; the tests that wait for the shared training hold no core while they wait.
 # Three workers on the 2-core machine: much of a smoke training is single-threaded Python
 # (tracing the step functions), so a third worker fills the cores the others leave idle
 # (measured: 16 min 38 s against 20 min 18 s on two).
 GROUPS = {  # node id prefix -> group
-    "tests/test_learning_mil.py": "learning_base",
-    "tests/test_learning.py::test_demo_preset_learns_cell_labels_from_image_labels[tensorflow]": "learning_base",
     "tests/test_learning.py::test_demo_preset_learns_cell_labels_from_image_labels[jax]": "jax",
     "tests/test_train_jax.py": "jax",
-    # test_train.py's module alone was the longest unit (~640 s on the loaded machine): its two
-    # resume tests run as a unit of their own (each worker builds the module's small shards)
-    "tests/test_train.py::test_sigkilled_run_resumes_with_the_data_order_of_an_uninterrupted_run": "train_resume",
-    "tests/test_train.py::test_interrupted_run_resumes_from_the_last_epoch": "train_resume",
 }
-# Groups by their measured seconds (`--durations`, main at ed3c99a on the AMD 2-core machine),
-# slowest first; the groups not named follow in collection order.
-SLOW_FIRST = ("learning_base", "jax", "tests/test_learning_pseudo_label.py", "tests/test_train.py",
+# Groups by their measured seconds (`--durations`, on the AMD 2-core machine), slowest first;
+# the groups not named follow in collection order.
+SLOW_FIRST = ("tests/test_learning.py", "jax", "tests/test_learning_mil.py", "tests/test_learning_pseudo_label.py",
+              "tests/test_train.py",
               "tests/test_accel_check.py", "tests/test_train_bag.py", "tests/test_predict_e2e.py",
               "tests/test_self_train.py", "tests/test_predict_beam.py", "tests/test_train_targets.py",
-              "tests/test_predict_bags.py", "tests/test_models.py", "train_resume", "tests/test_builder_beam.py",
+              "tests/test_predict_bags.py", "tests/test_models.py", "tests/test_builder_beam.py",
               "tests/test_predict_threads.py", "tests/test_strategy.py", "tests/test_quiet.py")
 
 
@@ -91,21 +95,45 @@ def synthetic_small(tmp_path_factory) -> Path:
     synthetic.generate(str(out), n=6, size=256, seed=0)
     return out
 
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """The folder `name`, made by `make(folder)` once per test session: the first xdist worker
+    to ask makes it while the others wait on a file lock, then all use it (a worker waiting
+    holds no core: the others use both). A failed `make` is recorded, and a worker that asks
+    later fails at once with its reason instead of making it again."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the session's, under xdist
+    out, done, failed = root / name, root / f"{name}.done", root / f"{name}.failed"
+    with open(root / f"{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if failed.exists():
+            pytest.fail(f"making {name} failed on another worker: {failed.read_text()[-2000:]}")
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)
+            try:
+                make(out)
+            except BaseException as err:
+                failed.write_text(f"{type(err).__name__}: {err}")
+                raise
+            done.touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def learning_data(tmp_path_factory) -> dict:
-    """The learning tests' synthetic data and shards (tests/learning_runs.py), made once."""
-    from tests.learning_runs import make_learning_data
+    """The learning tests' synthetic data and shards (tests/learning_runs.py), made once per
+    session for all workers."""
+    from tests.learning_runs import learning_paths, make_learning_data
 
-    return make_learning_data(tmp_path_factory.mktemp("learning"))
+    return learning_paths(made_once(tmp_path_factory, "learning", make_learning_data))
 
 
 @pytest.fixture(scope="session")
 def learning_base(learning_data, tmp_path_factory) -> Path:
     """The deterministic `demo` cell-tile run on `learning_data` (tests/learning_runs.py),
-    trained once: its tests share one xdist group (GROUPS) so one worker trains it."""
+    trained once per session: the first worker to need it trains it, the others wait."""
     from tests.learning_runs import train_base
 
-    return train_base(learning_data, tmp_path_factory.mktemp("learning_base") / "base")
+    return made_once(tmp_path_factory, "learning_base", lambda out: train_base(learning_data, out))
 
 
 from tests.gcs_emulator import gcs_bucket, gcs_emulator  # noqa: E402,F401  real GCS emulator fixtures

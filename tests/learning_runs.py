@@ -1,5 +1,6 @@
 """Test helper: the learning tests' data and their shared base run, made once per test session
-(per xdist worker: the tests that use the base run share one group, tests/conftest.py GROUPS).
+for all pytest-xdist workers (tests/conftest.py `made_once`: the first worker to ask makes it,
+the others wait for it).
 
 The CLIs run in this process (`cli`): the same argument parsing and code as a user's command,
 without a fresh interpreter importing TensorFlow for each of the ~20 commands. Each CLI is still
@@ -10,8 +11,9 @@ test_validate_evaluate, test_synthetic).
   3) and 19 held-out test images (seed 32), cut by the builder into 48 px cell shards and bag
   shards from the synthetic label maps (`--masks`), 3 folds.
 - `train_base(data, out)`: the `demo` preset's cell-tile model, 5 of its 12 epochs (200 steps),
-  `--strategy cpu --deterministic`: the base of the MIL recipe (tests/test_learning_mil.py) and
-  the TensorFlow run of tests/test_learning.py.
+  `--strategy cpu --deterministic`: the base of the MIL recipe (tests/test_learning_mil.py), the
+  TensorFlow run of tests/test_learning.py and the model whose out-of-fold predictions
+  tests/test_learning_pseudo_label.py turns into cell labels.
 """
 from __future__ import annotations
 
@@ -36,16 +38,23 @@ def cli(module: str, *args) -> str:
     return out.getvalue()
 
 
-def make_learning_data(root: Path) -> dict:
+def learning_paths(root: Path) -> dict:
     """{"train", "test": synthetic folders; "cell", "bag": shard folders} under `root`."""
-    train, test = root / "train", root / "test"
+    return {"train": root / "train", "test": root / "test", "cell": root / "cell", "bag": root / "bag"}
+
+
+def make_learning_data(root: Path) -> dict:
+    """Generates and cuts the learning data under `root`; returns `learning_paths(root)`."""
+    root.mkdir(parents=True, exist_ok=True)
+    paths = learning_paths(root)
+    train, test = paths["train"], paths["test"]
     cli("testkit.synthetic", "--out", train, "--n", 57, "--size", 256, "--seed", 31)
     cli("testkit.synthetic", "--out", test, "--n", 19, "--size", 256, "--seed", 32)
     for mode in ("cell", "bag"):
         cli("tfrecords_builder", "--images", train / "images", "--labels", train / "train.csv",
-            "--out", root / mode, "--mode", mode, "--masks", train / "masks", "--size", 48,
+            "--out", paths[mode], "--mode", mode, "--masks", train / "masks", "--size", 48,
             "--folds", 3, "--workers", 2, "--no-progress")
-    return {"train": train, "test": test, "cell": root / "cell", "bag": root / "bag"}
+    return paths
 
 
 def train_base(data: dict, out: Path) -> Path:

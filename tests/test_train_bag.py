@@ -70,12 +70,15 @@ def test_padding_changes_nothing(pooling):
         o = m4({mil.CELLS: np.concatenate([real, pad], 1), mil.MASK: mask4}, training=False)
         outs.append({k: np.asarray(v) for k, v in o.items()})
     o2 = m2({mil.CELLS: real, mil.MASK: np.ones((1, 2), "float32")}, training=False)
+    # float32 rounding only: a batch of 4 and a batch of 2 run other convolution kernels (on
+    # one TensorFlow thread the lse image score differed by 1.2e-6 in one class); a padded cell
+    # that leaked in would move the scores by far more than the real cells' change below
     for o in outs:
-        np.testing.assert_allclose(o[mil.IMAGE], np.asarray(o2[mil.IMAGE]), atol=1e-6)
-        np.testing.assert_allclose(o[mil.CELL][:, :2], np.asarray(o2[mil.CELL]), atol=1e-6)
+        np.testing.assert_allclose(o[mil.IMAGE], np.asarray(o2[mil.IMAGE]), atol=1e-5)
+        np.testing.assert_allclose(o[mil.CELL][:, :2], np.asarray(o2[mil.CELL]), atol=1e-5)
     # the image head does depend on the real cells (the test could fail)
     other = m2({mil.CELLS: real[:, ::-1] * 0.5, mil.MASK: np.ones((1, 2), "float32")}, training=False)
-    assert np.abs(np.asarray(other[mil.IMAGE]) - np.asarray(o2[mil.IMAGE])).max() > 1e-4
+    assert np.abs(np.asarray(other[mil.IMAGE]) - np.asarray(o2[mil.IMAGE])).max() > 1e-3
 
 
 def test_masked_cell_loss_leaves_padding_out():
@@ -241,10 +244,11 @@ def test_the_training_notebook_trains_a_bag_run(bag_shards, tmp_path):
     out = tmp_path / "nb_bag"
     env.update(DATA=bag_shards, OUT=str(out), MODE="bag", PRESET="smoke", WEIGHTS="none", STRATEGY="cpu",
                BACKEND="tensorflow", EPOCHS=1, STEPS_PER_EPOCH=1, BATCH_SIZE=2, POOLING="lse", CELL_WEIGHT=0.3,
-               EXTRA=["--bag-cells", "2"])
+               EXTRA=["--bag-cells", "2", "--backbone", models.TEST_BACKBONE])
     exec(next(s for s in code if '"train_tpu"' in s), env)
     config = json.loads((out / "config.json").read_text())
-    assert (config["mode"], config["pooling"], config["cell_weight"], config["bag_cells"]) == ("bag", "lse", 0.3, 2)
+    assert (config["mode"], config["pooling"], config["cell_weight"], config["bag_cells"], config["backbone"]) == (
+        "bag", "lse", 0.3, 2, models.TEST_BACKBONE)
     # --bag-cells 2: the model takes bags of 2, and the run tells inference to score chunks of 2
     assert mil.bag_size(models.load_model(str(out))) == 2
     assert json.loads((out / "preprocess.json").read_text())["bag"] == 2
