@@ -43,6 +43,11 @@ class Backbone:
     family: str  # "v1" or "v2" (keras.applications' EfficientNets), or "test" (TEST_BACKBONE)
     default_size: int  # the resolution the backbone was designed for, px
 
+    @property
+    def is_test(self) -> bool:
+        """A test backbone (TEST_BACKBONE): built by this module, random init only."""
+        return self.family == "test"
+
 
 BACKBONES: dict[str, Backbone] = {
     **{
@@ -176,7 +181,7 @@ def build_model(backbone: str = "efficientnet_b0", size: int = 224, num_classes:
         if bb.family in ("v2", "test"):
             x = keras.layers.Normalization(axis=-1, mean=(-b / a).tolist(),
                                            variance=(1.0 / a ** 2).tolist(), name="input_norm")(inputs)
-            if bb.family == "test":
+            if bb.is_test:
                 features = _test_backbone(x)
             else:
                 features = _build_backbone(bb, x, size, drop_connect_rate, NUM_CHANNELS,

@@ -199,7 +199,7 @@ def test_registry_covers_v1_and_v2_and_the_test_backbone():
     assert {"efficientnetv2_b0", "efficientnetv2_b3", "efficientnetv2_s", "efficientnetv2_l"} <= set(efficientnets)
     for bb in efficientnets.values():
         assert hasattr(keras.applications, bb.keras_fn)
-    assert [k for k, bb in models.BACKBONES.items() if bb.family == "test"] == [models.TEST_BACKBONE]
+    assert [k for k, bb in models.BACKBONES.items() if bb.is_test] == [models.TEST_BACKBONE]
 
 
 def test_the_test_backbone_is_small_normalises_like_the_others_and_has_no_imagenet_weights(tmp_path):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common import features, mil
+from common import features, mil, models
 from common.labels import NEGATIVE, multi_hot
 from common.preprocess import to_model_input
 from common.resume import ResumeError
@@ -50,10 +50,11 @@ def bce(y, p):
 def _one_step_cfg(shard_dir, out, mode, batch, **more):
     # one step over the whole training fold (one shard, read in order: shuffle_buffer 1), no
     # augmentation: the hand computation sees exactly the step's batch. The head starts at the
-    # class prior (manifest), far from 0.5, where the targets change the loss
+    # class prior (manifest), far from 0.5, where the targets change the loss. The test
+    # backbone: the loss is the trainer's, whatever the backbone
     return make_config("smoke", mode=mode, data=str(shard_dir), out=str(out), epochs=1, steps_per_epoch=1,
                        batch_size=batch, shuffle_buffer=1, optimizer="sgd", flip=False, rotate=False,
-                       scale=0.0, brightness=0.0, **more)
+                       scale=0.0, brightness=0.0, backbone=models.TEST_BACKBONE, **more)
 
 
 def _first_model_callback(seen: dict):

@@ -53,7 +53,7 @@ def build_model(backbone: str = "efficientnet_b0", size: int = 224, num_classes:
     """
     bb = models.get_backbone(backbone)
     weights = "none" if weights in (None, "", "none") else str(weights)
-    if bb.family == "test" and weights != "none" and not is_run_source(weights):
+    if bb.is_test and weights != "none" and not is_run_source(weights):
         raise ValueError(f"--weights {weights}: {backbone} (a test backbone) has no ImageNet weights: "
                          "use 'none' or a run folder of it")
     src, affine, from_run = None, None, False
