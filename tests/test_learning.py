@@ -9,23 +9,28 @@ subprocess; its model.keras is scored here, under TensorFlow, as inference would
 
 The data and the TensorFlow run are the session's shared ones (tests/learning_runs.py: 57
 synthetic images, seed 31, 48 px cell shards cut by the builder from the label maps, 3 folds;
-`demo`, 5 of its 12 epochs = 200 steps), which tests/test_learning_mil.py starts its recipes
-from: the run is trained once. The JAX run trains 3 epochs (120 steps) on the same shards: JAX
-is the slowest trainer here, and 120 steps learn enough to tell a working JAX path from a
-broken one.
+`demo`, 5 of its 12 epochs = 200 steps, EfficientNetV2-B0), which tests/test_learning_mil.py
+and tests/test_learning_pseudo_label.py start from: the run is trained once. The JAX run takes
+the same settings on the same shards with the test backbone (`--backbone test_cnn`): what it
+checks is the trainer's JAX path (its loss, optimizer, schedule, checkpoints and export learn
+the task), which does not depend on the backbone, in 30 s where EfficientNetV2-B0 on JAX took
+200 s alone here (3 epochs) and 260-330 s in the suite. An EfficientNet still trains on JAX in
+tests/test_accel_check.py's JAX section (B0, its loss falls), and tests/test_train_jax.py
+builds B0 on JAX for the 3-to-4 channel weight transfer.
 
-Measured (deterministic: two TensorFlow runs gave the same history to the last digit; two JAX
-runs did not: 0.725 / 0.229 and 0.712 / 0.227, the second alone in its process on a loaded
-machine, so XLA's CPU reductions are not bit-repeatable here), against the cells' true labels,
-untrained (seed 0) 0.515 AUC / 0.095 mAP: TensorFlow 0.798 / 0.374, JAX (3 epochs) 0.712-0.725
-/ 0.227-0.229; TensorFlow on an AMD EPYC with AVX2 only (other kernels, other rounding: the
-same data and seed, 2026-12-03) 0.781 / 0.346, and on that CPU with one TensorFlow thread per
-process (what the suite runs since, tests/conftest.py) 0.806 / 0.357; JAX there 0.699 / 0.201,
-the same to 6 digits alone and in the suite. Bars: TensorFlow AUC > 0.74 and mAP up by more than 0.2 (0.058 and 0.08 below
-the measured values); JAX AUC > 0.68 and mAP up by more than 0.10 (0.032 and 0.032 below the
-lower run; its mAP bar is below the old 5-epoch bar of 0.12 because it trains 3 epochs).
-The room is for another machine's float rounding; the old bars (0.62, +0.12) were set below the
-spread of non-deterministic runs.
+Measured against the cells' true labels (deterministic; untrained, seed 0: EfficientNetV2-B0
+0.515 AUC / 0.095 mAP, the test backbone 0.570 / 0.128):
+- TensorFlow: 0.798 / 0.374 on the earlier machines; on an AMD EPYC with AVX2 only (other
+  kernels, other rounding: the same data and seed, 2026-12-03) 0.781 / 0.346, and there with
+  one TensorFlow thread per process (what the suite runs since, tests/conftest.py) 0.806 /
+  0.357, the same to 6 digits alone and in the suite.
+- JAX with the test backbone, 5 epochs (the AMD EPYC, 2026-12-03): 0.775 / 0.312, the same to
+  6 digits in two runs. (EfficientNetV2-B0 on JAX, 3 epochs, before: 0.712-0.725 / 0.227-0.229
+  on the earlier machines, where two runs differed, and 0.699 / 0.201 on the AMD EPYC.)
+Bars: TensorFlow AUC > 0.74 and mAP up by more than 0.2 (0.066 and 0.063 below the measured
+values); JAX AUC > 0.72 and mAP up by more than 0.12 (0.055 and 0.064 below). The room is for
+another machine's float rounding; the old bars (0.62, +0.12) were set below the spread of
+non-deterministic runs.
 """
 from __future__ import annotations
 
@@ -45,8 +50,7 @@ from train_tpu.config import make_config
 
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
-JAX_EPOCHS = 3  # of the demo preset's 40 steps each
-pytestmark = pytest.mark.timeout(1800)  # the JAX run compiles its programs first
+pytestmark = pytest.mark.timeout(1800)  # the shared TensorFlow run trains first
 
 
 def _val_cell_truth(split, truth) -> np.ndarray:
@@ -69,11 +73,11 @@ def test_demo_preset_learns_cell_labels_from_image_labels(backend, learning_data
         run = request.getfixturevalue("learning_base")  # the same settings, trained once
         assert read_config(str(run))["epochs"] == cfg.epochs
     else:
-        run, cfg = tmp_path / "run", cfg.replace(epochs=JAX_EPOCHS)
+        run, cfg = tmp_path / "run", cfg.replace(backbone=models.TEST_BACKBONE)
         res = subprocess.run(
             [sys.executable, "-m", "train_tpu", "--backend", "jax", "--data", cfg.data,
              "--mode", cfg.mode, "--out", cfg.out, "--preset", "demo", "--epochs", str(cfg.epochs),
-             "--strategy", "cpu", "--deterministic"],
+             "--backbone", cfg.backbone, "--strategy", "cpu", "--deterministic"],
             cwd=ROOT, env=jax_env(tmp_path_factory), capture_output=True, text=True, timeout=1500)
         assert res.returncode == 0, res.stderr[-4000:]
         assert "jax backend" in res.stdout
@@ -94,4 +98,4 @@ def test_demo_preset_learns_cell_labels_from_image_labels(backend, learning_data
     assert after["val_map"] > before["val_map"] + bar_map_gain
 
 
-BARS = {"tensorflow": (0.74, 0.2), "jax": (0.68, 0.10)}  # (cell AUC, mAP gain): see the docstring
+BARS = {"tensorflow": (0.74, 0.2), "jax": (0.72, 0.12)}  # (cell AUC, mAP gain): see the docstring

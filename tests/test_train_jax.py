@@ -68,7 +68,8 @@ except S.HardwareNotFoundError as err:
 
 # the smoke preset's loss falls: one fixed batch from the real pipeline, seen 8 times (the
 # test backbone, as in tests/test_train.py: the trainer's rules do not depend on the backbone;
-# tests/test_learning.py trains an EfficientNet on JAX)
+# the JAX learning test, tests/test_learning.py, too; tests/test_accel_check.py's JAX section
+# trains EfficientNet-B0)
 cfg = make_config("smoke", data=shards, learning_rate=3e-2, warmup_epochs=0.0, min_lr_ratio=1.0,
                   backbone=models.TEST_BACKBONE)
 split = data.find_split(shards, 0)
