@@ -19,8 +19,8 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-beam.txt pyproject.
 demo: $(STAMP)
 	PY=$(PY) bash scripts/demo.sh $(DEMO_OUT)
 
-# three pytest-xdist workers (more than the 2 cores: tracing is single-threaded); a test's
-# group runs whole on one worker (tests/conftest.py GROUPS)
+# three pytest-xdist workers (more than the 2 cores: tracing is single-threaded), each on one
+# TensorFlow thread; a test's group runs whole on one worker (tests/conftest.py GROUPS)
 test: $(STAMP)
 	$(PY) -m pytest tests -n 3 --dist loadgroup --durations=30
 
