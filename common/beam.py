@@ -36,7 +36,10 @@ def pipeline_options(workers: int, beam_args: Sequence[str]):
     from common import quiet
 
     beam_args = list(beam_args)
-    given = lambda flag: any(a.startswith(flag) for a in beam_args)  # noqa: E731  (also --flag=value)
+
+    def given(flag: str) -> bool:  # as "--flag value" or "--flag=value"
+        return any(a.startswith(flag) for a in beam_args)
+
     if not quiet.is_verbose() and not given("--default_sdk_harness_log_level"):
         beam_args += ["--default_sdk_harness_log_level", "WARNING"]  # workers' INFO lines (HPA_VERBOSE=1: all)
     options = PipelineOptions(beam_args)

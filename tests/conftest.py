@@ -36,13 +36,16 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 # first; the tests that wait for the shared training hold no core while they wait.
 # Three workers on the 2-core machine: much of a smoke training is single-threaded Python
 # (tracing the step functions), so a third worker fills the cores the others leave idle
-# (measured: 16 min 38 s against 20 min 18 s on two).
+# (measured: 16 min 38 s against 20 min 18 s on two, with TensorFlow's default threads; not
+# measured again since each process runs on one thread: the cores were ~90% busy on three).
 GROUPS = {  # node id prefix -> group
     "tests/test_learning.py::test_demo_preset_learns_cell_labels_from_image_labels[jax]": "jax",
     "tests/test_train_jax.py": "jax",
 }
-# Groups by their measured seconds (`--durations`, on the AMD 2-core machine), slowest first;
-# the groups not named follow in collection order.
+# The three tests of the shared demo run first (the first to start trains it, the others wait
+# for it: the 200-step run and then the MIL module's 240 steps are the suite's longest chain),
+# then the groups by their measured seconds (`--durations`, the AMD 2-core machine), slowest
+# first; the groups not named follow in collection order.
 SLOW_FIRST = ("tests/test_learning.py", "jax", "tests/test_learning_mil.py", "tests/test_learning_pseudo_label.py",
               "tests/test_train.py",
               "tests/test_accel_check.py", "tests/test_train_bag.py", "tests/test_predict_e2e.py",
